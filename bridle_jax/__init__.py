@@ -1,0 +1,1 @@
+"""bridle_jax: BRIDLE pretraining in JAX."""

@@ -1,0 +1,36 @@
+"""bridle_jax: BRIDLE self-supervised pretraining (residual-quantised targets, interleaved loop) in JAX."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "ml_collections>=1.1,<2",
+    "clu>=0.0.12,<0.1",
+    "tensorflow-datasets>=4.9.10,<5",
+    "array_record>=0.8,<0.9",
+    "importlib_resources>=6",  # a dependency tensorflow-datasets forgets to declare
+    "numpy>=2.0,<3",
+    "scikit-learn>=1.5,<2",  # the bundled digits (embedded demo) and metric references
+    "pillow>=10,<14",
+    "tensorboardX>=2.6,<3",
+    "absl-py>=2.0,<3",
+]
+
+setup(
+    name="bridle_jax",
+    version="0.1.0",
+    description="BRIDLE: self-supervised pretraining with residual-quantisation targets, in JAX/Flax",
+    packages=find_packages(include=["bridle_jax", "bridle_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
+        # Peers for side-by-side benchmarks only: never imported by the package or the tests.
+        "benchmarks": ["torch==2.13.0", "vector-quantize-pytorch>=1.20,<2"],
+    },
+)
