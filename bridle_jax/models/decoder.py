@@ -1,0 +1,68 @@
+"""The label predictor D (SPEC 1.4, image version): global-attention blocks and one M*K-logit head.
+
+It sees the encoded visible tokens put back at their original positions, with a learned mask token everywhere else
+(MAE's `ids_restore` unshuffle), and predicts, for every patch, one K-way distribution per codebook level. The loss
+keeps only the masked patches.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bridle_jax.models.patch_embed import Dtype
+from bridle_jax.models.vit import Transformer, dense_init, sincos_2d, token_init
+
+
+def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_idx: jax.Array) -> jax.Array:
+    """`[B, n_keep, W]` visible tokens (in `keep_idx` order) -> `[B, N, W]` in patch order, mask_token elsewhere.
+
+    This is MAE's unshuffle: append N - n_keep mask tokens, then gather with `restore_idx` (the inverse of the noise
+    permutation whose first n_keep entries are `keep_idx`).
+    """
+    b, n_keep, w = visible.shape
+    n = restore_idx.shape[1]
+    if n_keep > n:
+        raise ValueError(f"unshuffle: {n_keep} visible tokens but only {n} positions in restore_idx")
+    fill = jnp.broadcast_to(mask_token.astype(visible.dtype).reshape(1, 1, w), (b, n - n_keep, w))
+    shuffled = jnp.concatenate([visible, fill], axis=1)
+    return jnp.take_along_axis(shuffled, restore_idx[:, :, None].astype(jnp.int32), axis=1)
+
+
+class LabelPredictor(nn.Module):
+    """D: decoder_embed -> unshuffle with mask tokens -> + fixed sin-cos pos (cls slot zero) -> blocks -> LayerNorm
+    -> Linear(width -> num_levels * codebook_size) -> drop cls -> logits `[B, N, M, K]` float32.
+
+    The head is computed in float32: it is a few percent of D's FLOPs and feeds a K-way cross-entropy directly.
+    """
+
+    width: int = 512
+    depth: int = 16
+    num_heads: int = 16
+    mlp_dim: int = 2048
+    num_levels: int = 4
+    codebook_size: int = 256
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, int]) -> jax.Array:
+        """encoded: `[B, 1+n_keep, W_enc]` (E's output, cls first); restore_idx: `[B, N]`; patch_grid: static (h, w)."""
+        h, w = patch_grid
+        b, n = restore_idx.shape
+        if h * w != n:
+            raise ValueError(f"LabelPredictor: patch_grid {patch_grid} has {h * w} patches but restore_idx has {n}")
+        if encoded.shape[0] != b:
+            raise ValueError(f"LabelPredictor: batch of encoded ({encoded.shape[0]}) != batch of restore_idx ({b})")
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
+                     name="embed")(encoded.astype(self.dtype))
+        mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
+        patches = unshuffle(x[:, 1:], mask_token, restore_idx)
+        patches = patches + jnp.asarray(sincos_2d(patch_grid, self.width), self.dtype)
+        x = jnp.concatenate([x[:, :1], patches], axis=1)
+        x = Transformer(self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat,
+                        name="transformer")(x)
+        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
+        logits = nn.Dense(self.num_levels * self.codebook_size, dtype=jnp.float32, param_dtype=jnp.float32,
+                          kernel_init=dense_init, name="head")(x[:, 1:])
+        return logits.reshape(b, n, self.num_levels, self.codebook_size)

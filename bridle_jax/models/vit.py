@@ -1,0 +1,172 @@
+"""The ViT encoder E (SPEC 1.3) and the transformer pieces shared by D, T and TE.
+
+Parameters are always float32; `dtype` is the compute dtype (bfloat16 or float32). Position embeddings are fixed
+2-D sin-cos constants, never parameters, so they cost nothing to checkpoint and can be rebuilt for any grid. Blocks
+are unrolled and named `block_{i}` so that layer-wise learning-rate decay can address them by name.
+"""
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridle_jax.models.patch_embed import Dtype, make_stem
+
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    # name: (width, depth, num_heads, mlp_dim)
+    "mu": (64, 2, 4, 128),  # micro model for tests and the CPU demo
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+}
+
+_VARIANT_RE = re.compile(r"^(?P<name>[A-Za-z]+)/(?P<patch>[0-9]+)$")
+
+# SPEC 1.3: Linear xavier-uniform with zero bias; cls and mask tokens N(0, 0.02).
+dense_init = nn.initializers.xavier_uniform()
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def decode_variant(variant: str) -> dict:
+    """"B/16" -> {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 16}."""
+    match = _VARIANT_RE.match(variant) if isinstance(variant, str) else None
+    if match is None:
+        raise ValueError(
+            f"model variant {variant!r} is not of the form '<name>/<patch_size>' (e.g. 'B/16'); "
+            f"names: {sorted(VARIANTS)}"
+        )
+    name, patch = match["name"], int(match["patch"])
+    if name not in VARIANTS:
+        raise ValueError(f"model variant {variant!r}: unknown name {name!r}; known names: {sorted(VARIANTS)}")
+    if patch <= 0:
+        raise ValueError(f"model variant {variant!r}: patch size must be positive, got {patch}")
+    width, depth, num_heads, mlp_dim = VARIANTS[name]
+    return {"width": width, "depth": depth, "num_heads": num_heads, "mlp_dim": mlp_dim, "patch_size": patch}
+
+
+def _sincos_1d(width: int, pos: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width / 2.0))
+    out = np.outer(pos.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(grid_hw: tuple[int, int], width: int) -> np.ndarray:
+    """Fixed MAE 2-D sin-cos table `[h*w, width]` (float32), row-major (index = row * w + col).
+
+    As in MAE's `get_2d_sincos_pos_embed`, the first half of the channels encodes the column and the second half the
+    row. This is the *correct* grid for non-square inputs (SPEC A10), not AudioMAE's transposed one.
+    """
+    h, w = grid_hw
+    if width % 4:
+        raise ValueError(f"sincos_2d: width must be a multiple of 4, got {width}")
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    table = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
+    return table.astype(np.float32)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (bias on), as timm's `Attention`.
+
+    The fused (width -> 3*width) kernel gets xavier-uniform over its full shape, matching MAE's init of `qkv`.
+    Softmax runs in float32 inside `jax.nn.dot_product_attention` whatever the compute dtype.
+    """
+
+    width: int
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.width % self.num_heads:
+            raise ValueError(f"Attention: width {self.width} is not divisible by num_heads {self.num_heads}")
+        b, n, _ = x.shape
+        head_dim = self.width // self.num_heads
+        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
+                       name="qkv")(x)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
+        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
+                        name="proj")(out.reshape(b, n, self.width))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (timm `Block`): x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, exact GELU."""
+
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        ln = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init)
+        x = x + Attention(self.width, self.num_heads, self.dtype, name="attn")(nn.LayerNorm(**ln, name="norm1")(x))
+        y = nn.LayerNorm(**ln, name="norm2")(x)
+        y = nn.Dense(self.mlp_dim, **dense, name="fc1")(y)
+        y = nn.gelu(y, approximate=False)
+        y = nn.Dense(self.width, **dense, name="fc2")(y)
+        return x + y
+
+
+class Transformer(nn.Module):
+    """`depth` Blocks named `block_{i}`; with `remat`, each block's activations are recomputed in the backward pass."""
+
+    depth: int
+    width: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = nn.remat(Block) if self.remat else Block
+        for i in range(self.depth):
+            x = block(self.width, self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x)
+        return x
+
+
+class ViTEncoder(nn.Module):
+    """The encoder E: stem -> + fixed sin-cos pos -> (gather visible tokens) -> prepend cls -> blocks -> LayerNorm.
+
+    Position embeddings are added *before* the gather so that each visible token keeps its original position, as in
+    MAE. The cls token's position slot is zero, so it is prepended after the addition.
+    """
+
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    patch_size: int
+    stem: str = "image"
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, keep_idx: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """x: `[B, H, W, C]`; keep_idx: optional `[B, n_keep]` int indices of the visible patches.
+
+        Returns `(tokens [B, 1+n, width] in dtype, intermediates)` with intermediates:
+          "patch_grid": (h, w) static ints;  "embedded": `[B, n, width]` patch tokens + pos after the gather
+          (the transformer's input without cls);  "patches": `[B, n, width]` final tokens without cls (features
+          to pool for probes, and the teacher targets of SPEC A15).
+        """
+        patches, grid = make_stem(self.stem, self.width, self.patch_size, self.dtype)(x)
+        tokens = patches + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
+        if keep_idx is not None:
+            if keep_idx.ndim != 2 or keep_idx.shape[0] != tokens.shape[0]:
+                raise ValueError(f"keep_idx must be [B={tokens.shape[0]}, n_keep], got shape {keep_idx.shape}")
+            tokens = jnp.take_along_axis(tokens, keep_idx[:, :, None].astype(jnp.int32), axis=1)
+        embedded = tokens
+        cls = self.param("cls", token_init, (1, 1, self.width), jnp.float32)
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (tokens.shape[0], 1, self.width))
+        tokens = jnp.concatenate([cls, tokens], axis=1)
+        tokens = Transformer(self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat,
+                             name="transformer")(tokens)
+        tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(tokens)
+        return tokens, {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, 1:]}
