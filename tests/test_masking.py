@@ -1,0 +1,62 @@
+"""MAE random masking: exact keep counts, consistent indices, per-sample and per-key randomness, static shapes."""
+import jax
+import numpy as np
+import pytest
+
+from bridle_jax.masking import Mask, num_kept, random_mask
+
+
+@pytest.mark.parametrize("n, ratio, expected", [(196, 0.8, 39), (512, 0.8, 102), (196, 0.75, 49), (16, 0.0, 16),
+                                                 (10, 0.99, 1), (1568, 0.9, 156)])
+def test_num_kept_matches_mae_formula(n, ratio, expected):
+    assert num_kept(n, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_num_kept_rejects_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        num_kept(196, ratio)
+
+
+@pytest.mark.parametrize("n, ratio", [(196, 0.8), (16, 0.75), (7, 0.5)])
+def test_mask_is_consistent(n, ratio):
+    b = 6
+    mask = random_mask(jax.random.PRNGKey(3), b, n, ratio)
+    assert isinstance(mask, Mask)
+    k = num_kept(n, ratio)
+    keep, restore, masked = (np.asarray(a) for a in mask)
+    assert keep.shape == (b, k) and keep.dtype == np.int32
+    assert restore.shape == (b, n) and restore.dtype == np.int32
+    assert masked.shape == (b, n) and masked.dtype == np.bool_
+    np.testing.assert_array_equal(masked.sum(1), n - k)
+    for i in range(b):
+        assert len(set(keep[i])) == k  # no patch kept twice
+        assert not masked[i, keep[i]].any()  # kept == visible
+        np.testing.assert_array_equal(np.sort(restore[i]), np.arange(n))  # a permutation
+        np.testing.assert_array_equal(restore[i, keep[i]], np.arange(k))  # inverse of the shuffle on the kept part
+        np.testing.assert_array_equal(masked[i], restore[i] >= k)
+
+
+def test_samples_differ_and_keys_are_deterministic():
+    a = random_mask(jax.random.PRNGKey(0), 8, 64, 0.8)
+    b = random_mask(jax.random.PRNGKey(0), 8, 64, 0.8)
+    c = random_mask(jax.random.PRNGKey(1), 8, 64, 0.8)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.masked, c.masked)
+    rows = {tuple(r) for r in np.asarray(a.masked)}
+    assert len(rows) == 8  # every sample has its own mask
+
+
+def test_mask_is_uniform_over_patches():
+    mask = random_mask(jax.random.PRNGKey(7), 4000, 16, 0.75)
+    freq = np.asarray(mask.masked).mean(0)
+    np.testing.assert_allclose(freq, 0.75, atol=0.03)
+
+
+def test_jit_with_static_shapes():
+    fn = jax.jit(random_mask, static_argnums=(1, 2, 3))
+    eager = random_mask(jax.random.PRNGKey(5), 4, 49, 0.8)
+    jitted = fn(jax.random.PRNGKey(5), 4, 49, 0.8)
+    for x, y in zip(eager, jitted):
+        np.testing.assert_array_equal(x, y)
