@@ -191,7 +191,7 @@ def test_eval_arrays_digits_matches_preprocess_eval():
   raw = np.stack([src[i]["image"] for i in range(50)])
   np.testing.assert_array_equal(images, pipeline.preprocess_eval(cfg, raw))
   np.testing.assert_array_equal(labels, [src[i]["label"] for i in range(50)])
-  images, labels = pipeline.eval_arrays(cfg, "test", max_examples=7)
+  images, labels = pipeline.eval_arrays(cfg, sources.EVAL_SPLIT["digits"], max_examples=7)
   assert images.shape[0] == labels.shape[0] == 7
 
 

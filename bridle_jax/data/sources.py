@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 DATASETS = ("digits", "imagenet2012")
+# The labelled held-out split each dataset is evaluated (probed) on.
+EVAL_SPLIT = {"digits": "test", "imagenet2012": "validation"}
 
 # The digits split is part of the demo's contract (the probe's accuracy is reported on it): a fixed seed and a
 # per-class split that depends only on NumPy's PCG64 stream, not on scikit-learn's splitter implementation.
