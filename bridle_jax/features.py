@@ -10,35 +10,35 @@ from bridle_jax.models import bridle
 
 
 class Encoder:
-  """A frozen encoder E; `embed` returns average-pooled patch features (cls excluded) as NumPy."""
+    """A frozen encoder E; `embed` returns average-pooled patch features (cls excluded) as NumPy."""
 
-  def __init__(self, config, params, iteration: int):
-    self.config = config
-    self.iteration = iteration
-    self.params = params
-    self.module = bridle.encoder_from_config(config)
-    self._pooled = jax.jit(lambda p, x: jnp.mean(
-        self.module.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1))
+    def __init__(self, config, params, iteration: int):
+        self.config = config
+        self.iteration = iteration
+        self.params = params
+        self.module = bridle.encoder_from_config(config)
+        self._pooled = jax.jit(lambda p, x: jnp.mean(
+                self.module.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1))
 
-  def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
-    """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]) -> features [B, width]."""
-    x = pipeline.preprocess_eval(self.config.data, np.asarray(inputs))
-    return np.concatenate([np.asarray(self._pooled(self.params, x[i:i + batch_size]))
-                           for i in range(0, len(x), batch_size)])
+    def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
+        """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]) -> features [B, width]."""
+        x = pipeline.preprocess_eval(self.config.data, np.asarray(inputs))
+        return np.concatenate([np.asarray(self._pooled(self.params, x[i:i + batch_size]))
+                                                      for i in range(0, len(x), batch_size)])
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
-  """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
-  config = ckpt_lib.read_config(workdir)
-  available = ckpt_lib.saved_iterations(workdir)
-  if not available:
-    raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*); has training started?")
-  if iteration is None:
-    iteration = available[-1]
-  if iteration not in available:
-    raise ValueError(f"{workdir}: no encoder for iteration {iteration}; available: {available}")
-  module = bridle.encoder_from_config(config)
-  shape = (1,) + bridle.input_shape(config)
-  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"])
-  params = ckpt_lib.load_encoder_params(workdir, iteration, abstract)
-  return Encoder(config, params, iteration)
+    """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
+    config = ckpt_lib.read_config(workdir)
+    available = ckpt_lib.saved_iterations(workdir)
+    if not available:
+        raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*); has training started?")
+    if iteration is None:
+        iteration = available[-1]
+    if iteration not in available:
+        raise ValueError(f"{workdir}: no encoder for iteration {iteration}; available: {available}")
+    module = bridle.encoder_from_config(config)
+    shape = (1,) + bridle.input_shape(config)
+    abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"])
+    params = ckpt_lib.load_encoder_params(workdir, iteration, abstract)
+    return Encoder(config, params, iteration)

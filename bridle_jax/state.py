@@ -19,76 +19,76 @@ from bridle_jax.schedule import Phase
 
 @struct.dataclass
 class TrainState:
-  step: jax.Array          # int32 scalar: completed steps over the whole plan
-  params: dict             # {"encoder": {encoder, decoder}, "tokenizer": {tokenizer, estimator}, "cold_start": ...}
-  codebooks: quantizer.CodebookState
-  opt_state: Any           # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
-  rng: jax.Array           # uint32[2]; every step folds in its step number
-  nonfinite: jax.Array     # int32[2]: (skipped steps in total, skipped steps in a row)
+    step: jax.Array          # int32 scalar: completed steps over the whole plan
+    params: dict             # {"encoder": {encoder, decoder}, "tokenizer": {tokenizer, estimator}, "cold_start": ...}
+    codebooks: quantizer.CodebookState
+    opt_state: Any           # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
+    rng: jax.Array           # uint32[2]; every step folds in its step number
+    nonfinite: jax.Array     # int32[2]: (skipped steps in total, skipped steps in a row)
 
 
 def trained_side(phase: Phase) -> str:
-  return "encoder" if phase.kind == "encoder" else "tokenizer"
+    return "encoder" if phase.kind == "encoder" else "tokenizer"
 
 
 def _fresh_codebooks(config: ml_collections.ConfigDict, key) -> quantizer.CodebookState:
-  q = config.quantizer
-  return quantizer.init_codebooks(key, q.num_levels, q.codebook_size, q.dim)
+    q = config.quantizer
+    return quantizer.init_codebooks(key, q.num_levels, q.codebook_size, q.dim)
 
 
 def create(models: BridleModels, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-           phase: Phase, seed: int) -> TrainState:
-  """A new state at the start of `phase` (traceable: call under jit, or through `create_sharded`)."""
-  key = jax.random.PRNGKey(seed)
-  k_params, k_codebooks, k_run = jax.random.split(key, 3)
-  params = models.init_params(k_params)
-  return TrainState(
-      step=jnp.asarray(phase.start_step, jnp.int32), params=params,
-      codebooks=_fresh_codebooks(config, k_codebooks), opt_state=tx.init(params[trained_side(phase)]),
-      rng=k_run, nonfinite=jnp.zeros((2,), jnp.int32))
+                      phase: Phase, seed: int) -> TrainState:
+    """A new state at the start of `phase` (traceable: call under jit, or through `create_sharded`)."""
+    key = jax.random.PRNGKey(seed)
+    k_params, k_codebooks, k_run = jax.random.split(key, 3)
+    params = models.init_params(k_params)
+    return TrainState(
+            step=jnp.asarray(phase.start_step, jnp.int32), params=params,
+            codebooks=_fresh_codebooks(config, k_codebooks), opt_state=tx.init(params[trained_side(phase)]),
+            rng=k_run, nonfinite=jnp.zeros((2,), jnp.int32))
 
 
 def shardings_of(mesh, abstract: TrainState):
-  return sharding.state_shardings(mesh, abstract)
+    return sharding.state_shardings(mesh, abstract)
 
 
 def create_sharded(models, config, tx, phase, seed, mesh) -> TrainState:
-  """Creates the state already sharded over the mesh: shapes first (eval_shape), then a jitted init."""
-  init = lambda: create(models, config, tx, phase, seed)
-  abstract = jax.eval_shape(init)
-  return jax.jit(init, out_shardings=shardings_of(mesh, abstract))()
+    """Creates the state already sharded over the mesh: shapes first (eval_shape), then a jitted init."""
+    init = lambda: create(models, config, tx, phase, seed)
+    abstract = jax.eval_shape(init)
+    return jax.jit(init, out_shardings=shardings_of(mesh, abstract))()
 
 
 def abstract_for(models, config, tx, phase, seed, mesh):
-  """Shape/dtype/sharding tree of the state during `phase` (the restore target of its checkpoints)."""
-  abstract = jax.eval_shape(lambda: create(models, config, tx, phase, seed))
-  shardings = shardings_of(mesh, abstract)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    """Shape/dtype/sharding tree of the state during `phase` (the restore target of its checkpoints)."""
+    abstract = jax.eval_shape(lambda: create(models, config, tx, phase, seed))
+    shardings = shardings_of(mesh, abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def hand_over(state: TrainState, models: BridleModels, config: ml_collections.ConfigDict,
-              tx: optax.GradientTransformation, phase: Phase) -> TrainState:
-  """Prepares `state` (the end of the previous phase) for `phase`, following SPEC 3.1 (A3b, A7):
+                            tx: optax.GradientTransformation, phase: Phase) -> TrainState:
+    """Prepares `state` (the end of the previous phase) for `phase`, following SPEC 3.1 (A3b, A7):
 
-  - every phase gets a fresh optimizer state (and its own schedule, built by the caller);
-  - a tokenizer phase re-initialises the codebooks (`initialized=False`: k-means runs on its first batch, then the
-    one-shot dead-code restart); the tokenizer's ViT continues from its previous weights;
-  - an encoder phase keeps the codebooks the tokenizer phase trained (they are never k-means'd again) and
-    warm-starts E and D from the previous encoder unless `config.schedule.encoder_warm_start` is False.
-  Deterministic in (state.rng, phase.index), so a resumed run hands over identically.
-  """
-  key = jax.random.fold_in(state.rng, 1_000_003 + phase.index)
-  params = dict(state.params)
-  codebooks = state.codebooks
-  if phase.kind == "tokenizer":
-    codebooks = _fresh_codebooks(config, key)
-  elif not config.schedule.encoder_warm_start:
-    params["encoder"] = models.init_params(key)["encoder"]
-  return state.replace(params=params, codebooks=codebooks, opt_state=tx.init(params[trained_side(phase)]),
-                       nonfinite=jnp.zeros((2,), jnp.int32))
+    - every phase gets a fresh optimizer state (and its own schedule, built by the caller);
+    - a tokenizer phase re-initialises the codebooks (`initialized=False`: k-means runs on its first batch, then the
+        one-shot dead-code restart); the tokenizer's ViT continues from its previous weights;
+    - an encoder phase keeps the codebooks the tokenizer phase trained (they are never k-means'd again) and
+        warm-starts E and D from the previous encoder unless `config.schedule.encoder_warm_start` is False.
+    Deterministic in (state.rng, phase.index), so a resumed run hands over identically.
+    """
+    key = jax.random.fold_in(state.rng, 1_000_003 + phase.index)
+    params = dict(state.params)
+    codebooks = state.codebooks
+    if phase.kind == "tokenizer":
+        codebooks = _fresh_codebooks(config, key)
+    elif not config.schedule.encoder_warm_start:
+        params["encoder"] = models.init_params(key)["encoder"]
+    return state.replace(params=params, codebooks=codebooks, opt_state=tx.init(params[trained_side(phase)]),
+                                              nonfinite=jnp.zeros((2,), jnp.int32))
 
 
 def hand_over_sharded(state, models, config, tx, phase, mesh) -> TrainState:
-  fn = lambda s: hand_over(s, models, config, tx, phase)
-  abstract = jax.eval_shape(fn, state)
-  return jax.jit(fn, out_shardings=shardings_of(mesh, abstract))(state)
+    fn = lambda s: hand_over(s, models, config, tx, phase)
+    abstract = jax.eval_shape(fn, state)
+    return jax.jit(fn, out_shardings=shardings_of(mesh, abstract))(state)

@@ -24,144 +24,144 @@ from bridle_jax.state import TrainState
 
 
 def tokenizer_features(models: BridleModels, params, images, *, cold_start: bool):
-  """z [B, N, D] of the current tokenizer: the cold-start projection (iteration 1) or T's ViT + head."""
-  if cold_start:
-    return models.cold_start.apply({"params": params["cold_start"]}, images)
-  return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, images)
+    """z [B, N, D] of the current tokenizer: the cold-start projection (iteration 1) or T's ViT + head."""
+    if cold_start:
+        return models.cold_start.apply({"params": params["cold_start"]}, images)
+    return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, images)
 
 
 def teacher_features(models: BridleModels, params, images):
-  """E's last-layer tokens (after the final LayerNorm) on the unmasked input, cls removed (A15)."""
-  tokens, _ = models.encoder.apply({"params": params["encoder"]["encoder"]}, images)
-  return tokens[:, 1:]
+    """E's last-layer tokens (after the final LayerNorm) on the unmasked input, cls removed (A15)."""
+    tokens, _ = models.encoder.apply({"params": params["encoder"]["encoder"]}, images)
+    return tokens[:, 1:]
 
 
 def _quantize(codebooks, z, q: ml_collections.ConfigDict):
-  return quantizer.quantize(codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
-                            commitment_weight=q.commitment_weight)
+    return quantizer.quantize(codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
+                                                        commitment_weight=q.commitment_weight)
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves))
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
 
 
 def _guarded(ok, new, old):
-  """`new` where the step was finite, `old` otherwise (static shapes, no host round trip)."""
-  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """`new` where the step was finite, `old` otherwise (static shapes, no host round trip)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def _count_nonfinite(nonfinite, ok):
-  bad = jnp.logical_not(ok).astype(jnp.int32)
-  return jnp.stack([nonfinite[0] + bad, (nonfinite[1] + bad) * bad])
+    bad = jnp.logical_not(ok).astype(jnp.int32)
+    return jnp.stack([nonfinite[0] + bad, (nonfinite[1] + bad) * bad])
 
 
 def _codebook_metrics(codes, codebook_size):
-  stats = quantizer.usage_stats(codes, codebook_size)
-  out = {}
-  for m in range(codes.shape[-1]):
-    out[f"codebook/level{m}/usage"] = stats["usage"][m]
-    out[f"codebook/level{m}/perplexity"] = stats["perplexity"][m]
-  return out
+    stats = quantizer.usage_stats(codes, codebook_size)
+    out = {}
+    for m in range(codes.shape[-1]):
+        out[f"codebook/level{m}/usage"] = stats["usage"][m]
+        out[f"codebook/level{m}/perplexity"] = stats["perplexity"][m]
+    return out
 
 
 def _apply_update(state: TrainState, side: str, grads, tx, loss):
-  """Optimizer step on one side's params, guarded against non-finite loss/gradients."""
-  ok = jnp.isfinite(loss) & _all_finite(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params[side])
-  new_side = optax.apply_updates(state.params[side], updates)
-  params = dict(state.params)
-  params[side] = _guarded(ok, new_side, state.params[side])
-  opt_state = _guarded(ok, opt_state, state.opt_state)
-  return ok, params, opt_state
+    """Optimizer step on one side's params, guarded against non-finite loss/gradients."""
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params[side])
+    new_side = optax.apply_updates(state.params[side], updates)
+    params = dict(state.params)
+    params[side] = _guarded(ok, new_side, state.params[side])
+    opt_state = _guarded(ok, opt_state, state.opt_state)
+    return ok, params, opt_state
 
 
 def prepare_codebooks(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                      cold_start: bool, restart: bool) -> TrainState:
-  """k-means-initialises fresh codebooks on this batch's tokenizer features (a no-op on initialised ones, A3b),
-  then, in a tokenizer phase, restarts the codes this batch leaves unused (A4)."""
-  q = config.quantizer
-  key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
-  k_means, k_restart = jax.random.split(key)
-  z = tokenizer_features(models, state.params, batch["image"], cold_start=cold_start)
-  codebooks = quantizer.kmeans_init(state.codebooks, z, k_means, iters=q.kmeans_iters,
-                                    normalize_stage_inputs=q.normalize_stage_inputs)
-  if restart:
-    out = _quantize(codebooks, z, q)
-    codebooks = quantizer.restart_unused(codebooks, out.stage_inputs, out.codes, k_restart,
-                                         min_count=q.restart_min_count)
-  return state.replace(codebooks=codebooks)
+                                            cold_start: bool, restart: bool) -> TrainState:
+    """k-means-initialises fresh codebooks on this batch's tokenizer features (a no-op on initialised ones, A3b),
+    then, in a tokenizer phase, restarts the codes this batch leaves unused (A4)."""
+    q = config.quantizer
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
+    k_means, k_restart = jax.random.split(key)
+    z = tokenizer_features(models, state.params, batch["image"], cold_start=cold_start)
+    codebooks = quantizer.kmeans_init(state.codebooks, z, k_means, iters=q.kmeans_iters,
+                                                                        normalize_stage_inputs=q.normalize_stage_inputs)
+    if restart:
+        out = _quantize(codebooks, z, q)
+        codebooks = quantizer.restart_unused(codebooks, out.stage_inputs, out.codes, k_restart,
+                                                                                  min_count=q.restart_min_count)
+    return state.replace(codebooks=codebooks)
 
 
 def encoder_step(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                 tx: optax.GradientTransformation, lr_schedule, phase_start: int, cold_start: bool):
-  """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
-  images = batch["image"]
-  key = jax.random.fold_in(state.rng, state.step)
-  mask = masking.random_mask(key, images.shape[0], models.num_patches, config.masking.ratio)
-  z = tokenizer_features(models, state.params, images, cold_start=cold_start)
-  codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
+                                  tx: optax.GradientTransformation, lr_schedule, phase_start: int, cold_start: bool):
+    """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
+    images = batch["image"]
+    key = jax.random.fold_in(state.rng, state.step)
+    mask = masking.random_mask(key, images.shape[0], models.num_patches, config.masking.ratio)
+    z = tokenizer_features(models, state.params, images, cold_start=cold_start)
+    codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
 
-  def loss_fn(params):
-    encoded, _ = models.encoder.apply({"params": params["encoder"]}, images, keep_idx=mask.keep_idx)
-    logits = models.decoder.apply({"params": params["decoder"]}, encoded, mask.restore_idx, models.patch_grid)
-    loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mask.masked)
-    return loss, (per_level, accuracy)
+    def loss_fn(params):
+        encoded, _ = models.encoder.apply({"params": params["encoder"]}, images, keep_idx=mask.keep_idx)
+        logits = models.decoder.apply({"params": params["decoder"]}, encoded, mask.restore_idx, models.patch_grid)
+        loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mask.masked)
+        return loss, (per_level, accuracy)
 
-  (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
-  ok, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
-  metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-             "train/lr": lr_schedule(state.step - phase_start), "train/nonfinite": 1 - ok.astype(jnp.int32)}
-  for m in range(per_level.shape[0]):
-    metrics[f"train/encoder/ce_level{m}"] = per_level[m]
-    metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
-  metrics.update(_codebook_metrics(codes, config.quantizer.codebook_size))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            nonfinite=_count_nonfinite(state.nonfinite, ok))
-  return new_state, metrics
+    (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
+    ok, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+                          "train/lr": lr_schedule(state.step - phase_start), "train/nonfinite": 1 - ok.astype(jnp.int32)}
+    for m in range(per_level.shape[0]):
+        metrics[f"train/encoder/ce_level{m}"] = per_level[m]
+        metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
+    metrics.update(_codebook_metrics(codes, config.quantizer.codebook_size))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                                        nonfinite=_count_nonfinite(state.nonfinite, ok))
+    return new_state, metrics
 
 
 def tokenizer_step(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                   tx: optax.GradientTransformation, lr_schedule, phase_start: int):
-  """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
-  q = config.quantizer
-  images = batch["image"]
-  target = jax.lax.stop_gradient(teacher_features(models, state.params, images))
+                                      tx: optax.GradientTransformation, lr_schedule, phase_start: int):
+    """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
+    q = config.quantizer
+    images = batch["image"]
+    target = jax.lax.stop_gradient(teacher_features(models, state.params, images))
 
-  def loss_fn(params):
-    z = models.tokenizer.apply({"params": params["tokenizer"]}, images)
-    out = _quantize(state.codebooks, z, q)
-    pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
-    cos = losses.cosine_distance(pred, target)
-    return cos + out.loss, (cos, out)
+    def loss_fn(params):
+        z = models.tokenizer.apply({"params": params["tokenizer"]}, images)
+        out = _quantize(state.codebooks, z, q)
+        pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
+        cos = losses.cosine_distance(pred, target)
+        return cos + out.loss, (cos, out)
 
-  (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["tokenizer"])
-  ok, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
-  codebooks = quantizer.ema_update(state.codebooks, out.stage_inputs, out.codes, decay=q.decay,
-                                   renormalize=q.renormalize)
-  codebooks = _guarded(ok, codebooks, state.codebooks)
-  metrics = {"train/loss": loss, "train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss,
-             "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step - phase_start),
-             "train/nonfinite": 1 - ok.astype(jnp.int32)}
-  metrics.update(_codebook_metrics(out.codes, q.codebook_size))
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, codebooks=codebooks,
-                            nonfinite=_count_nonfinite(state.nonfinite, ok))
-  return new_state, metrics
+    (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["tokenizer"])
+    ok, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
+    codebooks = quantizer.ema_update(state.codebooks, out.stage_inputs, out.codes, decay=q.decay,
+                                                                      renormalize=q.renormalize)
+    codebooks = _guarded(ok, codebooks, state.codebooks)
+    metrics = {"train/loss": loss, "train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss,
+                          "train/grad_norm": optax.global_norm(grads), "train/lr": lr_schedule(state.step - phase_start),
+                          "train/nonfinite": 1 - ok.astype(jnp.int32)}
+    metrics.update(_codebook_metrics(out.codes, q.codebook_size))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, codebooks=codebooks,
+                                                        nonfinite=_count_nonfinite(state.nonfinite, ok))
+    return new_state, metrics
 
 
 def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_sharding):
-  """The jitted step of `phase` with explicit input/output shardings (the state is donated)."""
-  if phase.kind == "encoder":
-    fn = functools.partial(encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
-                           phase_start=phase.start_step, cold_start=phase.cold_start)
-  else:
-    fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
-                           phase_start=phase.start_step)
-  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
+    """The jitted step of `phase` with explicit input/output shardings (the state is donated)."""
+    if phase.kind == "encoder":
+        fn = functools.partial(encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
+                                                      phase_start=phase.start_step, cold_start=phase.cold_start)
+    else:
+        fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
+                                                      phase_start=phase.start_step)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                                  donate_argnums=(0,))
 
 
 def jit_prepare_codebooks(phase, *, models, config, state_shardings, batch_sharding):
-  fn = functools.partial(prepare_codebooks, models=models, config=config, cold_start=phase.cold_start,
-                         restart=phase.kind == "tokenizer")
-  return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)
+    fn = functools.partial(prepare_codebooks, models=models, config=config, cold_start=phase.cold_start,
+                                                  restart=phase.kind == "tokenizer")
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)

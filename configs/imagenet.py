@@ -1,6 +1,6 @@
 """BRIDLE on ImageNet-1K (SPEC 3.3 image recipe): ViT-B/16, RQ 4x256x256, mask 0.8, batch 1024.
 
-  python -m bridle_jax.main --config=configs/imagenet.py --workdir=DIR --config.data.data_dir=TFDS_DIR
+    python -m bridle_jax.main --config=configs/imagenet.py --workdir=DIR --config.data.data_dir=TFDS_DIR
 
 Plan: cold-start encoder 200 epochs (lr 5e-4, warm-up 10), tokenizer 50 epochs (lr 2e-4, warm-up 2), encoder 200
 epochs (warm-started). Needs `imagenet2012` prepared as TFDS ArrayRecord (see README). The paper-side numbers for
@@ -12,21 +12,21 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg=None):
-  del arg
-  c = common.base_config()
-  c.data.name = "imagenet2012"
-  c.data.image_size = 224
-  c.model.variant = "B/16"
-  c.model.dtype = "bfloat16"
-  c.batch_size = 1024
-  steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.batch_size
-  enc, tok = 200 * steps_per_epoch, 50 * steps_per_epoch
-  c.schedule.phases = (f"encoder_cold_start:{enc}", f"tokenizer:{tok}", f"encoder:{enc}")
-  c.optim.encoder.lr, c.optim.encoder.warmup_fraction = 5e-4, 10 / 200
-  c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 2e-4, 2 / 50
-  c.evals.linear_probe.train_split = "train"
-  c.evals.linear_probe.test_split = "validation"
-  c.evals.linear_probe.max_examples = 50_000
-  c.checkpoint.every_steps = 2000
-  c.log_every_steps = 100
-  return c
+    del arg
+    c = common.base_config()
+    c.data.name = "imagenet2012"
+    c.data.image_size = 224
+    c.model.variant = "B/16"
+    c.model.dtype = "bfloat16"
+    c.batch_size = 1024
+    steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.batch_size
+    enc, tok = 200 * steps_per_epoch, 50 * steps_per_epoch
+    c.schedule.phases = (f"encoder_cold_start:{enc}", f"tokenizer:{tok}", f"encoder:{enc}")
+    c.optim.encoder.lr, c.optim.encoder.warmup_fraction = 5e-4, 10 / 200
+    c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 2e-4, 2 / 50
+    c.evals.linear_probe.train_split = "train"
+    c.evals.linear_probe.test_split = "validation"
+    c.evals.linear_probe.max_examples = 50_000
+    c.checkpoint.every_steps = 2000
+    c.log_every_steps = 100
+    return c
