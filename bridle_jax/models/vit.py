@@ -87,8 +87,8 @@ class Attention(nn.Module):
         head_dim = self.width // self.num_heads
         qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
                        name="qkv")(x)
-        q, k, v = jnp.split(qkv.reshape(b, n, 3, self.num_heads, head_dim), 3, axis=2)
-        out = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])
+        qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)  # timm's layout, so torch weights map 1:1
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
                         name="proj")(out.reshape(b, n, self.width))
 
