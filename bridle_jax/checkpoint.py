@@ -11,6 +11,7 @@ import os
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 ENCODERS_DIR = "encoders"
@@ -49,7 +50,7 @@ class Checkpointer:
         return r.state, r.meta
 
     def restore_latest(self, abstract_for_step, data_iterator):
-        """Newest restorable checkpoint: (state, meta), or None when there is none.
+        """Newest restorable checkpoint: (state, meta), or None when there is none; unreadable steps are set aside.
 
         `abstract_for_step(step)` gives the restore target for a checkpoint taken after `step` steps (the optimizer
         state's structure depends on the phase). Unreadable steps are skipped, newest first, with a warning.
@@ -59,8 +60,24 @@ class Checkpointer:
                 return self.restore(step, abstract_for_step(step), data_iterator)
             except Exception as e:  # pylint: disable=broad-except
                 logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
-                                                step, self.directory, type(e).__name__, e)
+                                step, self.directory, type(e).__name__, e)
+                self._set_aside(step)
         return None
+
+    def _set_aside(self, step: int) -> None:
+        """Moves an unreadable step out of the way (kept for inspection, never deleted) so it can be re-saved."""
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            aside = f"{path}.unreadable"
+            suffix = 1
+            while os.path.exists(aside):
+                aside, suffix = f"{path}.unreadable{suffix}", suffix + 1
+            os.rename(path, aside)
+            logging.warning("moved the unreadable checkpoint to %s", aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"bridle_jax_set_aside_{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

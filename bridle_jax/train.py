@@ -67,8 +67,12 @@ def _record_probe(workdir: str, key: str, result: dict) -> dict:
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) the whole plan in `workdir`; returns {"workdir", "linear_probe": {iteration: result}}."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
+    """Runs (or resumes) the whole plan in `workdir`.
+
+    `stop_at_step` checkpoints and returns once that many steps are done (a planned interruption; running the same
+    call again without it resumes). Returns {"workdir", "linear_probe": {iteration: result}, "final_state"}.
+    """
     # ---------------------------------------------------------------- set-up
     config_lib.validate(config)
     workdir = os.path.abspath(workdir)
@@ -142,9 +146,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     results = _record_probe(workdir, f"iteration_{phase.iteration}", result)
                     writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
                     metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}")
-            if step % config.checkpoint.every_steps == 0 or last:
+            stopping = step == stop_at_step
+            if step % config.checkpoint.every_steps == 0 or last or stopping:
                 _check_nonfinite(state, config, step)
                 ckpt.save(step, state, data_iter, {"step": step, "phase": phase.name, "phase_index": phase.index})
+            if stopping:
+                break
+        if step == stop_at_step:
+            metrics_lib.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
+            break
 
     ckpt.close()
     writer.close()

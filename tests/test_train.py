@@ -1,0 +1,117 @@
+"""End to end: the whole plan of a tiny config on 8 fake devices, exact resume, kept encoders, load_encoder."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import bridle_jax
+from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import train
+from bridle_jax.data import sources
+from tests.tiny import tiny_config
+
+TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    summary = train.train_and_evaluate(tiny_config(), workdir)
+    return workdir, summary
+
+
+def _leaves_equal(a, b):
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_runs_every_phase_on_eight_devices(full_run):
+    workdir, summary = full_run
+    assert len(jax.devices()) == 8
+    state = summary["final_state"]
+    assert int(state.step) == TOTAL_STEPS
+    assert bool(state.codebooks.initialized)
+    lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+    train_lines = [l for l in lines if "train/loss" in l]
+    assert [l["step"] for l in train_lines] == list(range(2, TOTAL_STEPS + 1, 2))
+    probe_lines = [l for l in lines if "eval/linear_probe/top1" in l]
+    assert [l["step"] for l in probe_lines] == [6, 16]     # the end of each encoder phase
+    phases = {l["phase"] for l in lines}
+    assert phases == {"iter1_encoder", "iter2_tokenizer", "iter2_encoder"}
+    enc = next(l for l in lines if l["phase"] == "iter1_encoder" and "train/encoder/ce_level0" in l)
+    tok = next(l for l in lines if l["phase"] == "iter2_tokenizer")
+    for key in ("train/loss", "train/encoder/ce_level1", "codebook/level1/usage", "codebook/level1/perplexity",
+                "train/lr", "perf/steps_per_sec"):
+        assert np.isfinite(enc[key]), key
+    assert "train/tokenizer/cos" in tok and 0.0 <= tok["train/tokenizer/cos"] <= 2.0
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert ckpt_lib.saved_iterations(workdir) == [0, 1, 2]
+    assert ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False).latest_step() == TOTAL_STEPS
+    probe = summary["linear_probe"]
+    assert set(probe) == {"iteration_0", "iteration_1", "iteration_2"}
+    for result in probe.values():
+        assert 0.0 <= result["top1_test"] <= 1.0 and np.isfinite(result["final_loss"])
+
+
+def test_resume_is_bit_identical(full_run, tmp_path):
+    """Stopped mid cold-start phase and again mid tokenizer phase, then resumed: the same final state."""
+    workdir, summary = full_run
+    resumed_dir = str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=5)
+    assert ckpt_lib.Checkpointer(resumed_dir, max_to_keep=2, async_save=False).latest_step() == 5
+    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=8)
+    resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+    _leaves_equal(summary["final_state"], resumed["final_state"])
+    assert resumed["linear_probe"] == summary["linear_probe"]
+
+
+def test_phase_boundary_resume_hands_over_again(full_run, tmp_path):
+    """A run stopped exactly at a phase end resumes into the next phase's hand-over identically."""
+    workdir, summary = full_run
+    resumed_dir = str(tmp_path / "boundary")
+    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=10)   # end of the tokenizer phase
+    resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+    _leaves_equal(summary["final_state"], resumed["final_state"])
+
+
+def test_half_written_and_unreadable_checkpoints_are_not_resumed(full_run, tmp_path):
+    workdir, summary = full_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    ckdir = os.path.join(copy, "checkpoints")
+    os.makedirs(os.path.join(ckdir, "99.orbax-checkpoint-tmp", "state"))     # a save killed half-way
+    manager = ckpt_lib.Checkpointer(copy, max_to_keep=2, async_save=False)
+    assert manager.latest_step() == TOTAL_STEPS
+    steps = manager.all_steps()
+    # Damage the newest checkpoint: the resume falls back to the previous one, with a warning.
+    shutil.rmtree(os.path.join(ckdir, str(TOTAL_STEPS), "state"))
+    os.makedirs(os.path.join(ckdir, str(TOTAL_STEPS), "state"))
+    resumed = train.train_and_evaluate(tiny_config(), copy)
+    assert steps[-2] < TOTAL_STEPS
+    _leaves_equal(summary["final_state"], resumed["final_state"])
+
+
+def test_load_encoder_embeds_raw_images(full_run):
+    workdir, summary = full_run
+    raw = np.stack([sources.DigitsSource("test")[i]["image"] for i in range(5)])       # uint8 [5, 8, 8, 3]
+    encoder = bridle_jax.load_encoder(workdir)
+    assert encoder.iteration == 2
+    features = encoder.embed(raw)
+    assert features.shape == (5, 64) and features.dtype == np.float32
+    np.testing.assert_allclose(encoder.embed(raw.astype(np.float32) / 255.0), features, rtol=1e-5, atol=1e-5)
+    _leaves_equal(encoder.params, summary["final_state"].params["encoder"]["encoder"])
+    initial = bridle_jax.load_encoder(workdir, iteration=0).embed(raw)
+    assert initial.shape == features.shape and not np.allclose(initial, features)
+    with pytest.raises(ValueError, match="iteration 7"):
+        bridle_jax.load_encoder(workdir, iteration=7)
+
+
+def test_load_encoder_on_a_non_workdir_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        bridle_jax.load_encoder(str(tmp_path))
