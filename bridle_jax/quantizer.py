@@ -274,12 +274,19 @@ def quantize(
     )
 
 
-def _batch_stats(u_flat, ids, valid, num_segments, axis_name):
-    """Per-segment counts and sums via one scatter-add (no one-hot matmul); invalid rows go to a dropped bucket,
-    so their NaNs never touch a real code."""
+def _batch_stats(u, ids, valid, num_segments, axis_name):
+    """Per-segment counts and sums via one scatter-add (no one-hot matmul).
+
+    ``u`` is [N, ..., D] with ``ids``/``valid`` [N, ...]: scattering the [N, M, D] stage inputs directly (rather
+    than a reshaped [N·M, D] copy) saves a pass over the largest array.  Invalid rows go to an extra bucket that is
+    dropped, so their NaNs never touch a real code.
+    """
     ids = jnp.where(valid, ids, num_segments)
-    counts = jax.ops.segment_sum(jnp.ones(ids.shape, _F32), ids, num_segments + 1)[:-1]
-    sums = jax.ops.segment_sum(u_flat, ids, num_segments + 1)[:-1]
+    counts = jnp.zeros((num_segments + 1,), _F32).at[ids].add(1.0)[:-1]
+    dn = lax.ScatterDimensionNumbers(
+        update_window_dims=(u.ndim - 1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
+    )
+    sums = lax.scatter_add(jnp.zeros((num_segments + 1, u.shape[-1]), _F32), ids[..., None], u, dn)[:-1]
     return _psum(counts, axis_name), _psum(sums, axis_name)
 
 
@@ -309,13 +316,13 @@ def ema_update(
     c = codes.reshape(-1, m).astype(jnp.int32)
     valid = _row_valid(u, c, k)
     ids = c + (jnp.arange(m, dtype=jnp.int32) * k)[None, :]
-    counts, sums = _batch_stats(u.reshape(-1, d), ids.reshape(-1), valid.reshape(-1), m * k, axis_name)
+    counts, sums = _batch_stats(u, ids, valid, m * k, axis_name)
     counts, sums = counts.reshape(m, k), sums.reshape(m, k, d)
     lam = jnp.asarray(decay, _F32)
     old = state.codes.astype(_F32)
     mean = _l2(sums / jnp.maximum(counts, 1.0)[..., None])
-    target = jnp.where((counts > 0)[..., None], mean, old)
-    new = lam * old + (1.0 - lam) * target
+    # Empty codes keep their value exactly (λC + (1−λ)C would drift by an ulp per step).
+    new = jnp.where((counts > 0)[..., None], lam * old + (1.0 - lam) * mean, old)
     if renormalize:
         new = _l2(new)
     return state.replace(codes=new, cluster_size=lam * state.cluster_size + (1.0 - lam) * counts)
