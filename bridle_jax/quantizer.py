@@ -177,8 +177,10 @@ def _nearest(u: jax.Array, codes: jax.Array, code_sq: jax.Array) -> jax.Array:
     return jnp.argmin(code_sq - 2.0 * scores, axis=-1).astype(jnp.int32)
 
 
-def _stage_input(r: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """(stage input, per-row squared norm of r) — the norm doubles as the row-validity test."""
+def _stage_input(r: jax.Array, normalize: bool, need_norm: bool = True) -> tuple[jax.Array, jax.Array | None]:
+    """(stage input, per-row squared norm of r) — the norm doubles as the row-validity test (NaN/Inf/overflow)."""
+    if not (normalize or need_norm):
+        return r, None
     n2 = jnp.sum(r * r, axis=-1, keepdims=True)
     u = r * lax.rsqrt(jnp.maximum(n2, _EPS * _EPS)) if normalize else r
     return u, n2[..., 0]
@@ -250,7 +252,7 @@ def quantize(
     codes, inputs, mses, norms = [], [], [], []
     valid = None
     for m in range(state.num_levels):
-        u, n2 = _stage_input(lax.stop_gradient(r), normalize_stage_inputs)
+        u, n2 = _stage_input(lax.stop_gradient(r), normalize_stage_inputs, need_norm=valid is None)
         if valid is None:
             valid = jnp.isfinite(n2)
         k = _nearest(u, codebooks[m], code_sq[m])
@@ -372,7 +374,7 @@ def kmeans_init(
         books, sizes = [], []
         valid = None
         for m, km in enumerate(jax.random.split(key, m_levels)):
-            u, n2 = _stage_input(r, normalize_stage_inputs)
+            u, n2 = _stage_input(r, normalize_stage_inputs, need_norm=valid is None)
             if valid is None:
                 valid = jnp.isfinite(n2)
             means, counts = _kmeans_level(u, valid, km, k, iters, normalize_stage_inputs, axis_name)
