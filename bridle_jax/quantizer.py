@@ -277,18 +277,12 @@ def quantize(
 
 
 def _batch_stats(u, ids, valid, num_segments, axis_name):
-    """Per-segment counts and sums via one scatter-add (no one-hot matmul).
-
-    ``u`` is [N, ..., D] with ``ids``/``valid`` [N, ...]: scattering the [N, M, D] stage inputs directly (rather
-    than a reshaped [N·M, D] copy) saves a pass over the largest array.  Invalid rows go to an extra bucket that is
-    dropped, so their NaNs never touch a real code.
-    """
+    """Per-segment counts and sums of the rows of ``u`` [N, D] via scatter-add (no one-hot matmul, which costs as
+    much as the distance matmul).  Invalid rows go to an extra bucket that is dropped, so their NaNs never touch a
+    real code."""
     ids = jnp.where(valid, ids, num_segments)
-    counts = jnp.zeros((num_segments + 1,), _F32).at[ids].add(1.0)[:-1]
-    dn = lax.ScatterDimensionNumbers(
-        update_window_dims=(u.ndim - 1,), inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,)
-    )
-    sums = lax.scatter_add(jnp.zeros((num_segments + 1, u.shape[-1]), _F32), ids[..., None], u, dn)[:-1]
+    counts = jax.ops.segment_sum(jnp.ones(ids.shape, _F32), ids, num_segments + 1)[:-1]
+    sums = jax.ops.segment_sum(u, ids, num_segments + 1)[:-1]
     return _psum(counts, axis_name), _psum(sums, axis_name)
 
 
@@ -306,7 +300,7 @@ def ema_update(
     renormalize: bool = False,
     axis_name=None,
 ) -> CodebookState:
-    """EMA of SPEC §2.4 for all levels at once (one fused scatter-add over [N·M] rows into M·K buckets).
+    """EMA of SPEC §2.4: per code, counts and sums by scatter-add over the (global) batch, then the convex update.
 
     ``C_k ← λC_k + (1−λ)ℓ2(s_k / n_k)`` for codes used in the batch, unchanged otherwise; ``renormalize=True``
     re-projects onto the sphere afterwards (BEATs / VQ).  Non-finite rows are ignored.
@@ -316,10 +310,11 @@ def ema_update(
         raise ValueError(f"decay: expected a float in [0, 1], got {decay!r}")
     u = stage_inputs.reshape(-1, m, d).astype(_F32)
     c = codes.reshape(-1, m).astype(jnp.int32)
-    valid = _row_valid(u, c, k)
-    ids = c + (jnp.arange(m, dtype=jnp.int32) * k)[None, :]
-    counts, sums = _batch_stats(u, ids, valid, m * k, axis_name)
-    counts, sums = counts.reshape(m, k), sums.reshape(m, k, d)
+    # One scatter per level on the slice u[:, i]: inside a jitted step, XLA folds slice(stack(u_1..u_M)) back to
+    # u_i, so the stacked [N, M, D] stage inputs are never materialised; measured 1.5x faster for the whole step
+    # than a single fused [N·M]-row scatter (see BENCHMARKS.md).
+    stats = [_batch_stats(u[:, i], c[:, i], _row_valid(u[:, i], c[:, i], k), k, None) for i in range(m)]
+    counts, sums = _psum((jnp.stack([s[0] for s in stats]), jnp.stack([s[1] for s in stats])), axis_name)  # one all-reduce
     lam = jnp.asarray(decay, _F32)
     old = state.codes.astype(_F32)
     mean = _l2(sums / jnp.maximum(counts, 1.0)[..., None])
