@@ -45,15 +45,35 @@ def wait_quiet(enabled: bool, threshold: float = 0.15, max_wait: float = 600.0) 
     return busy
 
 
-def timeit(fn, runs: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU-seconds of the whole machine so far, CPU-seconds of this process so far)."""
+    try:
+        vals = list(map(int, open("/proc/stat").readline().split()[1:]))
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        busy = 0.0
+    return busy, time.process_time()
+
+
+def timeit_many(fns: dict, runs: int, warmup: int) -> dict:
+    """Median wall time of each function, timed round-robin so that load from elsewhere hits all alike; also the
+    average number of CPUs that *other* processes kept busy meanwhile (``other_cpus``: 0 on a quiet machine)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    busy0, own0, t0 = *_cpu_seconds(), time.perf_counter()
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times), "runs": runs}
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    busy1, own1, t1 = *_cpu_seconds(), time.perf_counter()
+    other = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+    out = {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "runs": runs}
+           for name, ts in times.items()}
+    out["other_cpus"] = other
+    return out
 
 
 def machine() -> str:
@@ -101,14 +121,16 @@ def run_jax(args) -> dict:
     a = jax.random.normal(jax.random.key(3), (2048, 2048), jnp.float32)
     square = jax.jit(lambda x: x @ x)
     res = {"jax": jax.__version__, "backend": jax.default_backend()}
-    busy = wait_quiet(args.wait_quiet)
-    t = timeit(lambda: jax.block_until_ready(square(a)), args.runs, args.warmup)
-    res["gflops_2048"] = 2 * 2048**3 / (t["median_ms"] * 1e-3) / 1e9
-    res["cpu_busy_before"] = busy
-    res["train_step"] = timeit(lambda: jax.block_until_ready(train_step(state, z)), args.runs, args.warmup)
-    res["quantize"] = timeit(lambda: jax.block_until_ready(lookup(state, z)), args.runs, args.warmup)
+    res["cpu_busy_before"] = wait_quiet(args.wait_quiet)
+    fns = {
+        "train_step": lambda: jax.block_until_ready(train_step(state, z)),
+        "quantize": lambda: jax.block_until_ready(lookup(state, z)),
+        "square_2048": lambda: jax.block_until_ready(square(a)),
+    }
     if k == d:
-        res["matmul_floor"] = timeit(lambda: jax.block_until_ready(matmul_floor(z, state.codes)), args.runs, args.warmup)
+        fns["matmul_floor"] = lambda: jax.block_until_ready(matmul_floor(z, state.codes))
+    res.update(timeit_many(fns, args.runs, args.warmup))
+    res["gflops_2048"] = 2 * 2048**3 / (res["square_2048"]["median_ms"] * 1e-3) / 1e9
     res["distance_gflop"] = 2 * n * d * k * m / 1e9
     return res
 
@@ -140,8 +162,8 @@ def run_peer(args) -> dict:
         rvq(xg)
 
     res["cpu_busy_before"] = wait_quiet(args.wait_quiet)
-    res["train_forward_no_grad"] = timeit(fwd_no_grad, args.runs, args.warmup)
-    res["train_forward_autograd"] = timeit(fwd_autograd, args.runs, args.warmup)
+    res.update(timeit_many({"train_forward_no_grad": fwd_no_grad, "train_forward_autograd": fwd_autograd},
+                           args.runs, args.warmup))
     return res
 
 
@@ -187,8 +209,8 @@ def main() -> None:
     step = j["train_step"]["median_ms"]
     print(f"machine: {results['machine']}")
     print(f"JAX {j['jax']} ({j['backend']}): 2048³ f32 matmul {j['gflops_2048']:.0f} GFLOP/s; "
-          f"CPU busy before JAX part {j['cpu_busy_before']:.0%}"
-          + (f", before peer part {results['peer']['cpu_busy_before']:.0%}" if "peer" in results else ""))
+          f"CPUs kept busy by other processes while timing: JAX part {j['other_cpus']:.2f}"
+          + (f", peer part {results['peer']['other_cpus']:.2f}" if "peer" in results else ""))
     print(f"median of {args.runs} runs after {args.warmup} warm-up, N={args.n} D={args.dim} M={args.levels} "
           f"K={args.codebook_size}\n")
     print("| what | median ms | vs ours |\n|---|---:|---:|")
