@@ -4,4 +4,5 @@
 def load_encoder(workdir, iteration=None):
     """See `bridle_jax.features.load_encoder` (imported lazily so `import bridle_jax` stays light)."""
     from bridle_jax.features import load_encoder as _load
+
     return _load(workdir, iteration)

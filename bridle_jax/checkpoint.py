@@ -5,6 +5,7 @@ Orbax writes each step into a temporary folder and renames it when complete, so 
 listed as a step. A listed step that still fails to restore (e.g. a damaged disk) is skipped with a warning and the
 previous one is used.
 """
+
 import json
 import logging
 import os
@@ -21,10 +22,12 @@ class Checkpointer:
     def __init__(self, workdir: str, *, max_to_keep: int, async_save: bool):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self._manager = ocp.CheckpointManager(
-                self.directory,
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                                                          enable_async_checkpointing=async_save),
-                item_names=("state", "data", "meta"))
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            ),
+            item_names=("state", "data", "meta"),
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -33,20 +36,29 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iterator),
-                meta=ocp.args.JsonSave(meta)), force=True)
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
 
     def read_meta(self, step: int) -> dict:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores `step` into the abstract (sharded) state; the iterator is restored in place."""
-        r = self._manager.restore(step, args=ocp.args.Composite(
+        r = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore()))
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return r.state, r.meta
 
     def restore_latest(self, abstract_for_step, data_iterator):
@@ -59,8 +71,13 @@ class Checkpointer:
             try:
                 return self.restore(step, abstract_for_step(step), data_iterator)
             except Exception as e:  # pylint: disable=broad-except
-                logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
-                                step, self.directory, type(e).__name__, e)
+                logging.warning(
+                    "checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
+                    step,
+                    self.directory,
+                    type(e).__name__,
+                    e,
+                )
                 self._set_aside(step)
         return None
 
@@ -95,8 +112,11 @@ def saved_iterations(workdir: str) -> list[int]:
     root = os.path.join(os.path.abspath(workdir), ENCODERS_DIR)
     if not os.path.isdir(root):
         return []
-    return sorted(int(name.split("_")[1]) for name in os.listdir(root)
-                                if name.startswith("iteration_") and name.split("_")[1].isdigit())
+    return sorted(
+        int(name.split("_")[1])
+        for name in os.listdir(root)
+        if name.startswith("iteration_") and name.split("_")[1].isdigit()
+    )
 
 
 def save_encoder(workdir: str, iteration: int, encoder_params) -> None:
@@ -112,8 +132,10 @@ def save_encoder(workdir: str, iteration: int, encoder_params) -> None:
 def load_encoder_params(workdir: str, iteration: int, abstract=None):
     path = encoder_path(workdir, iteration)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no encoder saved for iteration {iteration}; saved iterations: "
-                                                        f"{saved_iterations(workdir) or 'none (is this a bridle_jax workdir?)'}")
+        raise FileNotFoundError(
+            f"{path}: no encoder saved for iteration {iteration}; saved iterations: "
+            f"{saved_iterations(workdir) or 'none (is this a bridle_jax workdir?)'}"
+        )
     return ocp.StandardCheckpointer().restore(path, abstract)
 
 
@@ -126,6 +148,7 @@ def write_config(workdir: str, config) -> None:
 
 def read_config(workdir: str):
     import ml_collections
+
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {workdir} is not a bridle_jax workdir (no config.json)")

@@ -5,6 +5,7 @@ Recipes in configs/ call `base_config()` and change what differs.
 Field names follow the API they feed (`quantizer.num_levels` -> `init_codebooks(num_levels=...)`), so
 `--config.quantizer.num_levels=1 --config.quantizer.codebook_size=1024` is the VQ baseline.
 """
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -16,7 +17,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.modality = "image"
 
-    c.data = ml_collections.ConfigDict(dict(
+    c.data = ml_collections.ConfigDict(
+        dict(
             name="imagenet2012",
             data_dir=ml_collections.config_dict.placeholder(str),
             image_size=224,
@@ -29,50 +31,76 @@ def base_config() -> ml_collections.ConfigDict:
             num_threads=8,
             prefetch_buffer_size=4,
             max_eval_examples=ml_collections.config_dict.placeholder(int),
-    ))
+        )
+    )
 
-    c.model = ml_collections.ConfigDict(dict(
-            variant="B/16",               # encoder E: width/depth/heads from one table, patch size after the slash
-            tokenizer_variant="",         # tokenizer T's ViT; empty = the encoder's variant (SPEC 1.5)
-            decoder_width=512, decoder_depth=16, decoder_heads=16,          # label predictor D (SPEC 1.4, image)
-            estimator_depth=3,            # tokenizer estimator TE (SPEC 1.6): width = T's width, output = E's width
-            dtype="float32",              # compute dtype: "float32" | "bfloat16"; params and optimizer stay float32
-            remat=False,                  # rematerialise each transformer block (saves activation memory)
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            variant="B/16",  # encoder E: width/depth/heads from one table, patch size after the slash
+            tokenizer_variant="",  # tokenizer T's ViT; empty = the encoder's variant (SPEC 1.5)
+            decoder_width=512,
+            decoder_depth=16,
+            decoder_heads=16,  # label predictor D (SPEC 1.4, image)
+            estimator_depth=3,  # tokenizer estimator TE (SPEC 1.6): width = T's width, output = E's width
+            dtype="float32",  # compute dtype: "float32" | "bfloat16"; params and optimizer stay float32
+            remat=False,  # rematerialise each transformer block (saves activation memory)
+        )
+    )
 
-    c.quantizer = ml_collections.ConfigDict(dict(
-            num_levels=4, codebook_size=256, dim=256,      # RQ M x K x D (SPEC 2.3)
-            decay=0.99, commitment_weight=0.25,
+    c.quantizer = ml_collections.ConfigDict(
+        dict(
+            num_levels=4,
+            codebook_size=256,
+            dim=256,  # RQ M x K x D (SPEC 2.3)
+            decay=0.99,
+            commitment_weight=0.25,
             normalize_stage_inputs=True,  # A1: each stage normalises its own input (the authors' RQ)
-            renormalize=False,            # A2: no re-normalisation after the EMA for RQ (True = VQ/BEATs)
+            renormalize=False,  # A2: no re-normalisation after the EMA for RQ (True = VQ/BEATs)
             kmeans_iters=10,
-            restart_min_count=1.0,        # one-shot dead-code restart at a tokenizer phase's first step (A4)
-    ))
+            restart_min_count=1.0,  # one-shot dead-code restart at a tokenizer phase's first step (A4)
+        )
+    )
 
     c.masking = ml_collections.ConfigDict(dict(ratio=0.8))
 
     # The interleaved plan, as data: "kind:steps" with kind in {encoder_cold_start, encoder, tokenizer}.
-    c.schedule = ml_collections.ConfigDict(dict(
+    c.schedule = ml_collections.ConfigDict(
+        dict(
             phases=("encoder_cold_start:1000", "tokenizer:250", "encoder:1000"),
-            encoder_warm_start=True,      # A7: the next encoder phase starts from the previous encoder (and D)
-    ))
+            encoder_warm_start=True,  # A7: the next encoder phase starts from the previous encoder (and D)
+        )
+    )
 
-    c.batch_size = 1024               # global batch, split over the mesh's data axes and the hosts
+    c.batch_size = 1024  # global batch, split over the mesh's data axes and the hosts
 
-    c.optim = ml_collections.ConfigDict(dict(
+    c.optim = ml_collections.ConfigDict(
+        dict(
             encoder=ml_collections.ConfigDict(dict(lr=5e-4, warmup_fraction=0.05, weight_decay=1e-4)),
             tokenizer=ml_collections.ConfigDict(dict(lr=2e-4, warmup_fraction=0.04, weight_decay=1e-4)),
-            b1=0.9, b2=0.95, eps=1e-8,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
             max_consecutive_nonfinite=5,  # non-finite steps are skipped; this many in a row stop the run
-    ))
+        )
+    )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1: all remaining devices
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
 
-    c.evals = ml_collections.ConfigDict(dict(
-            linear_probe=ml_collections.ConfigDict(dict(
-                    enabled=True, train_split="train", test_split="test", steps=500, lr=1e-2,
-                    batch_size=256, max_examples=ml_collections.config_dict.placeholder(int))),
-    ))
+    c.evals = ml_collections.ConfigDict(
+        dict(
+            linear_probe=ml_collections.ConfigDict(
+                dict(
+                    enabled=True,
+                    train_split="train",
+                    test_split="test",
+                    steps=500,
+                    lr=1e-2,
+                    batch_size=256,
+                    max_examples=ml_collections.config_dict.placeholder(int),
+                )
+            ),
+        )
+    )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2, async_save=True))
     c.log_every_steps = 50
@@ -108,11 +136,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if int(c.model[field]) < 1:
             _fail(f"model.{field}", "a positive integer", c.model[field])
     if c.model.decoder_width % c.model.decoder_heads:
-        _fail("model.decoder_width", f"a multiple of model.decoder_heads={c.model.decoder_heads}",
-                    c.model.decoder_width)
+        _fail(
+            "model.decoder_width", f"a multiple of model.decoder_heads={c.model.decoder_heads}", c.model.decoder_width
+        )
     patch = vit.decode_variant(c.model.variant)["patch_size"]
-    if c.data.image_size % patch:
-        _fail("data.image_size", f"a multiple of the patch size {patch} of model.variant", c.data.image_size)
+    if c.data.image_size < patch or c.data.image_size % patch:
+        _fail("data.image_size", f"a positive multiple of the patch size {patch} of model.variant", c.data.image_size)
+    if c.model.tokenizer_variant and vit.decode_variant(c.model.tokenizer_variant)["patch_size"] != patch:
+        _fail(
+            "model.tokenizer_variant",
+            f"the encoder's patch size {patch} (targets are per encoder patch)",
+            c.model.tokenizer_variant,
+        )
 
     q = c.quantizer
     if q.num_levels < 1:
@@ -123,6 +158,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("quantizer.dim", ">= 1", q.dim)
     if not 0.0 < q.decay < 1.0:
         _fail("quantizer.decay", "a value in (0, 1)", q.decay)
+    if q.kmeans_iters < 1:
+        _fail("quantizer.kmeans_iters", ">= 1", q.kmeans_iters)
     if q.commitment_weight < 0:
         _fail("quantizer.commitment_weight", ">= 0", q.commitment_weight)
     if not 0.0 <= c.masking.ratio < 1.0:
@@ -131,8 +168,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     try:
         schedule.parse_plan(c.schedule.phases)
     except ValueError as e:
-        _fail("schedule.phases", "a tuple of 'kind:steps' starting with encoder_cold_start "
-                    f"({e})", c.schedule.phases)
+        _fail("schedule.phases", f"a tuple of 'kind:steps' starting with encoder_cold_start ({e})", c.schedule.phases)
 
     if c.batch_size < 1:
         _fail("batch_size", ">= 1", c.batch_size)

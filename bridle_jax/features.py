@@ -1,5 +1,6 @@
 """`load_encoder(workdir, iteration=None)`: a pretrained (or, with iteration=0, as-initialised) encoder as a
 feature extractor on raw inputs, with the eval preprocessing of the run's saved config."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +18,16 @@ class Encoder:
         self.iteration = iteration
         self.params = params
         self.module = bridle.encoder_from_config(config)
-        self._pooled = jax.jit(lambda p, x: jnp.mean(
-                self.module.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1))
+        self._pooled = jax.jit(
+            lambda p, x: jnp.mean(self.module.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1)
+        )
 
     def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
         """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]) -> features [B, width]."""
         x = pipeline.preprocess_eval(self.config.data, np.asarray(inputs))
-        return np.concatenate([np.asarray(self._pooled(self.params, x[i:i + batch_size]))
-                                                      for i in range(0, len(x), batch_size)])
+        return np.concatenate(
+            [np.asarray(self._pooled(self.params, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        )
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:

@@ -1,4 +1,5 @@
 """The two training objectives (SPEC 2.1, 2.2), computed in float32 whatever the model's compute dtype."""
+
 import jax
 import jax.numpy as jnp
 
@@ -12,8 +13,8 @@ def masked_code_cross_entropy(logits, codes, masked):
     """
     logits = logits.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1)[..., 0]      # [B, N, M]
-    weight = masked.astype(jnp.float32)[..., None]                                              # [B, N, 1]
+    nll = -jnp.take_along_axis(logp, codes[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, N, M]
+    weight = masked.astype(jnp.float32)[..., None]  # [B, N, 1]
     count = jnp.maximum(jnp.sum(weight), 1.0)
     per_level = jnp.sum(nll * weight, axis=(0, 1)) / count
     correct = (jnp.argmax(logits, axis=-1) == codes).astype(jnp.float32)
@@ -26,5 +27,6 @@ def cosine_distance(pred, target, eps: float = 1e-8):
     pred = pred.astype(jnp.float32)
     target = target.astype(jnp.float32)
     dot = jnp.sum(pred * target, axis=-1)
-    norms = jnp.linalg.norm(pred, axis=-1) * jnp.linalg.norm(target, axis=-1)
-    return jnp.mean(1.0 - dot / jnp.maximum(norms, eps))
+    # Clamping the squared norms (not the norms) keeps the gradient finite at an all-zero row, where d‖x‖ is 0/0.
+    sq_norms = jnp.sum(pred * pred, axis=-1) * jnp.sum(target * target, axis=-1)
+    return jnp.mean(1.0 - dot * jax.lax.rsqrt(jnp.maximum(sq_norms, eps * eps)))

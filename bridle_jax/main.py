@@ -3,17 +3,20 @@
 On several hosts it joins them through `jax.distributed` first: TPU pods are detected automatically; elsewhere set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass the --coordinator_* flags).
 """
+
 import os
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                                                                    lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and kept encoders.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                                                                      "host:port of process 0, for multi-process runs off TPU.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0, for multi-process runs off TPU.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -21,6 +24,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _maybe_initialize_distributed() -> None:
     import jax
+
     if _COORDINATOR.value:
         num = _NUM_PROCESSES.value or int(os.environ["JAX_NUM_PROCESSES"])
         pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ["JAX_PROCESS_ID"])
@@ -33,6 +37,7 @@ def main(argv) -> None:
     del argv
     _maybe_initialize_distributed()
     from bridle_jax import train  # after distributed initialisation: importing may touch the backend
+
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     probe = summary["linear_probe"]
     if probe:

@@ -1,5 +1,6 @@
 """Where training numbers go: one JSON line per logged step (`metrics.jsonl`), TensorBoard event files, and a
 progress line with steps/s and ETA for the phase and the whole plan. Only process 0 writes."""
+
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
             from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict, **fields) -> None:
@@ -53,9 +55,11 @@ class Progress:
         rate = (step - self._step) / max(now - self._time, 1e-9) if self._time is not None else 0.0
         self._time, self._step = now, step
         fmt = lambda s: time.strftime("%H:%M:%S", time.gmtime(s)) if rate > 0 else "?"
-        line = (f"[{phase_name}] step {step}/{self.total_steps}  {rate:.2f} steps/s  "
-                        f"phase ETA {fmt((phase_end - step) / max(rate, 1e-9))}  "
-                        f"plan ETA {fmt((self.total_steps - step) / max(rate, 1e-9))}")
+        line = (
+            f"[{phase_name}] step {step}/{self.total_steps}  {rate:.2f} steps/s  "
+            f"phase ETA {fmt((phase_end - step) / max(rate, 1e-9))}  "
+            f"plan ETA {fmt((self.total_steps - step) / max(rate, 1e-9))}"
+        )
         return rate, line
 
 

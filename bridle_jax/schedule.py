@@ -5,6 +5,7 @@ iteration 1 trains the encoder E (and label predictor D) against the frozen cold
 iteration first trains the tokenizer T (and its estimator TE) against the frozen E, then E against the new T.
 Steps are counted globally over the plan so checkpoints have one monotonic step number.
 """
+
 import dataclasses
 from typing import Sequence
 
@@ -13,12 +14,12 @@ KINDS = ("encoder_cold_start", "encoder", "tokenizer")
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    index: int              # position in the plan
-    kind: str               # "encoder" | "tokenizer"
-    cold_start: bool        # encoder phase whose targets come from the cold-start tokenizer
+    index: int  # position in the plan
+    kind: str  # "encoder" | "tokenizer"
+    cold_start: bool  # encoder phase whose targets come from the cold-start tokenizer
     steps: int
-    iteration: int          # BRIDLE iteration (1 = cold start)
-    start_step: int         # global step at which this phase begins
+    iteration: int  # BRIDLE iteration (1 = cold start)
+    start_step: int  # global step at which this phase begins
 
     @property
     def end_step(self) -> int:
@@ -47,9 +48,16 @@ def parse_plan(phases: Sequence[str]) -> list[Phase]:
             raise ValueError(f"entry {i} {entry!r}: an encoder phase follows a tokenizer phase (its targets)")
         if kind != "encoder":
             iteration += 1
-        plan.append(Phase(index=i, kind="tokenizer" if kind == "tokenizer" else "encoder",
-                                            cold_start=kind == "encoder_cold_start", steps=int(steps), iteration=iteration,
-                                            start_step=start))
+        plan.append(
+            Phase(
+                index=i,
+                kind="tokenizer" if kind == "tokenizer" else "encoder",
+                cold_start=kind == "encoder_cold_start",
+                steps=int(steps),
+                iteration=iteration,
+                start_step=start,
+            )
+        )
         start += int(steps)
     return plan
 

@@ -4,13 +4,14 @@ Parameters follow one rule: an array with at least `FSDP_MIN_SIZE` elements is s
 dimension that divides evenly; everything else is replicated. With fsdp=1 (the default) that is pure data
 parallelism. The batch is split over both axes, so every device sees distinct examples.
 """
+
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-FSDP_MIN_SIZE = 2 ** 14
+FSDP_MIN_SIZE = 2**14
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -64,8 +65,10 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """This process's share of the global batch; errors name the config field when it does not divide."""
     num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch_size % num_shards:
-        raise ValueError(f"config.batch_size={global_batch_size} must be divisible by the {num_shards} batch shards "
-                                          "(mesh data x fsdp)")
+        raise ValueError(
+            f"config.batch_size={global_batch_size} must be divisible by the {num_shards} batch shards "
+            "(mesh data x fsdp)"
+        )
     if global_batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={global_batch_size} must be divisible by {jax.process_count()} processes")
     return global_batch_size // jax.process_count()

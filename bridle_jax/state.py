@@ -3,6 +3,7 @@
 Everything that decides what happens next lives in `TrainState`, so a checkpoint of it (plus the data iterator)
 resumes a run exactly. The codebooks are state, not parameters: the optimizer never sees them.
 """
+
 from typing import Any
 
 import jax
@@ -19,12 +20,12 @@ from bridle_jax.schedule import Phase
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array          # int32 scalar: completed steps over the whole plan
-    params: dict             # {"encoder": {encoder, decoder}, "tokenizer": {tokenizer, estimator}, "cold_start": ...}
+    step: jax.Array  # int32 scalar: completed steps over the whole plan
+    params: dict  # {"encoder": {encoder, decoder}, "tokenizer": {tokenizer, estimator}, "cold_start": ...}
     codebooks: quantizer.CodebookState
-    opt_state: Any           # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
-    rng: jax.Array           # uint32[2]; every step folds in its step number
-    nonfinite: jax.Array     # int32[2]: (skipped steps in total, skipped steps in a row)
+    opt_state: Any  # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
+    rng: jax.Array  # uint32[2]; every step folds in its step number
+    nonfinite: jax.Array  # int32[2]: (skipped steps in total, skipped steps in a row)
 
 
 def trained_side(phase: Phase) -> str:
@@ -36,16 +37,21 @@ def _fresh_codebooks(config: ml_collections.ConfigDict, key) -> quantizer.Codebo
     return quantizer.init_codebooks(key, q.num_levels, q.codebook_size, q.dim)
 
 
-def create(models: BridleModels, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                      phase: Phase, seed: int) -> TrainState:
+def create(
+    models: BridleModels, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, phase: Phase, seed: int
+) -> TrainState:
     """A new state at the start of `phase` (traceable: call under jit, or through `create_sharded`)."""
     key = jax.random.PRNGKey(seed)
     k_params, k_codebooks, k_run = jax.random.split(key, 3)
     params = models.init_params(k_params)
     return TrainState(
-            step=jnp.asarray(phase.start_step, jnp.int32), params=params,
-            codebooks=_fresh_codebooks(config, k_codebooks), opt_state=tx.init(params[trained_side(phase)]),
-            rng=k_run, nonfinite=jnp.zeros((2,), jnp.int32))
+        step=jnp.asarray(phase.start_step, jnp.int32),
+        params=params,
+        codebooks=_fresh_codebooks(config, k_codebooks),
+        opt_state=tx.init(params[trained_side(phase)]),
+        rng=k_run,
+        nonfinite=jnp.zeros((2,), jnp.int32),
+    )
 
 
 def shardings_of(mesh, abstract: TrainState):
@@ -66,8 +72,13 @@ def abstract_for(models, config, tx, phase, seed, mesh):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def hand_over(state: TrainState, models: BridleModels, config: ml_collections.ConfigDict,
-                            tx: optax.GradientTransformation, phase: Phase) -> TrainState:
+def hand_over(
+    state: TrainState,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    phase: Phase,
+) -> TrainState:
     """Prepares `state` (the end of the previous phase) for `phase`, following SPEC 3.1 (A3b, A7):
 
     - every phase gets a fresh optimizer state (and its own schedule, built by the caller);
@@ -84,8 +95,12 @@ def hand_over(state: TrainState, models: BridleModels, config: ml_collections.Co
         codebooks = _fresh_codebooks(config, key)
     elif not config.schedule.encoder_warm_start:
         params["encoder"] = models.init_params(key)["encoder"]
-    return state.replace(params=params, codebooks=codebooks, opt_state=tx.init(params[trained_side(phase)]),
-                                              nonfinite=jnp.zeros((2,), jnp.int32))
+    return state.replace(
+        params=params,
+        codebooks=codebooks,
+        opt_state=tx.init(params[trained_side(phase)]),
+        nonfinite=jnp.zeros((2,), jnp.int32),
+    )
 
 
 def hand_over_sharded(state, models, config, tx, phase, mesh) -> TrainState:

@@ -9,6 +9,7 @@ Every step maps (state, batch) -> (state, metrics) and folds its step number int
 run draws the same masks. A step whose loss or gradients are not finite changes nothing but the step counter and
 the non-finite counters (the caller stops the run after too many in a row).
 """
+
 import functools
 
 import jax
@@ -37,8 +38,9 @@ def teacher_features(models: BridleModels, params, images):
 
 
 def _quantize(codebooks, z, q: ml_collections.ConfigDict):
-    return quantizer.quantize(codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
-                                                        commitment_weight=q.commitment_weight)
+    return quantizer.quantize(
+        codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs, commitment_weight=q.commitment_weight
+    )
 
 
 def _guarded(ok, new, old):
@@ -60,6 +62,13 @@ def _codebook_metrics(codes, codebook_size):
     return out
 
 
+def _applied_lr(state: TrainState, lr_schedule):
+    """The learning rate this step applies: the schedule at the optimizer's own count, which skipped (non-finite)
+    steps do not advance."""
+    (_, count), *_ = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    return lr_schedule(count)
+
+
 def _apply_update(state: TrainState, side: str, grads, tx, loss):
     """Optimizer step on one side's params, guarded against non-finite loss/gradients.
 
@@ -77,25 +86,42 @@ def _apply_update(state: TrainState, side: str, grads, tx, loss):
     return ok, grad_norm, params, opt_state
 
 
-def prepare_codebooks(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                                            cold_start: bool, restart: bool) -> TrainState:
+def prepare_codebooks(
+    state: TrainState,
+    batch,
+    *,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    cold_start: bool,
+    restart: bool,
+) -> TrainState:
     """k-means-initialises fresh codebooks on this batch's tokenizer features (a no-op on initialised ones, A3b),
     then, in a tokenizer phase, restarts the codes this batch leaves unused (A4)."""
     q = config.quantizer
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
     k_means, k_restart = jax.random.split(key)
     z = tokenizer_features(models, state.params, batch["image"], cold_start=cold_start)
-    codebooks = quantizer.kmeans_init(state.codebooks, z, k_means, iters=q.kmeans_iters,
-                                                                        normalize_stage_inputs=q.normalize_stage_inputs)
+    codebooks = quantizer.kmeans_init(
+        state.codebooks, z, k_means, iters=q.kmeans_iters, normalize_stage_inputs=q.normalize_stage_inputs
+    )
     if restart:
         out = _quantize(codebooks, z, q)
-        codebooks = quantizer.restart_unused(codebooks, out.stage_inputs, out.codes, k_restart,
-                                                                                  min_count=q.restart_min_count)
+        codebooks = quantizer.restart_unused(
+            codebooks, out.stage_inputs, out.codes, k_restart, min_count=q.restart_min_count
+        )
     return state.replace(codebooks=codebooks)
 
 
-def encoder_step(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                                  tx: optax.GradientTransformation, lr_schedule, phase_start: int, cold_start: bool):
+def encoder_step(
+    state: TrainState,
+    batch,
+    *,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    lr_schedule,
+    cold_start: bool,
+):
     """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
     images = batch["image"]
     key = jax.random.fold_in(state.rng, state.step)
@@ -111,19 +137,31 @@ def encoder_step(state: TrainState, batch, *, models: BridleModels, config: ml_c
 
     (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
     ok, grad_norm, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
-    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
-                          "train/lr": lr_schedule(state.step - phase_start), "train/nonfinite": 1 - ok.astype(jnp.int32)}
+    metrics = {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": _applied_lr(state, lr_schedule),
+        "train/nonfinite": 1 - ok.astype(jnp.int32),
+    }
     for m in range(per_level.shape[0]):
         metrics[f"train/encoder/ce_level{m}"] = per_level[m]
         metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
     metrics.update(_codebook_metrics(codes, config.quantizer.codebook_size))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                                        nonfinite=_count_nonfinite(state.nonfinite, ok))
+    new_state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, nonfinite=_count_nonfinite(state.nonfinite, ok)
+    )
     return new_state, metrics
 
 
-def tokenizer_step(state: TrainState, batch, *, models: BridleModels, config: ml_collections.ConfigDict,
-                                      tx: optax.GradientTransformation, lr_schedule, phase_start: int):
+def tokenizer_step(
+    state: TrainState,
+    batch,
+    *,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    lr_schedule,
+):
     """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
     q = config.quantizer
     images = batch["image"]
@@ -138,31 +176,44 @@ def tokenizer_step(state: TrainState, batch, *, models: BridleModels, config: ml
 
     (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["tokenizer"])
     ok, grad_norm, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
-    codebooks = quantizer.ema_update(state.codebooks, out.stage_inputs, out.codes, decay=q.decay,
-                                                                      renormalize=q.renormalize)
+    codebooks = quantizer.ema_update(
+        state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize
+    )
     codebooks = _guarded(ok, codebooks, state.codebooks)
-    metrics = {"train/loss": loss, "train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss,
-                          "train/grad_norm": grad_norm, "train/lr": lr_schedule(state.step - phase_start),
-                          "train/nonfinite": 1 - ok.astype(jnp.int32)}
+    metrics = {
+        "train/loss": loss,
+        "train/tokenizer/cos": cos,
+        "train/tokenizer/codebook_loss": out.loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": _applied_lr(state, lr_schedule),
+        "train/nonfinite": 1 - ok.astype(jnp.int32),
+    }
     metrics.update(_codebook_metrics(out.codes, q.codebook_size))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, codebooks=codebooks,
-                                                        nonfinite=_count_nonfinite(state.nonfinite, ok))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        codebooks=codebooks,
+        nonfinite=_count_nonfinite(state.nonfinite, ok),
+    )
     return new_state, metrics
 
 
 def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_sharding):
     """The jitted step of `phase` with explicit input/output shardings (the state is donated)."""
     if phase.kind == "encoder":
-        fn = functools.partial(encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
-                                                      phase_start=phase.start_step, cold_start=phase.cold_start)
+        fn = functools.partial(
+            encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule, cold_start=phase.cold_start
+        )
     else:
-        fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule,
-                                                      phase_start=phase.start_step)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                                  donate_argnums=(0,))
+        fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule)
+    return jax.jit(
+        fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=(0,)
+    )
 
 
 def jit_prepare_codebooks(phase, *, models, config, state_shardings, batch_sharding):
-    fn = functools.partial(prepare_codebooks, models=models, config=config, cold_start=phase.cold_start,
-                                                  restart=phase.kind == "tokenizer")
+    fn = functools.partial(
+        prepare_codebooks, models=models, config=config, cold_start=phase.cold_start, restart=phase.kind == "tokenizer"
+    )
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)

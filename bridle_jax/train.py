@@ -3,6 +3,7 @@
 Reads top to bottom: validate the config → mesh, models, data → restore or create the state → for every phase of
 the plan: hand over, run its jitted steps (logging, checkpointing), keep the encoder and probe it at the end.
 """
+
 import json
 import os
 
@@ -33,9 +34,10 @@ def _check_nonfinite(state, config, step: int) -> None:
     total, in_a_row = (int(v) for v in np.asarray(state.nonfinite))
     if in_a_row >= config.optim.max_consecutive_nonfinite:
         raise NonFiniteError(
-                f"step {step}: {in_a_row} consecutive steps had a non-finite loss or gradient ({total} in this phase); "
-                "stopping. The last good checkpoint is intact; lower the learning rate (config.optim.*.lr) or use "
-                "model.dtype=float32 and restart.")
+            f"step {step}: {in_a_row} consecutive steps had a non-finite loss or gradient ({total} in this phase); "
+            "stopping. The last good checkpoint is intact; lower the learning rate (config.optim.*.lr) or use "
+            "model.dtype=float32 and restart."
+        )
 
 
 class _ProbeData:
@@ -49,10 +51,19 @@ class _ProbeData:
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:
     p = config.evals.linear_probe
-    feats = lambda images: linear_probe.pooled_features(models.encoder, encoder_params, images, mesh=mesh,
-                                                                                                            batch_size=p.batch_size)
-    return linear_probe.linear_probe(feats(data.train[0]), data.train[1], feats(data.test[0]), data.test[1],
-                                                                      steps=p.steps, lr=p.lr, batch_size=p.batch_size, seed=config.seed)
+    feats = lambda images: linear_probe.pooled_features(
+        models.encoder, encoder_params, images, mesh=mesh, batch_size=p.batch_size
+    )
+    return linear_probe.linear_probe(
+        feats(data.train[0]),
+        data.train[1],
+        feats(data.test[0]),
+        data.test[1],
+        steps=p.steps,
+        lr=p.lr,
+        batch_size=p.batch_size,
+        seed=config.seed,
+    )
 
 
 def _record_probe(workdir: str, key: str, result: dict) -> dict:
@@ -80,10 +91,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
     data_iter = pipeline.train_iterator(
-            config.data, local_batch_size=sharding.local_batch_size(config.batch_size, mesh), seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
-    ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep,
-                                                              async_save=config.checkpoint.async_save)
+        config.data,
+        local_batch_size=sharding.local_batch_size(config.batch_size, mesh),
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    ckpt = ckpt_lib.Checkpointer(
+        workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+    )
     ckpt_lib.write_config(workdir, config)
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(schedule.total_steps(plan))
@@ -92,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
     # ---------------------------------------------------------------- restore or create
     def abstract_for_step(step):
-        phase = schedule.phase_of_step(plan, max(step - 1, 0))   # the phase that wrote this checkpoint
+        phase = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase that wrote this checkpoint
         return state_lib.abstract_for(models, config, phase_tx(phase)[0], phase, config.seed, mesh)
 
     restored = ckpt.restore_latest(abstract_for_step, data_iter)
@@ -117,8 +133,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         if step == phase.start_step and phase.index > 0:
             state = state_lib.hand_over_sharded(state, models, config, tx, phase, mesh)
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        kw = dict(models=models, config=config, state_shardings=state_shardings,
-                            batch_sharding=sharding.batch_sharding(mesh))
+        kw = dict(
+            models=models, config=config, state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh)
+        )
         train_step = steps.jit_step(phase, tx=tx, lr_schedule=lr_schedule, **kw)
         prepare = steps.jit_prepare_codebooks(phase, **kw)
         needs_codebooks = phase.cold_start or phase.kind == "tokenizer"
@@ -128,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         while step < phase.end_step:
             batch = sharding.global_batch(mesh, {"image": next(data_iter)["image"]})
             if step == phase.start_step and needs_codebooks:
-                state = prepare(state, batch)          # k-means (+ restart) on the phase's first batch
+                state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
             state, metrics = train_step(state, batch)
             step += 1
             last = step == phase.end_step
@@ -139,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 values["perf/steps_per_sec"] = rate
                 writer.write(step, values, phase=phase.name)
                 metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
-            if last and phase.kind == "encoder":    # keep this iteration's encoder before its phase-end checkpoint
+            if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
                 ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
                 if probe_data is not None:
                     result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)

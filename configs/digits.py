@@ -7,6 +7,7 @@ plan (cold-start encoder -> tokenizer -> encoder) and a linear probe after every
 on 2 CPU cores; the run prints the probe's test top-1 for the encoder as initialised (iteration 0) and after each
 encoder phase. Measured numbers are in the README.
 """
+
 from bridle_jax import config as common
 
 

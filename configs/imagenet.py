@@ -6,6 +6,7 @@ Plan: cold-start encoder 200 epochs (lr 5e-4, warm-up 10), tokenizer 50 epochs (
 epochs (warm-started). Needs `imagenet2012` prepared as TFDS ArrayRecord (see README). The paper-side numbers for
 this recipe could not be retrieved (SPEC 5.2); no target is claimed here.
 """
+
 from bridle_jax import config as common
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

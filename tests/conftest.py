@@ -1,10 +1,10 @@
 """Test set-up: 8 fake CPU devices so every test exercises sharding (must run before jax is imported)."""
+
 import os
 
 # LLVM's optimisation level 0 compiles 2-3x faster; the test models are tiny, so run time hardly changes.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -178,10 +178,7 @@ def test_cosine_distance_zero_vector_is_finite():
     np.testing.assert_allclose(got, np.mean(1 - cos), rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (minor): cosine_distance's eps guards the forward only; the gradient "
-                                       "of jnp.linalg.norm at an all-zero pred row is NaN (0/0), so one zero row in "
-                                       "the estimator output would make the whole tokenizer step non-finite")
-def test_bug_cosine_distance_gradient_at_zero_vector_is_finite():
+def test_cosine_distance_gradient_at_zero_vector_is_finite():
     rng = np.random.default_rng(24)
     pred = rng.normal(size=(2, 5, 8)).astype(np.float32)
     target = rng.normal(size=(2, 5, 8)).astype(np.float32)

@@ -419,7 +419,7 @@ def test_remat_gives_same_outputs_and_grads():
 
     (l0, g0), (l1, g1) = value_and_grads(plain, params, x), value_and_grads(plain.clone(remat=True), params, x)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6), g1, g0)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5), g1, g0)
 
     # Every module passes `remat` down: same parameter tree, and a checkpoint in its traced forward.
     restore = jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1))

@@ -331,29 +331,23 @@ def test_validate_accepts_reasonable_edits():
     config_lib.validate(c)
 
 
-# Gaps in validate: fields that reach the compiled code unchecked. Marked xfail(strict=True): they document a
-# package defect (see the report) and will fail loudly (XPASS) once validate covers them.
+# Fields that would otherwise reach the compiled code unchecked.
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate does not check data.image_size > 0 (0 % patch == 0 passes)")
-def test_bug_image_size_zero_is_rejected():
+def test_image_size_zero_is_rejected():
     c = load_recipe("digits")
     c.data.image_size = 0
     with pytest.raises(ValueError, match="config.data.image_size"):
         config_lib.validate(c)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate does not check quantizer.kmeans_iters >= 1 (fails at trace "
-                                       "time in quantizer.kmeans_init with 'iters: ...', not naming the field)")
-def test_bug_kmeans_iters_zero_is_rejected():
+def test_kmeans_iters_zero_is_rejected():
     c = load_recipe("digits")
     c.quantizer.kmeans_iters = 0
     with pytest.raises(ValueError, match="config.quantizer.kmeans_iters"):
         config_lib.validate(c)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: validate does not check that model.tokenizer_variant has the encoder's "
-                                       "patch size (only build_models does)")
-def test_bug_tokenizer_patch_mismatch_is_rejected_by_validate():
+def test_tokenizer_patch_mismatch_is_rejected_by_validate():
     c = load_recipe("digits")
     c.model.tokenizer_variant = "mu/8"
     with pytest.raises(ValueError, match="config.model.tokenizer_variant"):

@@ -1,4 +1,5 @@
 """End to end: the whole plan of a tiny config on 8 fake devices, exact resume, kept encoders, load_encoder."""
+
 import json
 import os
 import shutil
@@ -41,13 +42,19 @@ def test_runs_every_phase_on_eight_devices(full_run):
     train_lines = [l for l in lines if "train/loss" in l]
     assert [l["step"] for l in train_lines] == list(range(2, TOTAL_STEPS + 1, 2))
     probe_lines = [l for l in lines if "eval/linear_probe/top1" in l]
-    assert [l["step"] for l in probe_lines] == [6, 16]     # the end of each encoder phase
+    assert [l["step"] for l in probe_lines] == [6, 16]  # the end of each encoder phase
     phases = {l["phase"] for l in lines}
     assert phases == {"iter1_encoder", "iter2_tokenizer", "iter2_encoder"}
     enc = next(l for l in lines if l["phase"] == "iter1_encoder" and "train/encoder/ce_level0" in l)
     tok = next(l for l in lines if l["phase"] == "iter2_tokenizer")
-    for key in ("train/loss", "train/encoder/ce_level1", "codebook/level1/usage", "codebook/level1/perplexity",
-                "train/lr", "perf/steps_per_sec"):
+    for key in (
+        "train/loss",
+        "train/encoder/ce_level1",
+        "codebook/level1/usage",
+        "codebook/level1/perplexity",
+        "train/lr",
+        "perf/steps_per_sec",
+    ):
         assert np.isfinite(enc[key]), key
     assert "train/tokenizer/cos" in tok and 0.0 <= tok["train/tokenizer/cos"] <= 2.0
     assert os.listdir(os.path.join(workdir, "tensorboard"))
@@ -75,7 +82,7 @@ def test_phase_boundary_resume_hands_over_again(full_run, tmp_path):
     """A run stopped exactly at a phase end resumes into the next phase's hand-over identically."""
     workdir, summary = full_run
     resumed_dir = str(tmp_path / "boundary")
-    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=10)   # end of the tokenizer phase
+    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=10)  # end of the tokenizer phase
     resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
     _leaves_equal(summary["final_state"], resumed["final_state"])
 
@@ -85,7 +92,7 @@ def test_half_written_and_unreadable_checkpoints_are_not_resumed(full_run, tmp_p
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     ckdir = os.path.join(copy, "checkpoints")
-    os.makedirs(os.path.join(ckdir, "99.orbax-checkpoint-tmp", "state"))     # a save killed half-way
+    os.makedirs(os.path.join(ckdir, "99.orbax-checkpoint-tmp", "state"))  # a save killed half-way
     manager = ckpt_lib.Checkpointer(copy, max_to_keep=2, async_save=False)
     assert manager.latest_step() == TOTAL_STEPS
     steps = manager.all_steps()
@@ -99,7 +106,7 @@ def test_half_written_and_unreadable_checkpoints_are_not_resumed(full_run, tmp_p
 
 def test_load_encoder_embeds_raw_images(full_run):
     workdir, summary = full_run
-    raw = np.stack([sources.DigitsSource("test")[i]["image"] for i in range(5)])       # uint8 [5, 8, 8, 3]
+    raw = np.stack([sources.DigitsSource("test")[i]["image"] for i in range(5)])  # uint8 [5, 8, 8, 3]
     encoder = bridle_jax.load_encoder(workdir)
     assert encoder.iteration == 2
     features = encoder.embed(raw)

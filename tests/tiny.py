@@ -1,4 +1,5 @@
 """The tiny BRIDLE config shared by the end-to-end tests: seconds per phase on 2 CPU cores."""
+
 import importlib.util
 import pathlib
 

@@ -3,6 +3,7 @@
 
 The features are extracted once with the jitted encoder, then the small head trains in one jitted `lax.scan`.
 """
+
 import functools
 
 import jax
@@ -17,11 +18,14 @@ def pooled_features(encoder, encoder_params, images, *, mesh, batch_size: int = 
     """Mean over the patch tokens of E's last layer (cls excluded) for every image, as float32 NumPy [N, width]."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(shards, batch_size // shards * shards)
-    fn = jax.jit(lambda p, x: jnp.mean(encoder.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1),
-                              in_shardings=(None, sharding.batch_sharding(mesh)), out_shardings=sharding.replicated(mesh))
+    fn = jax.jit(
+        lambda p, x: jnp.mean(encoder.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1),
+        in_shardings=(None, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
     out = []
     for start in range(0, len(images), batch_size):
-        chunk = np.asarray(images[start:start + batch_size], np.float32)
+        chunk = np.asarray(images[start : start + batch_size], np.float32)
         n = len(chunk)
         if n < batch_size:  # pad the last chunk so every call has the same (compiled) shape
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
@@ -40,9 +44,12 @@ def _logits(head, x):
 def _train_head(features, labels, key, lr, *, num_classes: int, steps: int, batch_size: int):
     dim = features.shape[-1]
     k_init, k_batches = jax.random.split(key)
-    head = {"scale": jnp.ones((dim,)), "bias": jnp.zeros((dim,)),
-                    "kernel": 2e-5 * jax.random.truncated_normal(k_init, -2.0, 2.0, (dim, num_classes)),
-                    "head_bias": jnp.zeros((num_classes,))}
+    head = {
+        "scale": jnp.ones((dim,)),
+        "bias": jnp.zeros((dim,)),
+        "kernel": 2e-5 * jax.random.truncated_normal(k_init, -2.0, 2.0, (dim, num_classes)),
+        "head_bias": jnp.zeros((num_classes,)),
+    }
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), steps)
     tx = optax.adamw(schedule, weight_decay=0.0)
 
@@ -65,13 +72,22 @@ def top1(head, features, labels) -> float:
     return float(np.mean(np.asarray(jnp.argmax(_logits(head, jnp.asarray(features)), -1)) == labels))
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, *, steps: int, lr: float,
-                                  batch_size: int, seed: int = 0) -> dict:
+def linear_probe(
+    train_features, train_labels, test_features, test_labels, *, steps: int, lr: float, batch_size: int, seed: int = 0
+) -> dict:
     """Trains the head on the train features; returns top-1 on both splits and the final training loss."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    head, losses = _train_head(jnp.asarray(train_features), jnp.asarray(train_labels, jnp.int32),
-                                                          jax.random.PRNGKey(seed), lr, num_classes=num_classes, steps=steps,
-                                                          batch_size=min(batch_size, len(train_features)))
-    return {"top1_train": top1(head, train_features, train_labels),
-                    "top1_test": top1(head, test_features, test_labels),
-                    "final_loss": float(losses[-1])}
+    head, losses = _train_head(
+        jnp.asarray(train_features),
+        jnp.asarray(train_labels, jnp.int32),
+        jax.random.PRNGKey(seed),
+        lr,
+        num_classes=num_classes,
+        steps=steps,
+        batch_size=min(batch_size, len(train_features)),
+    )
+    return {
+        "top1_train": top1(head, train_features, train_labels),
+        "top1_test": top1(head, test_features, test_labels),
+        "final_loss": float(losses[-1]),
+    }
