@@ -30,14 +30,20 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
-def _check_nonfinite(state, config, step: int) -> None:
+def _check_nonfinite(state, config, step: int, writer=None, phase_name: str = "") -> dict:
+    """Stops the run after too many non-finite steps in a row (after logging the counters, when given a writer);
+    returns the counters for the log."""
     total, in_a_row = (int(v) for v in np.asarray(state.nonfinite))
+    counters = {"train/nonfinite_skipped_total": total, "train/nonfinite_skipped_in_a_row": in_a_row}
     if in_a_row >= config.optim.max_consecutive_nonfinite:
+        if writer is not None:
+            writer.write(step, counters, phase=phase_name)
         raise NonFiniteError(
             f"step {step}: {in_a_row} consecutive steps had a non-finite loss or gradient ({total} in this phase); "
             "stopping. The last good checkpoint is intact; lower the learning rate (config.optim.*.lr) or use "
             "model.dtype=float32 and restart."
         )
+    return counters
 
 
 class _ProbeData:
@@ -66,9 +72,17 @@ def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> 
     )
 
 
+def _read_probe(workdir: str) -> dict:
+    path = os.path.join(workdir, PROBE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _record_probe(workdir: str, key: str, result: dict) -> dict:
     path = os.path.join(workdir, PROBE_FILE)
-    results = json.load(open(path, encoding="utf-8")) if os.path.exists(path) else {}
+    results = _read_probe(workdir)
     results[key] = result
     if jax.process_index() == 0:
         tmp = path + ".tmp"
@@ -106,76 +120,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     probe_data = _ProbeData(config) if config.evals.linear_probe.enabled else None
     phase_tx = lambda phase: optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
 
-    # ---------------------------------------------------------------- restore or create
-    def abstract_for_step(step):
-        phase = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase that wrote this checkpoint
-        return state_lib.abstract_for(models, config, phase_tx(phase)[0], phase, config.seed, mesh)
+    try:
+        # ---------------------------------------------------------------- restore or create
+        def abstract_for_step(step):
+            phase = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase that wrote this checkpoint
+            return state_lib.abstract_for(models, config, phase_tx(phase)[0], phase, config.seed, mesh)
 
-    restored = ckpt.restore_latest(abstract_for_step, data_iter)
-    if restored is not None:
-        state, meta = restored
-        metrics_lib.log_line(f"Resumed from step {meta['step']} ({meta['phase']}) in {ckpt.directory}")
-    else:
-        state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
-    step = int(state.step)
-    ckpt_lib.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
-    results = {}
-    if probe_data is not None and step == 0:
-        result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
-        results = _record_probe(workdir, "iteration_0", result)
-        metrics_lib.log_line(f"Linear probe, encoder as initialised: top-1 {results['iteration_0']['top1_test']:.4f}")
+        restored = ckpt.restore_latest(abstract_for_step, data_iter)
+        if restored is not None:
+            state, meta = restored
+            metrics_lib.log_line(f"Resumed from step {meta['step']} ({meta['phase']}) in {ckpt.directory}")
+        else:
+            state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
+        step = int(state.step)
+        ckpt_lib.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
+        results = {}
+        if probe_data is not None and step == 0:
+            result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
+            results = _record_probe(workdir, "iteration_0", result)
+            metrics_lib.log_line(
+                f"Linear probe, encoder as initialised: top-1 {results['iteration_0']['top1_test']:.4f}"
+            )
 
-    # ---------------------------------------------------------------- the plan
-    for phase in plan:
-        if step >= phase.end_step:
-            continue
-        tx, lr_schedule = phase_tx(phase)
-        if step == phase.start_step and phase.index > 0:
-            state = state_lib.hand_over_sharded(state, models, config, tx, phase, mesh)
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        kw = dict(
-            models=models, config=config, state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh)
-        )
-        train_step = steps.jit_step(phase, tx=tx, lr_schedule=lr_schedule, **kw)
-        prepare = steps.jit_prepare_codebooks(phase, **kw)
-        needs_codebooks = phase.cold_start or phase.kind == "tokenizer"
-        metrics_lib.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
-        progress.start(step)
+        # ---------------------------------------------------------------- the plan
+        for phase in plan:
+            if step >= phase.end_step:
+                continue
+            tx, lr_schedule = phase_tx(phase)
+            if step == phase.start_step and phase.index > 0:
+                state = state_lib.hand_over_sharded(state, models, config, tx, phase, mesh)
+            state_shardings = jax.tree.map(lambda x: x.sharding, state)
+            kw = dict(
+                models=models,
+                config=config,
+                state_shardings=state_shardings,
+                batch_sharding=sharding.batch_sharding(mesh),
+            )
+            train_step = steps.jit_step(phase, tx=tx, lr_schedule=lr_schedule, **kw)
+            prepare = steps.jit_prepare_codebooks(phase, **kw)
+            needs_codebooks = phase.cold_start or phase.kind == "tokenizer"
+            metrics_lib.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
+            progress.start(step)
 
-        while step < phase.end_step:
-            batch = sharding.global_batch(mesh, {"image": next(data_iter)["image"]})
-            if step == phase.start_step and needs_codebooks:
-                state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
-            state, metrics = train_step(state, batch)
-            step += 1
-            last = step == phase.end_step
-            if step % config.log_every_steps == 0 or last:
-                _check_nonfinite(state, config, step)
-                rate, line = progress.update(step, phase.end_step, phase.name)
-                values = jax.device_get(metrics)
-                values["perf/steps_per_sec"] = rate
-                writer.write(step, values, phase=phase.name)
-                metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
-            if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
-                ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
-                if probe_data is not None:
-                    result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
-                    results = _record_probe(workdir, f"iteration_{phase.iteration}", result)
-                    writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
-                    metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}")
-            stopping = step == stop_at_step
-            if step % config.checkpoint.every_steps == 0 or last or stopping:
-                _check_nonfinite(state, config, step)
-                ckpt.save(step, state, data_iter, {"step": step, "phase": phase.name, "phase_index": phase.index})
-            if stopping:
+            while step < phase.end_step:
+                batch = sharding.global_batch(mesh, {"image": next(data_iter)["image"]})
+                if step == phase.start_step and needs_codebooks:
+                    state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
+                state, metrics = train_step(state, batch)
+                step += 1
+                last = step == phase.end_step
+                if step % config.log_every_steps == 0 or last:
+                    skipped = _check_nonfinite(state, config, step, writer, phase.name)
+                    rate, line = progress.update(step, phase.end_step, phase.name)
+                    values = {**jax.device_get(metrics), **skipped, "perf/steps_per_sec": rate}
+                    writer.write(step, values, phase=phase.name)
+                    metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
+                if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
+                    ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
+                    if probe_data is not None:
+                        result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
+                        results = _record_probe(workdir, f"iteration_{phase.iteration}", result)
+                        writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
+                        metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}")
+                stopping = step == stop_at_step
+                if step % config.checkpoint.every_steps == 0 or last or stopping:
+                    _check_nonfinite(state, config, step)
+                    ckpt.save(step, state, data_iter, {"step": step, "phase": phase.name, "phase_index": phase.index})
+                if stopping:
+                    break
+            if step == stop_at_step:
+                metrics_lib.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
                 break
-        if step == stop_at_step:
-            metrics_lib.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
-            break
-
-    ckpt.close()
-    writer.close()
-    path = os.path.join(workdir, PROBE_FILE)
-    if os.path.exists(path):
-        results = json.load(open(path, encoding="utf-8"))
-    return {"workdir": workdir, "linear_probe": results, "final_state": state}
+    finally:  # an error still finishes the pending (async) checkpoint and the metric files
+        ckpt.close()
+        writer.close()
+    return {"workdir": workdir, "linear_probe": _read_probe(workdir) or results, "final_state": state}

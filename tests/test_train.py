@@ -54,6 +54,7 @@ def test_runs_every_phase_on_eight_devices(full_run):
         "codebook/level1/perplexity",
         "train/lr",
         "perf/steps_per_sec",
+        "train/nonfinite_skipped_total",
     ):
         assert np.isfinite(enc[key]), key
     assert "train/tokenizer/cos" in tok and 0.0 <= tok["train/tokenizer/cos"] <= 2.0
@@ -122,3 +123,42 @@ def test_load_encoder_embeds_raw_images(full_run):
 def test_load_encoder_on_a_non_workdir_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         bridle_jax.load_encoder(str(tmp_path))
+
+
+class _PoisonedIterator:
+    """The real train iterator, with NaN images from batch `start` on (a data or numerics failure)."""
+
+    def __init__(self, inner, start: int):
+        self._inner, self._start, self._count = inner, start, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self._inner))
+        self._count += 1
+        if self._count > self._start:
+            batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+    def get_state(self) -> bytes:  # Grain's checkpoint handler takes bytes from non-DatasetIterator iterators
+        return json.dumps(self._inner.get_state()).encode()
+
+    def set_state(self, state: bytes):
+        self._inner.set_state(json.loads(state))
+
+
+def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = train.pipeline.train_iterator
+    monkeypatch.setattr(train.pipeline, "train_iterator", lambda *a, **k: _PoisonedIterator(real(*a, **k), 4))
+    config = tiny_config()
+    config.optim.max_consecutive_nonfinite = 2
+    config.evals.linear_probe.enabled = False
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteError, match="consecutive steps had a non-finite loss"):
+        train.train_and_evaluate(config, workdir)
+    manager = ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False)
+    assert manager.all_steps() == [4]  # saved before the poison; nothing after it
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+    assert lines[-1]["train/nonfinite_skipped_in_a_row"] >= 2
+    assert all(np.isfinite(line["train/loss"]) for line in lines if "train/loss" in line)
