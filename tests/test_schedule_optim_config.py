@@ -7,9 +7,7 @@
   two AdamW updates against a NumPy AdamW.
 - config.validate: the digits and ImageNet recipes pass; each bad field raises ValueError naming that field.
 """
-import importlib.util
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,16 +18,9 @@ import pytest
 from bridle_jax import config as config_lib
 from bridle_jax import optim
 from bridle_jax import schedule
+from tests import tiny
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_recipe(name: str):
-    """configs/<name>.py's get_config(), without ml_collections' config_flags."""
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+load_recipe = tiny.load_config  # configs/<name>.py's get_config(), without ml_collections' config_flags
 
 
 # ================================================================ schedule

@@ -15,8 +15,6 @@
   following finite step resets the in-a-row counter.
 """
 import functools
-import importlib.util
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +32,15 @@ from bridle_jax import state as state_lib
 from bridle_jax import steps
 from bridle_jax.config import validate
 from bridle_jax.models.bridle import build_models
+from tests import tiny
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("encoder_cold_start:20", "tokenizer:20", "encoder:20")
 LR = 2e-3
 SEED = 3
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("_recipe_digits_steps", ROOT / "configs" / "digits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.data.image_size = 16
-    c.model.variant = "mu/4"
-    c.model.decoder_width, c.model.decoder_depth, c.model.decoder_heads = 32, 1, 2
-    c.model.estimator_depth = 1
-    c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim = 2, 16, 8
-    c.batch_size = 16
+    c = tiny.tiny_config()
     c.schedule.phases = PHASES
     # no warm-up: the first update of every phase has the peak lr (a zero-lr step would hide frozen/trained mix-ups)
     c.optim.encoder.warmup_fraction = c.optim.tokenizer.warmup_fraction = 0.0
