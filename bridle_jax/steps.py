@@ -62,6 +62,17 @@ def _codebook_metrics(codes, codebook_size):
     return out
 
 
+def _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, codebook_size) -> dict:
+    """What both phases log: loss, gradient norm, the applied lr, the skip flag and the codebook usage."""
+    return {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": _applied_lr(state, lr_schedule),
+        "train/nonfinite": 1 - ok.astype(jnp.int32),
+        **_codebook_metrics(codes, codebook_size),
+    }
+
+
 def _applied_lr(state: TrainState, lr_schedule):
     """The learning rate this step applies: the schedule at the optimizer's own count, which skipped (non-finite)
     steps do not advance."""
@@ -148,16 +159,10 @@ def encoder_step(
 
     (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
     ok, grad_norm, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
-    metrics = {
-        "train/loss": loss,
-        "train/grad_norm": grad_norm,
-        "train/lr": _applied_lr(state, lr_schedule),
-        "train/nonfinite": 1 - ok.astype(jnp.int32),
-    }
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size)
     for m in range(per_level.shape[0]):
         metrics[f"train/encoder/ce_level{m}"] = per_level[m]
         metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
-    metrics.update(_codebook_metrics(codes, config.quantizer.codebook_size))
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite=_count_nonfinite(state.nonfinite, ok)
     )
@@ -191,15 +196,8 @@ def tokenizer_step(
         state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize
     )
     codebooks = _guarded(ok, codebooks, state.codebooks)
-    metrics = {
-        "train/loss": loss,
-        "train/tokenizer/cos": cos,
-        "train/tokenizer/codebook_loss": out.loss,
-        "train/grad_norm": grad_norm,
-        "train/lr": _applied_lr(state, lr_schedule),
-        "train/nonfinite": 1 - ok.astype(jnp.int32),
-    }
-    metrics.update(_codebook_metrics(out.codes, q.codebook_size))
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, out.codes, q.codebook_size)
+    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss})
     new_state = state.replace(
         step=state.step + 1,
         params=params,
