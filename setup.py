@@ -24,7 +24,7 @@ setup(
     version="0.1.0",
     description="BRIDLE: self-supervised pretraining with residual-quantisation targets, in JAX/Flax",
     packages=find_packages(include=["bridle_jax", "bridle_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
