@@ -19,8 +19,9 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
 
+# PEER_PYTHON: an interpreter with torch + vector-quantize-pytorch (see BENCHMARKS.md) to time the peer side by side.
 bench-quantizer: install
-	$(PYTHON) benchmarks/quantizer.py
+	$(PYTHON) benchmarks/quantizer.py $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON)) --wait-quiet
 
 bench-train-step: install
 	$(PYTHON) benchmarks/train_step.py
