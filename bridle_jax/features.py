@@ -3,10 +3,13 @@ feature extractor on raw inputs, with the eval preprocessing of the run's saved 
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import sharding
 from bridle_jax.data import pipeline
+from bridle_jax.evaluators import linear_probe
 from bridle_jax.models import bridle
 
 
@@ -18,16 +21,12 @@ class Encoder:
         self.iteration = iteration
         self.params = params
         self.module = bridle.encoder_from_config(config)
-        self._pooled = jax.jit(
-            lambda p, x: jnp.mean(self.module.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1)
-        )
+        self._mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
 
     def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
         """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]) -> features [B, width]."""
         x = pipeline.preprocess_eval(self.config.data, np.asarray(inputs))
-        return np.concatenate(
-            [np.asarray(self._pooled(self.params, x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-        )
+        return linear_probe.pooled_features(self.module, self.params, x, mesh=self._mesh, batch_size=batch_size)
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:

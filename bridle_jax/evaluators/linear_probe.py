@@ -14,12 +14,18 @@ import optax
 from bridle_jax import sharding
 
 
+def pool(encoder, encoder_params, images):
+    """The probe's feature: the mean over the patch tokens of E's last layer (cls excluded), float32 [B, width]."""
+    tokens, _ = encoder.apply({"params": encoder_params}, images)
+    return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+
+
 def pooled_features(encoder, encoder_params, images, *, mesh, batch_size: int = 256) -> np.ndarray:
     """Mean over the patch tokens of E's last layer (cls excluded) for every image, as float32 NumPy [N, width]."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(shards, batch_size // shards * shards)
     fn = jax.jit(
-        lambda p, x: jnp.mean(encoder.apply({"params": p}, x)[0][:, 1:].astype(jnp.float32), axis=1),
+        lambda p, x: pool(encoder, p, x),
         in_shardings=(None, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
