@@ -51,6 +51,7 @@ Example::
     loss = task_loss(out.z_q) + out.loss                        # gradient reaches z via STE + commitment
     state = ema_update(state, out.stage_inputs, out.codes)      # codebooks are not trained by gradients
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -178,7 +179,7 @@ def _row_min(x: jax.Array) -> jax.Array:
     stage inputs also feed ``ema_update`` in the same jit (≈ 5 ms a level; BENCHMARKS.md)."""
     while x.shape[-1] > 1:
         h = (x.shape[-1] + 1) // 2
-        x = jnp.minimum(x[..., :h], x[..., x.shape[-1] - h:])
+        x = jnp.minimum(x[..., :h], x[..., x.shape[-1] - h :])
     return x
 
 
@@ -257,9 +258,17 @@ def init_codebooks(key: jax.Array, num_levels: int, codebook_size: int, dim: int
 
 
 def quantize(
-    state: CodebookState, z: jax.Array, *, normalize_stage_inputs: bool = True, commitment_weight: float = 0.25
+    state: CodebookState,
+    z: jax.Array,
+    *,
+    normalize_stage_inputs: bool = True,
+    commitment_weight: float = 0.25,
+    mask: jax.Array | None = None,
 ) -> QuantizeOutput:
     """Pure look-up through the M levels (no state change).
+
+    ``mask`` (bool, shape = z's leading dims; False = e.g. a padded patch) removes rows from the losses' means; such
+    rows still get codes.
 
     Only the residual is carried from level to level (Σ q_m is recovered as z − r_M), which keeps the memory traffic
     of the sequential levels down; the codebooks are stop-gradiented, so gradients reach z through the
@@ -270,6 +279,8 @@ def quantize(
     codebooks = lax.stop_gradient(state.codes.astype(_F32))
     code_sq = jnp.sum(codebooks * codebooks, axis=-1)  # [M, K]
     z32, lead = _flatten(z)
+    keep = _flat_mask(mask, lead)
+    weight = None if keep is None else keep.astype(_F32) / jnp.maximum(jnp.sum(keep, dtype=_F32), 1.0)
     r = z32
     codes, inputs, mses, norms = [], [], [], []
     valid = None
@@ -281,7 +292,8 @@ def quantize(
         r = r - jnp.take(codebooks[m], k, axis=0)
         codes.append(k)
         inputs.append(u)
-        mses.append(jnp.mean(r * r))  # = mse(r_{m-1}, sg q_m); differentiable in z through r
+        # = mse(r_{m-1}, sg q_m); differentiable in z through r
+        mses.append(jnp.mean(r * r) if weight is None else jnp.sum(weight * r * r) / state.dim)
         norms.append(jnp.take(jnp.sqrt(code_sq[m]), k))
     mse = jnp.stack(mses)
     commit = commitment_weight * jnp.mean(mse)
@@ -313,6 +325,15 @@ def _row_valid(stage_inputs: jax.Array, codes: jax.Array, k: int) -> jax.Array:
     return finite & (codes >= 0) & (codes < k)
 
 
+def _flat_mask(mask, lead: tuple[int, ...]) -> jax.Array | None:
+    """``mask`` (True = the row takes part; shape = the features' leading dims) flattened to [N, 1], or None."""
+    if mask is None:
+        return None
+    if tuple(jnp.shape(mask)) != tuple(lead):
+        raise ValueError(f"mask: expected a bool array of shape {tuple(lead)}, got {tuple(jnp.shape(mask))}")
+    return jnp.asarray(mask, bool).reshape(-1, 1)
+
+
 def ema_update(
     state: CodebookState,
     stage_inputs: jax.Array,
@@ -321,22 +342,32 @@ def ema_update(
     decay: float = 0.99,
     renormalize: bool = False,
     axis_name=None,
+    mask: jax.Array | None = None,
 ) -> CodebookState:
     """EMA of SPEC §2.4: per code, counts and sums by scatter-add over the (global) batch, then the convex update.
 
     ``C_k ← λC_k + (1−λ)ℓ2(s_k / n_k)`` for codes used in the batch, unchanged otherwise; ``renormalize=True``
-    re-projects onto the sphere afterwards (BEATs / VQ).  Non-finite rows are ignored.
+    re-projects onto the sphere afterwards (BEATs / VQ).  Non-finite rows, and rows where ``mask`` (shape = the
+    leading dims of ``codes``) is False, e.g. padded patches, are ignored.
     """
     m, k, d = _check_stats_inputs(state, stage_inputs, codes)
+    keep = _flat_mask(mask, codes.shape[:-1])
     if not 0.0 <= float(decay) <= 1.0:
         raise ValueError(f"decay: expected a float in [0, 1], got {decay!r}")
     u = stage_inputs.reshape(-1, m, d).astype(_F32)
     c = codes.reshape(-1, m).astype(jnp.int32)
+
     # One scatter per level on the slice u[:, i]: inside a jitted step, XLA folds slice(stack(u_1..u_M)) back to
     # u_i, so the stacked [N, M, D] stage inputs are never materialised; measured 1.5x faster for the whole step
     # than a single fused [N·M]-row scatter (see BENCHMARKS.md).
-    stats = [_batch_stats(u[:, i], c[:, i], _row_valid(u[:, i], c[:, i], k), k, None) for i in range(m)]
-    counts, sums = _psum((jnp.stack([s[0] for s in stats]), jnp.stack([s[1] for s in stats])), axis_name)  # one all-reduce
+    def level_valid(i):
+        valid = _row_valid(u[:, i], c[:, i], k)
+        return valid if keep is None else valid & keep[:, 0]
+
+    stats = [_batch_stats(u[:, i], c[:, i], level_valid(i), k, None) for i in range(m)]
+    counts, sums = _psum(
+        (jnp.stack([s[0] for s in stats]), jnp.stack([s[1] for s in stats])), axis_name
+    )  # one all-reduce
     lam = jnp.asarray(decay, _F32)
     old = state.codes.astype(_F32)
     mean = _l2(sums / jnp.maximum(counts, 1.0)[..., None])
@@ -372,19 +403,22 @@ def kmeans_init(
     iters: int = 10,
     axis_name=None,
     normalize_stage_inputs: bool = True,
+    mask: jax.Array | None = None,
 ) -> CodebookState:
     """k-means initialisation stage by stage (SPEC §2.5, A3): level m is fitted on the stage inputs left by the
     freshly initialised levels 1..m−1, on the global batch; ``cluster_size`` = final counts; sets ``initialized``.
 
     A no-op when ``state.initialized`` is already True, decided by ``lax.cond`` so it is safe inside ``jit`` (A3b:
     a restored, trained codebook must never be overwritten).  A batch without a single finite row also leaves the
-    state unchanged (and the flag False, so a later call retries).
+    state unchanged (and the flag False, so a later call retries).  Rows where ``mask`` (shape = z's leading
+    dims) is False take no part.
     """
     _check_state(state)
     _check_features("z", z, state.dim)
     _check_int("iters", iters, 1)
     m_levels, k, _ = state.codes.shape
-    z32, _ = _flatten(z)
+    z32, lead = _flatten(z)
+    keep = _flat_mask(mask, lead)
 
     def fit(st: CodebookState) -> CodebookState:
         r = z32
@@ -393,7 +427,7 @@ def kmeans_init(
         for m, km in enumerate(jax.random.split(key, m_levels)):
             u, n2 = _stage_input(r, normalize_stage_inputs, need_norm=valid is None)
             if valid is None:
-                valid = jnp.isfinite(n2)
+                valid = jnp.isfinite(n2) if keep is None else jnp.isfinite(n2) & keep[:, 0]
             means, counts = _kmeans_level(u, valid, km, k, iters, normalize_stage_inputs, axis_name)
             books.append(means)
             sizes.append(counts)
@@ -413,19 +447,23 @@ def restart_unused(
     *,
     min_count: float = 1.0,
     axis_name=None,
+    mask: jax.Array | None = None,
 ) -> CodebookState:
     """Replace every code used fewer than ``min_count`` times in this (global) batch by a stage input drawn from the
     global batch (SPEC §2.6, A4), identically on all replicas, with static shapes; the replaced codes'
-    ``cluster_size`` is reset to 1."""
+    ``cluster_size`` is reset to 1.  Rows where ``mask`` (shape = the leading dims of ``codes``) is False are neither
+    counted nor drawn."""
     m, k, d = _check_stats_inputs(state, stage_inputs, codes)
+    keep = _flat_mask(mask, codes.shape[:-1])
     u = stage_inputs.reshape(-1, m, d).astype(_F32)
     c = codes.reshape(-1, m).astype(jnp.int32)
-    valid = _row_valid(u, c, k)
+    valid = _row_valid(u, c, k) if keep is None else _row_valid(u, c, k) & keep
     ids = c + (jnp.arange(m, dtype=jnp.int32) * k)[None, :]
     ids = jnp.where(valid, ids, m * k).reshape(-1)
     counts = _psum(jax.ops.segment_sum(jnp.ones(ids.shape, _F32), ids, m * k + 1)[:-1], axis_name).reshape(m, k)
-    cand = jnp.stack([_sample_rows(u[:, i], valid[:, i], km, k, axis_name) for i, km in
-                      enumerate(jax.random.split(key, m))])
+    cand = jnp.stack(
+        [_sample_rows(u[:, i], valid[:, i], km, k, axis_name) for i, km in enumerate(jax.random.split(key, m))]
+    )
     has_rows = _psum(jnp.sum(valid, axis=0, dtype=jnp.int32), axis_name) > 0  # [M]
     dead = (counts < min_count) & has_rows[:, None]
     return state.replace(

@@ -1,5 +1,6 @@
 """Tests for bridle_jax.quantizer: golden vectors from the authors' code, NumPy references, gradients, sharding,
 k-means, bf16 and bad inputs.  Small shapes (except the golden file) so the module runs in seconds."""
+
 from functools import partial
 from pathlib import Path
 
@@ -104,13 +105,17 @@ def test_golden_authors_rq():
         pytest.fail(f"golden file missing: {GOLDEN} (shared/ must sit beside the repository checkout)")
     g = np.load(GOLDEN)
     state = Q.CodebookState(
-        codes=jnp.asarray(g["codebooks"]), cluster_size=jnp.zeros(g["codebooks"].shape[:2]), initialized=jnp.asarray(True)
+        codes=jnp.asarray(g["codebooks"]),
+        cluster_size=jnp.zeros(g["codebooks"].shape[:2]),
+        initialized=jnp.asarray(True),
     )
     beta, decay = float(g["commitment_weight"]), float(g["decay"])
     out = partial(quantize, commitment_weight=beta)(state, jnp.asarray(g["z"]))
     np.testing.assert_array_equal(np.asarray(out.codes), g["codes"])
     np.testing.assert_allclose(np.asarray(out.z_q), g["z_q"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.stage_inputs).reshape(g["stage_inputs"].shape), g["stage_inputs"], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out.stage_inputs).reshape(g["stage_inputs"].shape), g["stage_inputs"], atol=1e-5
+    )
     np.testing.assert_allclose(float(out.loss), float(g["loss"]), atol=1e-5, rtol=1e-6)
     np.testing.assert_allclose(float(out.commit_loss), float(g["loss"]) * beta / (1 + beta), rtol=1e-6)
     new = partial(ema_update, decay=decay)(state, out.stage_inputs, out.codes)
@@ -145,8 +150,14 @@ def test_ema_matches_numpy_with_empty_codes(small, renormalize):
     state = state.replace(cluster_size=jnp.full((M, K), 2.0))
     out = quantize(state, z[:1, :6])  # 6 rows, 16 codes: most codes are empty
     new = partial(ema_update, decay=0.9, renormalize=renormalize)(state, out.stage_inputs, out.codes)
-    ref_c, ref_s = np_ema(np.asarray(state.codes), np.asarray(state.cluster_size), np.asarray(out.stage_inputs),
-                          np.asarray(out.codes), 0.9, renormalize)
+    ref_c, ref_s = np_ema(
+        np.asarray(state.codes),
+        np.asarray(state.cluster_size),
+        np.asarray(out.stage_inputs),
+        np.asarray(out.codes),
+        0.9,
+        renormalize,
+    )
     np.testing.assert_allclose(np.asarray(new.codes), ref_c, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new.cluster_size), ref_s, atol=1e-6)
     used = np.zeros((M, K), bool)
@@ -213,8 +224,11 @@ def test_gradients_straight_through_and_commitment(small):
     g_loss = jax.jit(jax.grad(lambda x: Q.quantize(state, x).loss))(z)
     np.testing.assert_allclose(np.asarray(g_commit).reshape(-1, D), expect, atol=1e-7)
     np.testing.assert_allclose(np.asarray(g_loss), np.asarray(g_commit), atol=0)
-    g_codes = jax.jit(jax.grad(lambda c: Q.quantize(state.replace(codes=c), z).loss + jnp.sum(
-        Q.quantize(state.replace(codes=c), z).z_q)))(state.codes)
+    g_codes = jax.jit(
+        jax.grad(
+            lambda c: Q.quantize(state.replace(codes=c), z).loss + jnp.sum(Q.quantize(state.replace(codes=c), z).z_q)
+        )
+    )(state.codes)
     assert float(jnp.abs(g_codes).max()) == 0.0  # codebooks are EMA-trained, never by gradients
 
 
@@ -240,8 +254,11 @@ def test_sharded_equals_unsharded(small, mesh):
     assert bool(ref_state.initialized)
     assert (np.asarray(ref_stats["counts"]) < 3).any(), "want some rarely used codes so restart is exercised"
 
-    smap = jax.jit(jax.shard_map(partial(_pipeline, axis_name="data"), mesh=mesh,
-                                 in_specs=(P(), P("data"), P()), out_specs=(P(), P())))
+    smap = jax.jit(
+        jax.shard_map(
+            partial(_pipeline, axis_name="data"), mesh=mesh, in_specs=(P(), P("data"), P()), out_specs=(P(), P())
+        )
+    )
     repl = NamedSharding(mesh, P())
     gspmd = jax.jit(_pipeline, in_shardings=(repl, NamedSharding(mesh, P("data")), repl), out_shardings=(repl, repl))
     for name, fn in [("shard_map", smap), ("jit+NamedSharding", gspmd)]:
@@ -359,3 +376,29 @@ def test_nonfinite_rows_never_reach_the_codebooks(small):
     none = kmeans_init(fresh, jnp.full((8, D), jnp.nan), jax.random.key(3))
     assert not bool(none.initialized)
     np.testing.assert_array_equal(np.asarray(none.codes), np.asarray(fresh.codes))
+
+
+def test_mask_equals_dropping_the_masked_rows(small):
+    """Padded patches (mask False) take no part in the losses, EMA, restart or k-means: as if they were absent."""
+    state, z = small
+    rng = np.random.default_rng(7)
+    mask = rng.random(z.shape[:-1]) > 0.3
+    kept = z[mask]
+    out = quantize(state, z, mask=jnp.asarray(mask))
+    ref = quantize(state, kept)
+    np.testing.assert_allclose(float(out.loss), float(ref.loss), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(out.codes)[mask], np.asarray(ref.codes))
+    a = ema_update(state, out.stage_inputs, out.codes, mask=jnp.asarray(mask))
+    b = ema_update(state, ref.stage_inputs, ref.codes)
+    np.testing.assert_allclose(np.asarray(a.codes), np.asarray(b.codes), atol=1e-7)
+    np.testing.assert_allclose(np.asarray(a.cluster_size), np.asarray(b.cluster_size), atol=1e-7)
+    fresh = Q.init_codebooks(jax.random.key(2), M, K, D)
+    km = kmeans_init(fresh, z, jax.random.key(3), mask=jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(km.cluster_size).sum(-1), mask.sum())
+    r = restart_unused(state, out.stage_inputs, out.codes, jax.random.key(1), mask=jnp.asarray(mask))
+    dead = np.asarray(r.codes) != np.asarray(state.codes)
+    drawn = np.asarray(r.codes)[dead.any(-1)]
+    pool = np.asarray(out.stage_inputs)[mask].reshape(-1, D)
+    assert len(drawn) and all(np.isclose(pool, row, atol=1e-6).all(-1).any() for row in drawn)
+    with pytest.raises(ValueError, match="mask"):
+        quantize(state, z, mask=jnp.ones((3,), bool))
