@@ -1,0 +1,502 @@
+"""Video input pipelines (Kinetics-400, any ``path,label`` CSV, the embedded moving-digits demo) for Grain.
+
+Records are ``{"input": float32 [T, S, S, 3], "length": int32, "label": int32}``: T = ``num_frames`` frames taken
+``sampling_rate`` apart, time first, ImageNet-normalised; ``length`` is the number of real frames (== T unless
+``short_clip="pad"`` padded a short clip with zeros).
+
+Train stream, in order, and why:
+  source → shuffle(seed) → repeat (reshuffled per epoch) → decode the sampled frames (random start; an unreadable
+  clip is replaced by the next readable record) → multi-scale crop → flip → normalise → pad → [p::P] → batch
+The process shard comes *after* augmentation and every random draw is keyed by the record's global position, so the
+union of the process shards is exactly the single-process global batch; MapDataset is lazy, so no process decodes a
+clip it does not own. Eval: centre sampling → resize the short side to ``eval_short_side`` → centre crop → normalise.
+
+``config.data`` fields (defaults in :func:`default_data_config`):
+  name            "kinetics400" | "video_folder" | "moving_digits" (see ``DATASETS`` for each eval split)
+  data_dir        kinetics400: the downloaders' ``k400/`` folder (``annotations/{train,val}.csv``,
+                  ``{train,val}/<youtube_id>_<start:06d>_<end:06d>.mp4``); video_folder: the CSV paths' root;
+                  moving_digits: unset = generated into ``$BRIDLE_JAX_CACHE`` (default ``~/.cache/bridle_jax``)
+                  ``/moving_digits-v1`` on first use
+  train_csv, eval_csv            CSV paths, relative to data_dir (or absolute). Defaults: kinetics400
+                  ``annotations/train.csv`` / ``annotations/val.csv``; moving_digits ``clips.csv``; video_folder:
+                  required. A CSV with a ``split`` column is filtered to the requested split ("train" / "test").
+  train_clip_dir, eval_clip_dir  clip folders relative to data_dir. Defaults: kinetics400 ``train`` / ``val``;
+                  others: data_dir itself.
+  num_frames, sampling_rate      16 frames, 4 apart (VideoMAE 16x4)
+  image_size      output side S (224)
+  crop_scales, max_distort       GroupMultiScaleCrop scales (1, .875, .75, .66) and pairing distance 1
+  flip            random horizontal flip of the whole clip (VideoMAE's pretraining has none: False reproduces it)
+  mean, std       ImageNet, on the [0, 1] scale
+  short_clip      "loop" (wrap around, length == T) or "pad" (zeros, length < T) for clips shorter than the span
+  eval_short_side short side before the eval centre crop; unset = image_size (VideoMAE/BRIDLE K400 eval: "224
+                  short side"); image_size / 0.875 gives the image-style 256 → 224 protocol
+  num_threads, prefetch_buffer_size, max_eval_examples, max_skipped (the ceiling of unreadable clips)
+
+Unreadable clips (missing, corrupt, truncated, zero-frame) are skipped, not fatal: each *distinct* file is counted
+once per process (:func:`skipped_count`), logged with why, and remembered so it is not decoded again; its position
+gets the next readable record (deterministic, static shapes, resumable). Counting distinct files keeps the ceiling
+meaningful over hundreds of epochs. More than ``max_skipped`` raises a RuntimeError. Malformed CSV rows raise at
+construction (see ``video_sources``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import threading
+
+import grain
+import ml_collections
+import numpy as np
+
+from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from bridle_jax.data import video, video_sources
+
+logger = logging.getLogger(__name__)
+
+# Dataset name -> the labelled held-out split the probe is evaluated on.
+DATASETS = {"kinetics400": "val", "video_folder": "test", "moving_digits": "test"}
+
+# The demo's data are part of its contract (probe accuracies are reported on them): fixed parameters and seed.
+MOVING_DIGITS = {"num_clips": 600, "num_frames": 16, "size": 32, "fps": 8, "seed": 20240601}
+CACHE_ENV = "BRIDLE_JAX_CACHE"
+_K400 = {"train_csv": "annotations/train.csv", "eval_csv": "annotations/val.csv"}
+_DEMO_CSV = video_sources.MOVING_DIGITS_CSV
+_DEFAULTS = {  # per dataset: the CSVs and clip folders (relative to data_dir) when config.data leaves them unset
+    "kinetics400": {**_K400, "train_clip_dir": "train", "eval_clip_dir": "val"},
+    "video_folder": {"train_csv": None, "eval_csv": None, "train_clip_dir": "", "eval_clip_dir": ""},
+    "moving_digits": {"train_csv": _DEMO_CSV, "eval_csv": _DEMO_CSV, "train_clip_dir": "", "eval_clip_dir": ""},
+}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every ``config.data`` field this module reads, with defaults (Kinetics-400 at VideoMAE's 16x4, 224)."""
+    placeholder = ml_collections.config_dict.placeholder
+    return ml_collections.ConfigDict(
+        dict(  # noqa: C408 (keyword form reads like the config fields)
+            name="kinetics400",
+            data_dir=placeholder(str),
+            train_csv=placeholder(str),
+            eval_csv=placeholder(str),
+            train_clip_dir=placeholder(str),
+            eval_clip_dir=placeholder(str),
+            num_frames=16,
+            sampling_rate=4,
+            image_size=224,
+            crop_scales=video.VIDEOMAE_SCALES,
+            max_distort=1,
+            flip=True,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            short_clip="loop",
+            eval_short_side=placeholder(int),
+            num_threads=8,
+            prefetch_buffer_size=4,
+            max_eval_examples=placeholder(int),
+            max_skipped=100,
+        )
+    )
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoDataSpec:
+    """``config.data`` read once and checked, with the dataset defaults filled in."""
+
+    name: str
+    data_dir: str | None
+    train_csv: str | None
+    eval_csv: str | None
+    train_clip_dir: str
+    eval_clip_dir: str
+    num_frames: int
+    sampling_rate: int
+    image_size: int
+    crop_scales: tuple[float, ...]
+    max_distort: int
+    flip: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    short_clip: str
+    eval_short_side: int
+    num_threads: int
+    prefetch_buffer_size: int
+    max_eval_examples: int | None
+    max_skipped: int
+
+
+_MISSING = object()
+
+
+def _fail(field: str, expected: str, got):
+    raise ValueError(f"config.data.{field} must be {expected}, got {got!r}")
+
+
+def _get(data_config, field: str, default=_MISSING):
+    value = getattr(data_config, field, default)
+    if value is _MISSING:
+        raise ValueError(f"config.data.{field} is missing (see video_pipeline.default_data_config())")
+    return value
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _int(data_config, field: str, minimum: int, optional: bool = False) -> int | None:
+    value = _get(data_config, field, None if optional else _MISSING)
+    if value is None and optional:
+        return None
+    if not _is_int(value) or value < minimum:
+        _fail(field, f"{'None or ' if optional else ''}an int >= {minimum}", value)
+    return int(value)
+
+
+def _str(data_config, field: str) -> str | None:
+    value = _get(data_config, field, None)
+    if value is not None and (not isinstance(value, str) or not value):
+        _fail(field, "None or a non-empty path string", value)
+    return value
+
+
+def _triple(data_config, field: str, positive: bool) -> tuple[float, float, float]:
+    value = _get(data_config, field)
+    expected = "3 finite numbers (RGB, on the [0, 1] pixel scale)" + (", all positive" if positive else "")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        _fail(field, expected, value)
+    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or (positive and not np.all(arr > 0)):
+        _fail(field, expected, value)
+    return tuple(arr.tolist())
+
+
+def data_spec(data_config) -> VideoDataSpec:
+    """Validates ``config.data``; every error names ``config.data.<field>`` and what was expected."""
+    name = _get(data_config, "name")
+    if name not in DATASETS:
+        _fail("name", f"one of {sorted(DATASETS)}", name)
+    defaults = _DEFAULTS[name]
+    paths = {f: _str(data_config, f) for f in ("data_dir", "train_csv", "eval_csv", "train_clip_dir", "eval_clip_dir")}
+    if name in ("kinetics400", "video_folder") and paths["data_dir"] is None:
+        _fail("data_dir", f"the dataset folder for name={name!r}", None)
+    for f in ("train_csv", "eval_csv", "train_clip_dir", "eval_clip_dir"):
+        if paths[f] is None:
+            paths[f] = defaults[f]
+    for f in ("train_csv", "eval_csv"):
+        if paths[f] is None:
+            _fail(f, f"the path of a 'path,label[,split]' CSV (relative to data_dir) for name={name!r}", None)
+    scales = _get(data_config, "crop_scales")
+    try:
+        scales = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        _fail("crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
+    if not scales or not all(0 < s <= 1 for s in scales):
+        _fail("crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
+    flip = _get(data_config, "flip")
+    if not isinstance(flip, (bool, np.bool_)):
+        _fail("flip", "a bool", flip)
+    short_clip = _get(data_config, "short_clip")
+    if short_clip not in video.SHORT_CLIP_MODES:
+        _fail("short_clip", f"one of {video.SHORT_CLIP_MODES}", short_clip)
+    image_size = _int(data_config, "image_size", 1)
+    eval_short_side = _int(data_config, "eval_short_side", 1, optional=True)
+    if eval_short_side is None:
+        eval_short_side = image_size
+    elif eval_short_side < image_size:
+        _fail("eval_short_side", f"None or an int >= config.data.image_size={image_size}", eval_short_side)
+    return VideoDataSpec(
+        name=name,
+        data_dir=paths["data_dir"],
+        train_csv=paths["train_csv"],
+        eval_csv=paths["eval_csv"],
+        train_clip_dir=paths["train_clip_dir"],
+        eval_clip_dir=paths["eval_clip_dir"],
+        num_frames=_int(data_config, "num_frames", 1),
+        sampling_rate=_int(data_config, "sampling_rate", 1),
+        image_size=image_size,
+        crop_scales=scales,
+        max_distort=_int(data_config, "max_distort", 0),
+        flip=bool(flip),
+        mean=_triple(data_config, "mean", positive=False),
+        std=_triple(data_config, "std", positive=True),
+        short_clip=short_clip,
+        eval_short_side=eval_short_side,
+        num_threads=_int(data_config, "num_threads", 0),
+        prefetch_buffer_size=_int(data_config, "prefetch_buffer_size", 0),
+        max_eval_examples=_int(data_config, "max_eval_examples", 1, optional=True),
+        max_skipped=_int(data_config, "max_skipped", 0),
+    )
+
+
+def validate_data_config(data_config) -> None:
+    """Raises ValueError naming ``config.data.<field>`` for the first bad field; touches no file."""
+    data_spec(data_config)
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def cache_dir(name: str) -> str:
+    """Where embedded demo data are generated: ``$BRIDLE_JAX_CACHE/<name>-v1`` (default ``~/.cache/bridle_jax``)."""
+    base = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "bridle_jax")
+    return os.path.join(base, f"{name}-v{video_sources.MOVING_DIGITS_VERSION}")
+
+
+def _under(root: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def make_source(spec: VideoDataSpec, split: str):
+    """The random-access ``{"path", "label"}`` source of ``split`` ("train" or the dataset's eval split)."""
+    eval_split = DATASETS[spec.name]
+    if split not in ("train", eval_split):
+        raise ValueError(f"config.data.name={spec.name!r} has splits 'train' and {eval_split!r}, got {split!r}")
+    train = split == "train"
+    root = spec.data_dir
+    if spec.name == "moving_digits" and root is None:
+        root = cache_dir("moving_digits")
+        video_sources.write_moving_digits(root, **MOVING_DIGITS)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"config.data.data_dir={root!r} is not a folder (dataset {spec.name!r})")
+    csv_path = _under(root, spec.train_csv if train else spec.eval_csv)
+    clip_root = _under(root, spec.train_clip_dir if train else spec.eval_clip_dir)
+    if spec.name == "kinetics400":
+        # Class indices always come from the train CSV, so every split agrees on them.
+        classes = video_sources.k400_classes(_under(root, spec.train_csv))
+        return video_sources.Kinetics400Source(clip_root, csv_path, classes=classes)
+    return video_sources.FolderCsvSource(clip_root, csv_path, split=split)
+
+
+# -------------------------------------------------------------------------------------------- skipped records
+
+
+class SkippedRecords:
+    """Thread-safe record of the distinct unreadable files seen by this process, with the ``max_skipped`` ceiling."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._reasons: dict[str, str] = {}
+        self._last: collections.deque[str] = collections.deque(maxlen=3)
+
+    def known(self, path: str) -> bool:
+        with self._lock:
+            return path in self._reasons
+
+    def add(self, path: str, reason: str, ceiling: int) -> None:
+        with self._lock:
+            if path not in self._reasons:
+                self._reasons[path] = reason
+                self._last.append(path)
+                logger.warning("Skipping unreadable video record (%d so far): %s", len(self._reasons), reason)
+            count, last = len(self._reasons), list(self._last)
+        if count > ceiling:
+            raise RuntimeError(
+                f"{count} unreadable video records skipped, more than config.data.max_skipped={ceiling}; "
+                f"last files: {last}. Fix or remove them, or raise config.data.max_skipped."
+            )
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._reasons)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reasons.clear()
+            self._last.clear()
+
+
+SKIPPED = SkippedRecords()
+
+
+def skipped_count() -> int:
+    """How many distinct unreadable video files this process has skipped (for the training loop's logs)."""
+    return SKIPPED.count
+
+
+class DecodeOrNext(grain.MapDataset):
+    """Decodes the clip at each position; an unreadable clip is replaced by the next readable record.
+
+    ``load(path, rng)`` returns uint8 frames; ``rng`` is keyed by (``seed``, position, attempt), so the result does
+    not depend on threads, on which other positions were read, or on where an iterator was restored. At most
+    ``window`` consecutive records are tried (the source's length: every distinct clip once).
+    """
+
+    def __init__(self, parent: grain.MapDataset, load, *, seed: int | None, window: int, max_skipped: int):
+        super().__init__(parent)
+        self._load, self._seed, self._window, self._max_skipped = load, seed, window, max_skipped
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"DecodeOrNext(window={self._window})"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        size = len(self._parent)
+        for attempt in range(self._window):
+            record = self._parent[(index + attempt) % size]
+            path = record["path"]
+            if SKIPPED.known(path):
+                continue
+            rng = None if self._seed is None else np.random.default_rng([self._seed, index, attempt])
+            try:
+                frames = self._load(path, rng)
+            except video.VideoDecodeError as e:
+                SKIPPED.add(path, str(e), self._max_skipped)
+                continue
+            return {"input": frames, "label": record["label"]}
+        raise RuntimeError(f"no readable video among {self._window} consecutive records from position {index}")
+
+
+def _loader(spec: VideoDataSpec):
+    def load(path: str, rng: np.random.Generator | None) -> np.ndarray:
+        def select(n: int) -> np.ndarray:
+            return video.sample_indices(n, spec.num_frames, spec.sampling_rate, rng, spec.short_clip)
+
+        return video.read_sampled(path, select)
+
+    return load
+
+
+def eval_transforms(spec: VideoDataSpec) -> list:
+    """Resize the short side, centre crop, normalise, pad (all deterministic)."""
+    return [
+        video.ResizeCenterCropClip(spec.image_size, spec.eval_short_side),
+        video.NormalizeClip(spec.mean, spec.std),
+        video.PadClip(spec.num_frames),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------ train
+
+
+def _train_seeds(seed: int) -> tuple[int, int, int, int]:
+    """Independent shuffle / temporal / crop / flip seeds from one integer."""
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return tuple(int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4, dtype=np.uint32))
+
+
+def train_dataset(
+    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """This process's infinite, reshuffled-per-epoch, augmented stream of batches.
+
+    Batches are ``{"input": float32 [b, T, S, S, 3], "length": int32 [b], "label": int32 [b]}``; deterministic in
+    ``seed`` whatever the thread count, and resumable through ``to_iter_dataset(...)``'s ``get_state/set_state``.
+    """
+    spec = data_spec(data_config)
+    if not _is_int(local_batch_size) or local_batch_size < 1:
+        raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
+    source = make_source(spec, "train")
+    shuffle_seed, sample_seed, crop_seed, flip_seed = _train_seeds(seed)
+
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
+    ds = DecodeOrNext(ds, _loader(spec), seed=sample_seed, window=len(source), max_skipped=spec.max_skipped)
+    ds = ds.random_map(video.MultiScaleCrop(spec.image_size, spec.crop_scales, spec.max_distort), seed=crop_seed)
+    if spec.flip:
+        ds = ds.random_map(video.RandomClipFlip(0.5), seed=flip_seed)
+    ds = ds.map(video.NormalizeClip(spec.mean, spec.std)).map(video.PadClip(spec.num_frames))
+    ds = ds[process_index::process_count]
+    return ds.batch(int(local_batch_size), drop_remainder=True)
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    """The eval-preprocessed ``split`` in its stored order: ``{"input", "length", "label"}`` NumPy arrays.
+
+    Capped at ``max_examples``, else ``config.data.max_eval_examples``. Held in memory (N·T·S²·12 bytes: 1,000
+    Kinetics clips at 16x224² are 9.6 GB), so cap large splits.
+    """
+    spec = data_spec(data_config)
+    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
+        raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    source = make_source(spec, split)
+    cap = max_examples if max_examples is not None else spec.max_eval_examples
+    n = len(source) if cap is None else min(len(source), int(cap))
+    shape = (n, spec.num_frames, spec.image_size, spec.image_size, 3)
+    if np.prod(shape) * 4 > 8 * 2**30:
+        logger.warning("eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples",
+                        split, np.prod(shape) * 4 / 2**30)  # fmt: skip
+    ds = DecodeOrNext(grain.MapDataset.source(source), _loader(spec), seed=None, window=len(source),
+                      max_skipped=spec.max_skipped)[:n]  # fmt: skip
+    for t in eval_transforms(spec):
+        ds = ds.map(t)
+    out = {"input": np.empty(shape, np.float32), "length": np.empty((n,), np.int32), "label": np.empty((n,), np.int32)}
+    read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
+    for i, record in enumerate(ds.to_iter_dataset(read_options)):  # ordered, whatever the thread count
+        for key, array in out.items():
+            array[i] = record[key]
+    return out
+
+
+def to_uint8_clip(clip, where: str) -> np.ndarray:
+    """A raw clip ``[n, H, W, C]`` (C in {1, 3}) → uint8 RGB; floats are 0..1 if the clip's max is <= 1, else 0..255."""
+    clip = np.asarray(clip)
+    if clip.ndim != 4 or clip.shape[-1] not in (1, 3) or 0 in clip.shape:
+        raise ValueError(f"{where}: a clip must be a non-empty array [frames, H, W, 1 or 3], got shape {clip.shape}")
+    if clip.dtype == np.uint8:
+        out = clip
+    elif np.issubdtype(clip.dtype, np.integer):
+        if clip.min() < 0 or clip.max() > 255:
+            raise ValueError(f"{where}: integer frames must lie in 0..255, got [{clip.min()}, {clip.max()}]")
+        out = clip.astype(np.uint8)
+    elif np.issubdtype(clip.dtype, np.floating):
+        lo, hi = float(np.min(clip)), float(np.max(clip))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
+            raise ValueError(f"{where}: float frames must be finite and in [0, 1] or [0, 255], got [{lo}, {hi}]")
+        out = np.clip(np.rint(clip.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"{where}: frames must be uint8, integer or float, got dtype {clip.dtype}")
+    if out.shape[-1] == 1:
+        out = np.repeat(out, 3, axis=-1)
+    return np.ascontiguousarray(out)
+
+
+def preprocess_eval(data_config, raw) -> dict:
+    """Eval preprocessing of raw clips: ``{"input": float32 [B, T, S, S, 3], "length": int32 [B]}``.
+
+    ``raw`` is a list of clips, each a video file path (str / PathLike; decoded here, errors raise
+    VideoDecodeError) or frames ``[n, H, W, C]`` (uint8, or floats in [0, 1] or [0, 255]); or one array
+    ``[B, n, H, W, C]``. Each clip gets the eval sampling (centre, ``num_frames`` x ``sampling_rate``) and geometry.
+    """
+    spec = data_spec(data_config)
+    if isinstance(raw, (str, os.PathLike)):
+        raise ValueError("preprocess_eval: raw must be a list of clips (paths or frame arrays), not one path")  # noqa: TRY004
+    if isinstance(raw, np.ndarray) and raw.ndim != 5:
+        raise ValueError(f"preprocess_eval: an array of clips must be [B, frames, H, W, C], got shape {raw.shape}")
+    clips = list(raw)
+    if not clips:
+        raise ValueError("preprocess_eval: raw holds no clips")
+    load = _loader(spec)
+    transforms = eval_transforms(spec)
+    out = {
+        "input": np.empty((len(clips), spec.num_frames, spec.image_size, spec.image_size, 3), np.float32),
+        "length": np.empty((len(clips),), np.int32),
+    }
+    for i, clip in enumerate(clips):
+        if isinstance(clip, (str, os.PathLike)):
+            frames = load(os.fspath(clip), None)
+        else:
+            frames = to_uint8_clip(clip, f"preprocess_eval clip {i}")
+            idx = video.sample_indices(frames.shape[0], spec.num_frames, spec.sampling_rate, None, spec.short_clip)
+            frames = frames[idx]
+        record = {"input": frames}
+        for t in transforms:
+            record = t.map(record)
+        out["input"][i], out["length"][i] = record["input"], record["length"]
+    return out
