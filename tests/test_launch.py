@@ -1,0 +1,512 @@
+"""launch/*.sh: dry runs print the exact gcloud commands, bad input fails naming the flag, the loops recover.
+
+Nothing here reaches Google Cloud: every script runs with a stub `gcloud` first on PATH. For dry runs the stub fails
+and records the call, so a dry run that executed anything is caught; the watch/create loops run against a stub that
+plays a slice's states (preempted -> deleted -> created -> READY). The remote shell commands that ssh would run on
+the workers are executed here with a stub venv python, so the quoting of workdirs and overrides is checked end to
+end through both shell levels (local command line, then the worker's `bash -c`).
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+SCRIPTS = ["create.sh", "setup.sh", "train.sh", "watch.sh", "fetch.sh", "delete.sh"]
+BASE = ["--project=my-proj", "--zone=us-central2-b", "--name=bridle-v4"]
+LOC = ["--zone=us-central2-b", "--project=my-proj"]
+URL = "https://github.com/someone/bridle_jax.git"
+FIND_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+
+
+def tpu(*words: str) -> list[str]:
+    return ["gcloud", "compute", "tpus", *words]
+
+
+def line(words: list[str]) -> str:
+    return shlex.join(words)
+
+
+def describe(queued: bool = False) -> str:
+    if queued:
+        return line(tpu("queued-resources", "describe", "bridle-v4", *LOC, "--format=value(state.state)"))
+    return line(tpu("tpu-vm", "describe", "bridle-v4", *LOC, "--format=value(state)"))
+
+
+FAILING_GCLOUD = """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STUB_DIR/calls"
+exit 99
+"""
+
+# Plays one slice. Node and queued-resource states live in files; the DONE marker appears once training starts.
+STATEFUL_GCLOUD = """#!/usr/bin/env bash
+d=$STUB_DIR
+printf '%s\\n' "$*" >> "$d/calls"
+missing() { echo "ERROR: (gcloud) NOT_FOUND: Resource 'bridle-v4' was not found" >&2; exit 1; }
+case "$*" in
+    "storage ls "*) [ -e "$d/done" ] || { echo "ERROR: One or more URLs matched no objects." >&2; exit 1; } ;;
+    "compute tpus tpu-vm describe "*) s=$(cat "$d/node"); [ "$s" != MISSING ] || missing; echo "$s" ;;
+    "compute tpus queued-resources describe "*) s=$(cat "$d/queued"); [ "$s" != MISSING ] || missing; echo "$s" ;;
+    "compute tpus tpu-vm delete "* | "compute tpus queued-resources delete "*) echo MISSING > "$d/node"
+        echo MISSING > "$d/queued" ;;
+    "compute tpus tpu-vm create "*) [ ! -e "$d/no_capacity" ] || { echo "ERROR: no capacity" >&2; exit 1; }
+        echo READY > "$d/node" ;;
+    "compute tpus queued-resources create "*) echo ACTIVE > "$d/queued"; echo READY > "$d/node" ;;
+    "compute tpus tpu-vm ssh "*"echo RUNNING"*) echo STOPPED ;;
+    "compute tpus tpu-vm ssh "*"-m bridle_jax.main"*) touch "$d/done" ;;
+    "compute tpus tpu-vm ssh "*) [ ! -e "$d/setup_fails" ] || { rm "$d/setup_fails"; exit 1; } ;;
+    *) echo "stub gcloud: unexpected call: $*" >&2; exit 3 ;;
+esac
+"""
+
+
+@pytest.fixture
+def stub(tmp_path):
+    """A private PATH/TMPDIR/environment with a failing stub gcloud; `stub.calls()` lists what reached it."""
+    stub_dir = tmp_path / "stub"
+    stub_dir.mkdir()
+
+    class Stub:
+        dir = stub_dir
+
+        def __init__(self):
+            self.env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDLE_", "CLOUDSDK_"))}
+            self.env.update(PATH=f"{stub_dir}:{os.environ['PATH']}", STUB_DIR=str(stub_dir), TMPDIR=str(tmp_path))
+            self.gcloud(FAILING_GCLOUD)
+
+        def gcloud(self, text: str) -> None:
+            path = stub_dir / "gcloud"
+            path.write_text(text)
+            path.chmod(0o755)
+
+        def calls(self) -> list[str]:
+            path = stub_dir / "calls"
+            return path.read_text().splitlines() if path.exists() else []
+
+        def run(self, script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+            full_env = {**self.env, **(env or {})}
+            return subprocess.run(
+                [str(LAUNCH / script), *args], check=False, env=full_env, capture_output=True, text=True, timeout=60
+            )
+
+        def dry(self, script: str, *args: str, env: dict | None = None) -> list[str]:
+            """stdout lines of a successful dry run that executed nothing."""
+            result = self.run(script, "--dry-run", *args, env=env)
+            assert result.returncode == 0, result.stderr
+            assert self.calls() == [], "a dry run called gcloud"
+            return result.stdout.splitlines()
+
+    return Stub()
+
+
+def remote_command(printed: str) -> str:
+    """The shell command a printed `gcloud ... ssh --command=...` line hands to the workers."""
+    (command,) = [w[len("--command=") :] for w in shlex.split(printed) if w.startswith("--command=")]
+    return command
+
+
+# ----------------------------------------------------------------------------------------------------------- help
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_flags_and_env_vars(stub, script):
+    result = stub.run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: {script} [flags]")
+    assert "--dry-run" in result.stdout and "BRIDLE_DRY_RUN" in result.stdout
+    expected = {"fetch.sh": ["--workdir", "--local-dir", "--logs"], "delete.sh": ["--queued", "BRIDLE_TPU_NAME"]}
+    expected.setdefault(script, ["--project", "BRIDLE_PROJECT", "--zone", "--name"])
+    for word in expected[script]:
+        assert word in result.stdout
+    assert stub.calls() == []
+
+
+# --------------------------------------------------------------------------------------------------------- create
+
+
+@pytest.mark.parametrize(
+    "accelerator,runtime",
+    [("v4-8", "tpu-ubuntu2204-base"), ("v5p-16", "v2-alpha-tpuv5"), ("v5litepod-8", "v2-alpha-tpuv5-lite"),
+     ("v6e-8", "v2-alpha-tpuv6e")],
+)  # fmt: skip
+def test_create_tpu_vm_default_runtime(stub, accelerator, runtime):
+    lines = stub.dry("create.sh", *BASE, f"--accelerator-type={accelerator}")
+    create = tpu("tpu-vm", "create", "bridle-v4", *LOC, f"--accelerator-type={accelerator}", f"--version={runtime}")
+    assert lines == [line(create), describe()]
+
+
+def test_create_spot_with_explicit_runtime(stub):
+    lines = stub.dry("create.sh", *BASE, "--accelerator-type", "v4-32", "--runtime-version", "v2-alpha-tpuv4", "--spot")
+    create = tpu("tpu-vm", "create", "bridle-v4", *LOC, "--accelerator-type=v4-32", "--version=v2-alpha-tpuv4")
+    assert lines == [line([*create, "--spot"]), describe()]
+
+
+def test_create_queued_spot(stub):
+    lines = stub.dry("create.sh", *BASE, "--accelerator-type=v5p-16", "--queued", "--spot")
+    create = tpu("queued-resources", "create", "bridle-v4", *LOC, "--node-id=bridle-v4", "--accelerator-type=v5p-16")
+    assert lines == [line([*create, "--runtime-version=v2-alpha-tpuv5", "--spot"]), describe(True), describe()]
+
+
+def test_create_queued_best_effort_uses_alpha(stub):
+    lines = stub.dry("create.sh", *BASE, "--accelerator-type=v5litepod-8", "--queued", "--best-effort")
+    create = ["gcloud", "alpha", "compute", "tpus", "queued-resources", "create", "bridle-v4", *LOC]
+    create += ["--node-id=bridle-v4", "--accelerator-type=v5litepod-8", "--runtime-version=v2-alpha-tpuv5-lite"]
+    assert lines == [line([*create, "--best-effort"]), describe(True), describe()]
+
+
+def test_create_waits_until_ready(stub):
+    """Real (stubbed) run: the queue goes WAITING -> ACTIVE, then the node CREATING -> READY."""
+    stub.gcloud(
+        """#!/usr/bin/env bash
+printf '%s\\n' "$*" >> "$STUB_DIR/calls"
+n=$(grep -c describe "$STUB_DIR/calls")
+case "$*" in
+    *"queued-resources describe"*) [ "$n" -ge 2 ] && echo ACTIVE || echo WAITING_FOR_RESOURCES ;;
+    *"tpu-vm describe"*) [ "$n" -ge 4 ] && echo READY || echo CREATING ;;
+esac
+"""
+    )
+    result = stub.run("create.sh", *BASE, "--accelerator-type=v4-8", "--queued", "--poll-interval=0")
+    assert result.returncode == 0, result.stderr
+    calls = stub.calls()
+    expected = ["queued-resources create"] + ["queued-resources describe"] * 2 + ["tpu-vm describe"] * 2
+    assert [" ".join(c.split()[2:4]) for c in calls] == expected
+    assert "bridle-v4 is READY" in result.stderr
+
+
+def test_create_fails_on_a_failed_queued_resource(stub):
+    stub.gcloud('#!/usr/bin/env bash\ncase "$*" in *describe*) echo FAILED ;; esac\n')
+    result = stub.run("create.sh", *BASE, "--accelerator-type=v4-8", "--queued", "--poll-interval=0")
+    assert result.returncode == 2 and "bridle-v4 is FAILED" in result.stderr and "delete.sh --queued" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------- setup
+
+
+def test_setup_clones_a_git_url_on_all_workers(stub):
+    (printed,) = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--ref=v0.1.0")
+    words = shlex.split(printed)
+    assert words[:8] == tpu("tpu-vm", "ssh", "bridle-v4", *LOC) and words[8] == "--worker=all"
+    remote = remote_command(printed)
+    assert f"git clone --quiet {URL} \"$HOME\"/bridle_jax" in remote
+    assert 'git -C "$HOME"/bridle_jax fetch --quiet origin v0.1.0' in remote
+    assert 'checkout --quiet --detach FETCH_HEAD' in remote
+    assert 'python3.11 -m venv "$HOME"/bridle_venv' in remote
+    assert "install -y -qq python3.11 python3.11-venv" in remote
+    install = f"\"$HOME\"/bridle_venv/bin/python -m pip install -U -e '.[tpu]' -f {FIND_LINKS}"
+    assert install in remote
+    assert remote.index("cd \"$HOME\"/bridle_jax") < remote.index(install)
+    assert subprocess.run(["bash", "-n", "-c", remote], check=False).returncode == 0
+
+
+def test_setup_copies_a_local_checkout(stub, tmp_path):
+    repo = tmp_path / "src"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "setup.py").write_text("# placeholder\n")
+    subprocess.run([*git, "add", "setup.py"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    lines = stub.dry("setup.sh", *BASE, f"--repo={repo}", "--remote-dir=/opt/bridle", "--python=python3.12")
+    tarball = str(tmp_path / "bridle_jax-src-bridle-v4.tar.gz")
+    assert lines[0] == line(["git", "-C", str(repo), "archive", "--format=tar.gz", f"--output={tarball}", "HEAD"])
+    scp = tpu("tpu-vm", "scp", tarball, "bridle-v4:bridle_jax-src.tar.gz", *LOC, "--worker=all")
+    assert lines[1] == line(scp)
+    assert shlex.split(lines[2])[8] == "--worker=all"
+    remote = remote_command(lines[2])
+    assert "tar -xzf bridle_jax-src.tar.gz -C /opt/bridle" in remote and "git clone" not in remote
+    assert "python3.12 -m venv" in remote
+    assert lines[3:] == [line(["rm", "-f", tarball])]
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+WORKDIR = "gs://my-bucket/runs/in1k run #1 \"q\" it's $HOME;echo x"
+OVERRIDES = ["--config.data.data_dir=gs://b/tfds dir/it's", "--config.optim.lr=0.001"]
+
+
+def _fake_worker(tmp_path, pgrep_status: int) -> dict:
+    """A worker's $HOME with the code dir and a venv python that records its cwd and argv (NUL-separated)."""
+    home = tmp_path / "home"
+    (home / "bridle_jax").mkdir(parents=True)
+    (home / "bridle_venv" / "bin").mkdir(parents=True)
+    python = home / "bridle_venv" / "bin" / "python"
+    python.write_text(
+        '#!/usr/bin/env bash\nprintf \'%s\\0\' "$PWD" "$@" > "$HOME/argv.tmp"\nmv "$HOME/argv.tmp" "$HOME/argv"\n'
+        "echo training output\n"
+    )
+    python.chmod(0o755)
+    bin_dir = tmp_path / "worker_bin"
+    bin_dir.mkdir()
+    for name, body in [("pgrep", f"exit {pgrep_status}"), ("hostname", "echo w-0")]:
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def _argv(home: Path, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while not (home / "argv").exists():
+        assert time.monotonic() < deadline, "the worker command never started python"
+        time.sleep(0.02)
+    return (home / "argv").read_text().split("\0")[:-1]
+
+
+def test_train_background_passes_workdir_and_overrides_verbatim(stub, tmp_path):
+    args = [*BASE, "--config=configs/imagenet.py", f"--workdir={WORKDIR}", *OVERRIDES, "--", "--config.note=a b"]
+    (printed,) = stub.dry("train.sh", *args)
+    words = shlex.split(printed)
+    assert words[:9] == [*tpu("tpu-vm", "ssh", "bridle-v4", *LOC), "--worker=all"]
+    remote = remote_command(printed)
+    assert "nohup setsid" in remote and "</dev/null &" in remote
+
+    env = _fake_worker(tmp_path, pgrep_status=1)
+    result = subprocess.run(["bash", "-c", remote], check=False, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "started on w-0" in result.stdout
+    home = Path(env["HOME"])
+    cwd, *argv = _argv(home)
+    assert cwd == str(home / "bridle_jax")
+    assert argv == ["-m", "bridle_jax.main", "--config=configs/imagenet.py", f"--workdir={WORKDIR}", *OVERRIDES,
+                    "--config.note=a b"]  # fmt: skip
+    log_file = home / "bridle_logs" / "train_w-0.log"
+    deadline = time.monotonic() + 10
+    while "training output" not in (log_file.read_text() if log_file.exists() else ""):
+        assert time.monotonic() < deadline, "the training output never reached the per-worker log"
+        time.sleep(0.02)
+
+
+def test_train_foreground_and_the_already_running_guard(stub, tmp_path):
+    (printed,) = stub.dry("train.sh", *BASE, "--config=configs/x.py", "--workdir=gs://b/w", "--foreground")
+    remote = remote_command(printed)
+    assert "nohup" not in remote
+
+    env = _fake_worker(tmp_path, pgrep_status=0)  # training already runs on this worker
+    refused = subprocess.run(["bash", "-c", remote], check=False, env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "already running on w-0" in refused.stderr
+    assert not (Path(env["HOME"]) / "argv").exists()
+
+    (Path(env["PATH"].split(":")[0]) / "pgrep").write_text("#!/usr/bin/env bash\nexit 1\n")
+    result = subprocess.run(["bash", "-c", remote], check=False, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout == "training output\n"
+    assert _argv(Path(env["HOME"]))[1:] == ["-m", "bridle_jax.main", "--config=configs/x.py", "--workdir=gs://b/w"]
+
+
+def test_train_guard_pattern_matches_training_but_not_the_ssh_shell(stub):
+    """With the real pgrep: a `python -m bridle_jax.main` process matches; the `bash -c` carrying the command doesn't."""
+    (printed,) = stub.dry("train.sh", *BASE, "--config=c.py", "--workdir=gs://b/w")
+    pattern = re.search(r"pgrep -f '([^']*)'", remote_command(printed)).group(1)
+    fake = subprocess.Popen(["bash", "-c", 'exec -a "/venv/bin/python -m bridle_jax.main" sleep 20'])
+    try:
+        time.sleep(0.2)
+        script = f"echo $$; pgrep -f {shlex.quote(pattern)}; true python -m bridle_jax.main"
+        shell_pid, *matches = subprocess.run(
+            ["bash", "-c", script], check=False, capture_output=True, text=True
+        ).stdout.split()
+        assert str(fake.pid) in matches and shell_pid not in matches
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+# ---------------------------------------------------------------------------------------------------------- watch
+
+WATCH = [
+    *BASE,
+    "--accelerator-type=v4-8",
+    "--config=configs/imagenet.py",
+    "--workdir=gs://b/runs/in1k/",
+    f"--repo={URL}",
+]
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_watch_dry_run_prints_checks_and_one_recovery(stub, queued):
+    extra = ["--queued", "--spot"] if queued else []
+    lines = stub.dry("watch.sh", *WATCH, *extra, "--config.optim.lr=3e-4", "--restart-crashed")
+    kind = "queued-resources" if queued else "tpu-vm"
+    assert lines[0] == line(["gcloud", "storage", "ls", "gs://b/runs/in1k/DONE"])
+    assert lines[1] == describe(queued)
+    assert shlex.split(lines[2])[8:10] == ["--worker=0", "--command=" + remote_command(lines[2])]
+    delete = tpu(kind, "delete", "bridle-v4", *LOC, *(["--force"] if queued else []), "--quiet")
+    assert lines[3] == line(delete)
+    assert shlex.split(lines[4])[:6] == ["gcloud", "compute", "tpus", kind, "create", "bridle-v4"]
+    assert ("--spot" in shlex.split(lines[4])) == queued
+    waits = [describe(True), describe()] if queued else [describe()]
+    assert lines[5 : 5 + len(waits)] == waits
+    setup, train = lines[5 + len(waits) :]
+    assert "git clone" in remote_command(setup)
+    train_words = shlex.split(remote_command(train).split("nohup setsid ")[1].split(" >>")[0])
+    assert train_words[-3:] == ["--config=configs/imagenet.py", "--workdir=gs://b/runs/in1k", "--config.optim.lr=3e-4"]
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_watch_recreates_a_preempted_slice_and_stops_at_done(stub, queued):
+    stub.gcloud(STATEFUL_GCLOUD)
+    (stub.dir / "node").write_text("PREEMPTED\n" if not queued else "READY\n")
+    (stub.dir / "queued").write_text("SUSPENDED\n")
+    extra = ["--queued", "--spot"] if queued else []
+    result = stub.run("watch.sh", *WATCH, *extra, "--poll-interval=0", "--config.x=1")
+    assert result.returncode == 0, result.stderr
+    kind = "queued-resources" if queued else "tpu-vm"
+    waits = ["queued-resources describe", "tpu-vm describe"] if queued else ["tpu-vm describe"]
+    expected = ["storage ls", f"{kind} describe", f"{kind} delete", f"{kind} create", *waits]
+    expected += ["tpu-vm ssh", "tpu-vm ssh", "storage ls"]
+    calls = stub.calls()
+    assert [" ".join(c.split()[:2]) if c.startswith("storage") else " ".join(c.split()[2:4]) for c in calls] == expected
+    assert "git clone" in calls[-3] and "-m bridle_jax.main" in calls[-2] and "--config.x=1" in calls[-2]
+    assert "the run is complete" in result.stderr
+
+
+def test_watch_finishes_a_recovery_that_failed_in_setup(stub):
+    stub.gcloud(STATEFUL_GCLOUD)
+    (stub.dir / "node").write_text("TERMINATED\n")
+    (stub.dir / "setup_fails").touch()
+    result = stub.run("watch.sh", *WATCH, "--poll-interval=0")
+    assert result.returncode == 0, result.stderr
+    assert "setup.sh failed" in result.stderr and "recovery failed" in result.stderr
+    calls = [" ".join(c.split()[:2]) if c.startswith("storage") else " ".join(c.split()[2:4]) for c in stub.calls()]
+    first = ["storage ls", "tpu-vm describe", "tpu-vm delete", "tpu-vm create", "tpu-vm describe", "tpu-vm ssh"]
+    assert calls == [*first, "storage ls", "tpu-vm describe", "tpu-vm ssh", "tpu-vm ssh", "storage ls"]
+
+
+def test_watch_restarts_crashed_training_on_a_ready_vm(stub):
+    stub.gcloud(STATEFUL_GCLOUD)
+    (stub.dir / "node").write_text("READY\n")
+    result = stub.run("watch.sh", *WATCH, "--poll-interval=0", "--restart-crashed", "--delete-when-done")
+    assert result.returncode == 0, result.stderr
+    calls = stub.calls()
+    assert "echo RUNNING" in calls[2] and "--worker=0" in calls[2]
+    assert "-m bridle_jax.main" in calls[3]
+    assert calls[-1].startswith("compute tpus tpu-vm delete bridle-v4") and calls[-1].endswith("--quiet")
+    assert not any("create" in c for c in calls)
+
+
+def test_watch_gives_up_after_max_restarts(stub):
+    stub.gcloud(STATEFUL_GCLOUD)
+    (stub.dir / "node").write_text("PREEMPTED\n")
+    (stub.dir / "no_capacity").touch()
+    result = stub.run("watch.sh", *WATCH, "--poll-interval=0", "--max-restarts=2")
+    assert result.returncode == 2
+    assert "--max-restarts=2 is used up" in result.stderr
+    assert sum(" create " in c for c in stub.calls()) == 2
+
+
+# ------------------------------------------------------------------------------------------------- fetch / delete
+
+
+def test_fetch_copies_results_and_logs(stub):
+    lines = stub.dry("fetch.sh", "--workdir=gs://b/runs/in1k/", "--logs", *BASE)
+    sources = [f"gs://b/runs/in1k/{f}" for f in ["metrics.jsonl", "linear_probe.json", "config.json", "encoders"]]
+    assert lines == [
+        line(["mkdir", "-p", "runs/in1k"]),
+        line(["gcloud", "storage", "cp", "-r", "--continue-on-error", *sources, "runs/in1k"]),
+        line(tpu("tpu-vm", "scp", "--recurse", "bridle-v4:bridle_logs", "runs/in1k", *LOC, "--worker=all")),
+    ]
+
+
+def test_fetch_quotes_a_local_dir_with_spaces(stub):
+    lines = stub.dry("fetch.sh", "--workdir=gs://b/w", "--local-dir=my results/w 1")
+    assert lines[0] == "mkdir -p 'my results/w 1'" and lines[1].endswith(" 'my results/w 1'")
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_delete(stub, queued):
+    lines = stub.dry("delete.sh", *BASE, *(["--queued"] if queued else []))
+    if queued:
+        assert lines == [line(tpu("queued-resources", "delete", "bridle-v4", *LOC, "--force", "--quiet"))]
+    else:
+        assert lines == [line(tpu("tpu-vm", "delete", "bridle-v4", *LOC, "--quiet"))]
+
+
+# ------------------------------------------------------------------------------------ parameters and bad input
+
+
+def test_env_vars_with_flags_taking_precedence(stub):
+    env = {"BRIDLE_PROJECT": "env-proj", "BRIDLE_ZONE": "europe-west4-a", "BRIDLE_TPU_NAME": "env-tpu",
+           "BRIDLE_ACCELERATOR_TYPE": "v5litepod-8", "BRIDLE_SPOT": "true"}  # fmt: skip
+    (create, _) = stub.dry("create.sh", env=env)
+    assert create == line(tpu("tpu-vm", "create", "env-tpu", "--zone=europe-west4-a", "--project=env-proj",
+                              "--accelerator-type=v5litepod-8", "--version=v2-alpha-tpuv5-lite", "--spot"))  # fmt: skip
+    (delete,) = stub.dry("delete.sh", "--project=flag-proj", env=env)
+    assert delete == line(tpu("tpu-vm", "delete", "env-tpu", "--zone=europe-west4-a", "--project=flag-proj", "--quiet"))
+    env = {"CLOUDSDK_CORE_PROJECT": "sdk-proj", "CLOUDSDK_COMPUTE_ZONE": "us-east5-a", "BRIDLE_TPU_NAME": "t"}
+    assert stub.dry("delete.sh", env=env) == [line(tpu("tpu-vm", "delete", "t", "--zone=us-east5-a",
+                                                        "--project=sdk-proj", "--quiet"))]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script,args,names",
+    [
+        ("create.sh", [], ["--project", "BRIDLE_PROJECT", "--zone", "BRIDLE_ZONE", "--name", "BRIDLE_TPU_NAME",
+                           "--accelerator-type", "BRIDLE_ACCELERATOR_TYPE"]),
+        ("setup.sh", ["--zone=z"], ["--project", "--name"]),
+        ("train.sh", BASE, ["--config", "BRIDLE_CONFIG", "--workdir", "BRIDLE_WORKDIR"]),
+        ("watch.sh", [*BASE, "--config=c.py"], ["--accelerator-type", "--workdir"]),
+        ("fetch.sh", [], ["--workdir", "BRIDLE_WORKDIR"]),
+        ("fetch.sh", ["--workdir=gs://b/w", "--logs"], ["--project", "--zone", "--name"]),
+        ("delete.sh", ["--project=p"], ["--zone", "--name"]),
+    ],
+)  # fmt: skip
+def test_missing_parameters_are_named(stub, script, args, names):
+    result = stub.run(script, "--dry-run", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "missing required parameter(s)" in result.stderr
+    for name in names:
+        assert name in result.stderr
+    assert stub.calls() == []
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("delete.sh", [*BASE, "--bogus"], "unknown flag --bogus"),
+        ("delete.sh", [*BASE, "--config=c.py"], "unknown flag --config"),
+        ("delete.sh", [*BASE, "--zone"], "--zone needs a value"),
+        ("delete.sh", ["--zone", *BASE], "--zone needs a value"),
+        ("delete.sh", [*BASE, "--queued=yes"], "--queued is a switch"),
+        ("delete.sh", [*BASE, "stray"], "unexpected argument 'stray'"),
+        ("delete.sh", [*BASE, "--config.x=1"], "takes no --config.* overrides"),
+        ("train.sh", [*BASE, "--config=c.py", "--workdir=gs://b/w", "--config.x", "1"], "--config.key=value"),
+        ("train.sh", [*BASE, "--config=c.py", "--workdir=runs/w"], "--workdir (BRIDLE_WORKDIR) must be gs://"),
+        ("fetch.sh", ["--workdir=/tmp/w"], "--workdir (BRIDLE_WORKDIR) must be a gs://bucket/path"),
+        ("create.sh", [*BASE, "--accelerator-type=v9x-8"], "no default --runtime-version"),
+        ("create.sh", [*BASE, "--accelerator-type=v4-8", "--spot", "--queued", "--best-effort"], "--spot and --best"),
+        ("create.sh", [*BASE, "--accelerator-type=v4-8", "--best-effort"], "add --queued"),
+        ("create.sh", [*BASE, "--accelerator-type=v4-8", "--poll-interval=soon"], "--poll-interval (BRIDLE_POLL_INT"),
+        ("setup.sh", [*BASE, "--repo=/no/such/dir"], "--repo (BRIDLE_REPO) '/no/such/dir' is neither"),
+        ("setup.sh", [*BASE, "--ref=no-such-ref"], "--ref (BRIDLE_REF) 'no-such-ref' is not a commit"),
+        ("setup.sh", [*BASE, "--ref=a b"], "is not a branch, tag or commit"),
+        ("setup.sh", [*BASE, f"--repo={URL}", "--remote-dir=my code"], "--remote-dir: 'my code' may use only"),
+        ("setup.sh", [*BASE, f"--repo={URL}", "--venv=../x"], "--venv: '../x' must name a directory"),
+        ("setup.sh", [*BASE, f"--repo={URL}", "--python=/usr/bin/python3"], "--python (BRIDLE_PYTHON)"),
+    ],
+)  # fmt: skip
+def test_bad_input_fails_with_a_clear_message(stub, script, args, message):
+    result = stub.run(script, "--dry-run", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    assert message in result.stderr
+    assert stub.calls() == []
+
+
+def test_bad_boolean_environment_value(stub):
+    result = stub.run("delete.sh", *BASE, "--dry-run", env={"BRIDLE_QUEUED": "maybe"})
+    assert result.returncode == 2 and "BRIDLE_QUEUED='maybe'" in result.stderr
+
+
+def test_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("the shellcheck binary is not installed")
+    scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
+    assert len(scripts) == 7
+    result = subprocess.run(
+        [shellcheck, "-x", *scripts], check=False, capture_output=True, text=True, cwd=LAUNCH.parent
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
