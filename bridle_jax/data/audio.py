@@ -1,0 +1,135 @@
+"""Audio decoding and waveform-level transforms (SPEC §1.2), in NumPy/SciPy on the host.
+
+The log-mel front-end runs on device inside the training step (``fbank.py``), so the host side only has to turn a
+file into a clean mono float32 waveform at 16 kHz, augment it, and cut/pad it to a static length:
+
+  load_audio(path)          soundfile decode → mean over channels → polyphase resampling (``resample_poly``)
+  roll_mag_aug(wav, rng)    random circular roll, then × (Beta(10, 10) + 0.5) (AudioMAE/BRIDLE, on real samples)
+  crop_or_pad(wav, S)       keep the first S samples (AudioMAE keeps the first target frames) or zero-pad to S
+
+The waveform mean is *not* removed here: the front-end removes it over the real samples only, so padding never
+biases it. Every decode failure is an :class:`AudioDecodeError` naming the file and why, so the pipeline can count
+and skip it instead of dying deep inside a worker thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import soundfile as sf
+from scipy import signal
+
+SAMPLE_RATE = 16000
+
+# libsndfile's header log says "data : <declared> (should be <present>)" when a WAV's data chunk runs past the end of
+# the file: it then silently reads only what is there. 0 and 0xFFFFFFFF are the placeholders streaming writers
+# (ffmpeg to a pipe) leave in valid files, so they are not taken as truncation.
+_WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_STREAMING_PLACEHOLDERS = (0, 0xFFFFFFFF)
+
+
+class AudioDecodeError(ValueError):
+    """A file that cannot be turned into a usable waveform (missing, corrupt, truncated, empty, non-finite)."""
+
+
+class AudioFileNotFoundError(AudioDecodeError, FileNotFoundError):
+    """A missing audio file: both an :class:`AudioDecodeError` (skip-and-count) and a ``FileNotFoundError``."""
+
+
+def _check_rate(name: str, rate) -> int:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate < 1:
+        raise ValueError(f"{name} must be a positive int (Hz), got {rate!r}")
+    return int(rate)
+
+
+def resample(waveform: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Polyphase resampling ``orig_sr → target_sr`` with ``up/down`` reduced by their gcd (44.1k → 16k: 160/441).
+
+    Computed in float64 (the anti-aliasing FIR sums thousands of taps) and returned as float32; the output has
+    ``ceil(n · up / down)`` samples, as ``scipy.signal.resample_poly``.
+    """
+    orig_sr = _check_rate("orig_sr", orig_sr)
+    target_sr = _check_rate("target_sr", target_sr)
+    waveform = np.asarray(waveform)
+    if orig_sr == target_sr:
+        return waveform.astype(np.float32, copy=False)
+    g = math.gcd(orig_sr, target_sr)
+    out = signal.resample_poly(waveform.astype(np.float64), target_sr // g, orig_sr // g)
+    return out.astype(np.float32)
+
+
+def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Decodes a wav/flac/ogg (anything libsndfile reads) into a mono float32 waveform ``[n]`` at ``target_sr``.
+
+    Samples are on soundfile's [-1, 1] float scale (as ``torchaudio.load``; no ×2^15). Channels are averaged.
+    Raises :class:`AudioDecodeError` (:class:`AudioFileNotFoundError` for a missing file) naming the file and why:
+    undecodable or corrupt bytes, a truncated file (fewer frames than its header declares), zero samples, or
+    NaN/Inf samples (a float WAV can hold them). A silent clip is valid.
+    """
+    target_sr = _check_rate("target_sr", target_sr)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioFileNotFoundError(f"audio file {path!r}: no such file")
+    try:
+        with sf.SoundFile(path) as f:
+            declared = f.frames
+            sample_rate = f.samplerate
+            data = f.read(dtype="float32", always_2d=True)
+            header_log = f.extra_info
+    except (sf.SoundFileError, RuntimeError, OSError, EOFError) as e:
+        raise AudioDecodeError(f"audio file {path!r}: cannot decode ({e})") from e
+    if data.shape[0] < declared:
+        raise AudioDecodeError(f"audio file {path!r}: truncated, read {data.shape[0]} of {declared} frames")
+    for match in _WAV_SHORT_DATA.finditer(header_log):
+        claimed, present = int(match.group(1)), int(match.group(2))
+        if present < claimed and claimed not in _STREAMING_PLACEHOLDERS:
+            raise AudioDecodeError(
+                f"audio file {path!r}: truncated, the data chunk declares {claimed} bytes but only {present} are present"
+            )
+    if data.shape[0] == 0 or data.shape[1] == 0:
+        raise AudioDecodeError(f"audio file {path!r}: no samples (empty or truncated before the first frame)")
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise AudioDecodeError(f"audio file {path!r}: {bad} NaN/Inf samples (expected finite samples)")
+    mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return resample(mono, sample_rate, target_sr)
+
+
+def roll_mag_aug(waveform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """SPEC §1.2 ``roll_mag_aug``: circular roll by a uniform shift in ``[0, n)``, then × ``Beta(10, 10) + 0.5``.
+
+    Apply it to the real samples only (before padding), so the roll never moves padding into the clip.
+    """
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1 or waveform.size == 0:
+        raise ValueError(f"roll_mag_aug: expected a non-empty 1-D waveform, got shape {waveform.shape}")
+    shift = int(rng.integers(0, waveform.size))
+    magnitude = rng.beta(10.0, 10.0) + 0.5
+    return (np.roll(waveform, shift) * np.float32(magnitude)).astype(np.float32)
+
+
+def crop_or_pad(
+    waveform: np.ndarray, num_samples_out: int, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, int]:
+    """Fixed-length ``(float32 [num_samples_out], length)``: zero-pad short clips, crop long ones.
+
+    Without ``rng`` a long clip keeps its first ``num_samples_out`` samples: AudioMAE/BRIDLE crop the fbank to the
+    first ``target_frames`` frames, and ``num_samples_out = samples_for_frames(target_frames)`` gives exactly those.
+    With ``rng`` the crop window starts uniformly at random (an option, not the recipe). ``length`` is the number
+    of real samples, ``min(n, num_samples_out)``.
+    """
+    if isinstance(num_samples_out, bool) or not isinstance(num_samples_out, (int, np.integer)) or num_samples_out < 1:
+        raise ValueError(f"crop_or_pad: num_samples_out must be a positive int, got {num_samples_out!r}")
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"crop_or_pad: expected a 1-D waveform, got shape {waveform.shape}")
+    n = waveform.size
+    if n >= num_samples_out:
+        start = 0 if rng is None else int(rng.integers(0, n - num_samples_out + 1))
+        return np.ascontiguousarray(waveform[start : start + num_samples_out]), int(num_samples_out)
+    out = np.zeros((num_samples_out,), np.float32)
+    out[:n] = waveform
+    return out, int(n)

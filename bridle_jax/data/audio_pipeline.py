@@ -1,0 +1,509 @@
+"""Audio input pipelines: fixed-length 16 kHz waveforms for the on-device log-mel front-end (``fbank.log_mel``).
+
+Implements the modality pipeline contract of :mod:`bridle_jax.data.pipeline`. Batches are
+``{"input": float32 [b, S], "length": int32 [b], "label": int32 [b] | float32 [b, num_classes]}``: zero-padded
+waveforms, the number of real samples of each, and the label (multi-hot for AudioSet). ``S`` is
+``fbank.samples_for_frames(config.data.target_frames, spec)``, so a full clip gives exactly ``target_frames`` frames
+and the front-end (run inside the jitted step) sees the same clip the authors' AudioMAE loader would.
+
+Datasets (``config.data.name`` → its splits; the probe tests on the split in ``DATASETS``):
+  sounds        the embedded demo: synthesised sound classes as real WAV files in the ESC-50 layout, generated at
+                run time into ``$BRIDLE_JAX_CACHE/sounds-v1`` (default ``~/.cache/bridle_jax``) when ``data_dir``
+                is unset; "train" = ``train_folds``, "test" = ``test_folds``
+  esc50         ESC-50 under ``data_dir`` (``audio/``, ``meta/esc50.csv``); "train"/"test" from the folds
+  audioset      official segments/class-index CSVs under ``data_dir``; "train"/"eval" clips in the folders
+                ``audioset_train_audio_dir``/``audioset_eval_audio_dir`` (relative to ``data_dir``)
+  audio_folder  ``path,label`` CSVs under ``data_dir``, one per split (``csv_files``: split → CSV; needs "train"
+                and "test"); the class mapping comes from the train CSV
+
+Order of the train stream:
+  source (decode, unreadable → next readable) → shuffle(seed) → repeat (reshuffled per epoch)
+  → roll_mag_aug (real samples only) → crop_or_pad(S) → [process_index::process_count] → batch
+MapDataset is lazy, so a process decodes only the records it owns, while each record's augmentation is keyed by its
+global position: the process shards together are exactly the single-process global batch.
+
+Unreadable records (missing, corrupt, truncated, empty, NaN/Inf): one warning names the file and why; the file is
+counted once per process (:func:`skipped_count`) and replaced by the next readable record in stored order (train)
+or dropped (eval), so batches keep static shapes and the stream stays deterministic and resumable. Beyond
+``config.data.max_skipped`` skipped files the pipeline raises ``RuntimeError``. Problems with the dataset as a whole
+(missing ``data_dir`` or CSV, bad header, malformed row, unknown label, unknown split, nothing readable) raise at
+once: see :mod:`bridle_jax.data.audio_sources`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from bridle_jax.data import audio, audio_sources, fbank
+
+log = logging.getLogger(__name__)
+
+DATASETS = {"sounds": "test", "esc50": "test", "audioset": "eval", "audio_folder": "test"}
+FRONTENDS = ("bridle", "beats")
+
+# The demo set is part of the demo's contract (its probe accuracy is reported): fixed parameters and seed.
+SOUNDS_VERSION = "sounds-v1"
+SOUNDS_SEED = 20240601
+SOUNDS_PARAMS = {"num_classes": 10, "clips_per_class": 40, "duration": 1.28, "sample_rate": 16000}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Every ``config.data`` field the audio pipeline reads; defaults are the AudioSet BRIDLE recipe (SPEC §1.2)."""
+    return ml_collections.ConfigDict(
+        {
+            "name": "audioset",
+            "data_dir": ml_collections.config_dict.placeholder(str),
+            # Front-end (fbank.FrontendSpec): the log-mel runs on device; the pipeline only needs the length S.
+            "frontend": "bridle",  # "bridle" (AudioMAE/BRIDLE) or "beats"
+            "sample_rate": 16000,
+            "num_mel_bins": 128,
+            "target_frames": 1024,  # 10.24 s; ESC-50 recipe 512
+            "norm_mean": -4.4446096,  # AudioSet "new analytical stats"; ESC-50 -6.6268077
+            "norm_std": 3.3216383,  # ESC-50 5.358466
+            "roll_mag_aug": True,  # SPEC §1.2: on in every audio pretrain/finetune script
+            # ESC-50 and the sounds demo: 5-fold CV, train on 4 folds, test on the 5th.
+            "train_folds": (1, 2, 3, 4),
+            "test_folds": (5,),
+            # AudioSet: paths relative to data_dir (absolute paths are used as given).
+            "audioset_train_csv": "balanced_train_segments.csv",
+            "audioset_eval_csv": "eval_segments.csv",
+            "audioset_class_index_csv": "class_labels_indices.csv",
+            "audioset_train_audio_dir": "balanced_train",
+            "audioset_eval_audio_dir": "eval",
+            # audio_folder: split -> "path,label" CSV relative to data_dir.
+            "csv_files": ml_collections.ConfigDict({"train": "train.csv", "test": "test.csv"}),
+            "num_threads": 8,
+            "prefetch_buffer_size": 4,
+            "max_eval_examples": ml_collections.config_dict.placeholder(int),
+            "max_skipped": 1000,  # unreadable files tolerated per process before the pipeline stops the run
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------- config spec
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioDataSpec:
+    """``config.data`` read once and checked, so every error names the config field and what was expected."""
+
+    name: str
+    data_dir: str | None
+    frontend: fbank.FrontendSpec
+    num_samples: int
+    roll_mag_aug: bool
+    train_folds: tuple[int, ...]
+    test_folds: tuple[int, ...]
+    audioset: dict
+    csv_files: dict
+    num_threads: int
+    prefetch_buffer_size: int
+    max_eval_examples: int | None
+    max_skipped: int
+
+
+_MISSING = object()
+
+
+def _get(data_config, field: str):
+    value = getattr(data_config, field, _MISSING)
+    if value is _MISSING:
+        raise ValueError(f"config.data.{field} is missing (see audio_pipeline.default_data_config())")
+    return value
+
+
+def _fail(field: str, expected: str, got) -> None:
+    raise ValueError(f"config.data.{field}: expected {expected}, got {got!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _int(data_config, field: str, minimum: int) -> int:
+    value = _get(data_config, field)
+    if not _is_int(value) or value < minimum:
+        _fail(field, f"an int >= {minimum}", value)
+    return int(value)
+
+
+def _finite(data_config, field: str, positive: bool = False) -> float:
+    value = _get(data_config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        _fail(field, "a finite number", value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        _fail(field, "a finite number" + (" > 0" if positive else ""), value)
+    return float(value)
+
+
+def _folds(data_config, field: str) -> tuple[int, ...]:
+    value = _get(data_config, field)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        _fail(field, "a non-empty tuple of fold numbers >= 1", value)
+    if not all(_is_int(f) and f >= 1 for f in value):
+        _fail(field, "a non-empty tuple of fold numbers >= 1", value)
+    return tuple(int(f) for f in value)
+
+
+def _nonempty_str(data_config, field: str) -> str:
+    value = _get(data_config, field)
+    if not isinstance(value, str) or not value:
+        _fail(field, "a non-empty path string", value)
+    return value
+
+
+def data_spec(data_config) -> AudioDataSpec:
+    """Validates ``config.data`` (a ConfigDict or any object with these attributes) into an :class:`AudioDataSpec`."""
+    name = _get(data_config, "name")
+    if name not in DATASETS:
+        _fail("name", f"one of {sorted(DATASETS)}", name)
+    data_dir = _get(data_config, "data_dir")
+    if data_dir is not None and (not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir)):
+        _fail("data_dir", "None or a non-empty path", data_dir)
+    if data_dir is None and name != "sounds":
+        _fail("data_dir", f"the folder holding {name!r} (only the 'sounds' demo is generated when it is unset)", None)
+    kind = _get(data_config, "frontend")
+    if kind not in FRONTENDS:
+        _fail("frontend", f"one of {FRONTENDS}", kind)
+    spec = fbank.FrontendSpec(
+        kind=kind,
+        sample_rate=_int(data_config, "sample_rate", 1),
+        num_mel_bins=_int(data_config, "num_mel_bins", 1),
+        target_frames=_int(data_config, "target_frames", 1),
+        mean=_finite(data_config, "norm_mean"),
+        std=_finite(data_config, "norm_std", positive=True),
+    )
+    try:
+        num_samples = fbank.samples_for_frames(spec.target_frames, spec)
+    except ValueError as e:
+        _fail("sample_rate", f"a rate that gives whole 25 ms / 10 ms frames ({e})", spec.sample_rate)
+    roll = _get(data_config, "roll_mag_aug")
+    if not isinstance(roll, (bool, np.bool_)):
+        _fail("roll_mag_aug", "a bool", roll)
+    audioset, csv_files = {}, {}
+    if name == "audioset":
+        for field in ("train_csv", "eval_csv", "class_index_csv", "train_audio_dir", "eval_audio_dir"):
+            audioset[field] = _nonempty_str(data_config, f"audioset_{field}")
+    if name == "audio_folder":
+        value = _get(data_config, "csv_files")
+        items = dict(value.items()) if hasattr(value, "items") else None
+        if not items or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in items.items()):
+            _fail("csv_files", "a mapping split -> CSV path (relative to data_dir)", value)
+        for split in ("train", DATASETS["audio_folder"]):
+            if split not in items:
+                _fail("csv_files", f"a mapping that has the split {split!r}", value)
+        csv_files = items
+    max_eval = _get(data_config, "max_eval_examples")
+    if max_eval is not None and (not _is_int(max_eval) or max_eval < 1):
+        _fail("max_eval_examples", "None or an int >= 1", max_eval)
+    return AudioDataSpec(
+        name=name,
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        frontend=spec,
+        num_samples=int(num_samples),
+        roll_mag_aug=bool(roll),
+        train_folds=_folds(data_config, "train_folds"),
+        test_folds=_folds(data_config, "test_folds"),
+        audioset=audioset,
+        csv_files=csv_files,
+        num_threads=_int(data_config, "num_threads", 0),
+        prefetch_buffer_size=_int(data_config, "prefetch_buffer_size", 0),
+        max_eval_examples=None if max_eval is None else int(max_eval),
+        max_skipped=_int(data_config, "max_skipped", 0),
+    )
+
+
+def validate_data_config(data_config) -> None:
+    """Raises ``ValueError`` naming ``config.data.<field>`` and what was expected."""
+    data_spec(data_config)
+
+
+def frontend_spec(data_config) -> fbank.FrontendSpec:
+    """The on-device log-mel front-end described by ``config.data`` (for ``fbank.log_mel`` in the train step)."""
+    return data_spec(data_config).frontend
+
+
+def num_samples(data_config) -> int:
+    """``S``, the fixed waveform length of every batch: the samples of ``target_frames`` 25 ms / 10 ms frames."""
+    return data_spec(data_config).num_samples
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def cache_root() -> str:
+    """Where generated demo data live: ``$BRIDLE_JAX_CACHE`` or ``~/.cache/bridle_jax``."""
+    return os.environ.get("BRIDLE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bridle_jax")
+
+
+def sounds_root(data_dir: str | None = None) -> str:
+    """The demo set's folder (``data_dir`` or the cache), generated deterministically on first use."""
+    root = data_dir if data_dir is not None else os.path.join(cache_root(), SOUNDS_VERSION)
+    return audio_sources.write_synthetic_sounds(root, seed=SOUNDS_SEED, **SOUNDS_PARAMS)
+
+
+def _under(data_dir: str, path: str) -> str:
+    return path if os.path.isabs(path) else os.path.join(data_dir, path)
+
+
+def _splits(spec: AudioDataSpec) -> tuple[str, ...]:
+    if spec.name == "audio_folder":
+        return tuple(spec.csv_files)
+    return ("train", DATASETS[spec.name])
+
+
+def make_source(spec: AudioDataSpec, split: str):
+    """The raw (decoding) source of ``split``; dataset-level problems raise here, with the field or file named."""
+    if split not in _splits(spec):
+        raise ValueError(f"config.data.name={spec.name!r} has splits {_splits(spec)}, got split {split!r}")
+    if spec.data_dir is not None and not os.path.isdir(spec.data_dir):
+        raise FileNotFoundError(f"config.data.data_dir={spec.data_dir!r} is not a directory")
+    rate = spec.frontend.sample_rate
+    if spec.name in ("sounds", "esc50"):
+        root = sounds_root(spec.data_dir) if spec.name == "sounds" else spec.data_dir
+        folds = spec.train_folds if split == "train" else spec.test_folds
+        return audio_sources.ESC50Source(root, folds, sample_rate=rate)
+    if spec.name == "audioset":
+        a = spec.audioset
+        return audio_sources.AudioSetSource(
+            _under(spec.data_dir, a[f"{split}_audio_dir"]),
+            _under(spec.data_dir, a[f"{split}_csv"]),
+            _under(spec.data_dir, a["class_index_csv"]),
+            sample_rate=rate,
+        )
+    train = audio_sources.FolderCsvSource(spec.data_dir, spec.csv_files["train"], sample_rate=rate)
+    if split == "train":
+        return train
+    return audio_sources.FolderCsvSource(
+        spec.data_dir,
+        spec.csv_files[split],
+        classes=train.classes,
+        num_classes=train.num_classes,
+        sample_rate=rate,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- skip counter
+
+
+class SkippedRecords:
+    """Unreadable files seen by this process (each counted once), with the ceiling check. Thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._reasons)
+
+    def last(self, n: int = 5) -> list[str]:
+        with self._lock:
+            return list(self._reasons)[-n:]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reasons.clear()
+
+    def record(self, path: str, reason: str, max_skipped: int) -> None:
+        """Logs and counts ``path``; raises ``RuntimeError`` once more than ``max_skipped`` files were skipped."""
+        with self._lock:
+            new = path not in self._reasons
+            self._reasons[path] = reason
+            count = len(self._reasons)
+            last = list(self._reasons)[-5:]
+        if new:
+            log.warning("skipping unreadable audio record %s: %s (%d skipped in this process)", path, reason, count)
+        if count > max_skipped:
+            raise RuntimeError(
+                f"{count} unreadable audio files were skipped, more than config.data.max_skipped={max_skipped}; "
+                f"the last ones: {last}. Fix or remove them, or raise config.data.max_skipped."
+            )
+
+
+SKIPPED = SkippedRecords()
+
+
+def skipped_count() -> int:
+    """Unreadable files skipped so far by this process (train and eval together), for the training loop's logs."""
+    return SKIPPED.count
+
+
+class ReadableSource:
+    """Random access over a decoding source where an unreadable record never stops the stream on its own.
+
+    ``replace=True`` (train): index ``i`` yields the first readable record at ``i, i+1, ...`` (cyclically, in
+    stored order), which depends only on the files, so the stream stays deterministic and resumable.
+    ``replace=False`` (eval): an unreadable record yields ``None``, which Grain drops. Known-bad indices are
+    remembered so they are not decoded again every epoch.
+    """
+
+    def __init__(self, source, max_skipped: int, *, replace: bool = True):
+        self._source = source
+        self._max_skipped = int(max_skipped)
+        self._replace = replace
+        self._bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict | None:
+        n = len(self._source)
+        for k in range(n):
+            j = (int(index) + k) % n
+            if j in self._bad:
+                if not self._replace:
+                    return None
+                continue
+            try:
+                return self._source[j]
+            except (audio.AudioDecodeError, OSError) as e:
+                self._bad.add(j)
+                SKIPPED.record(self._source.path(j), str(e), self._max_skipped)
+                if not self._replace:
+                    return None
+        raise RuntimeError(f"no readable record in {self._source!r}: all {n} files failed to decode")
+
+    def __repr__(self) -> str:
+        return f"ReadableSource({self._source!r})"
+
+
+# -------------------------------------------------------------------------------------------------- transforms
+
+
+class RollMagAug(grain.transforms.RandomMap):
+    """SPEC §1.2 ``roll_mag_aug`` on the record's (real, unpadded) waveform; rng from Grain's ``random_map``."""
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return {**element, "waveform": audio.roll_mag_aug(element["waveform"], rng)}
+
+
+class CropOrPad(grain.transforms.Map):
+    """``{"waveform", "label", "path"}`` → the contract's ``{"input": [S], "length", "label"}`` (first S samples)."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = int(num_samples)
+
+    def map(self, element: dict) -> dict:
+        padded, length = audio.crop_or_pad(element["waveform"], self.num_samples)
+        return {"input": padded, "length": np.int32(length), "label": element["label"]}
+
+    def __repr__(self) -> str:
+        return f"CropOrPad(num_samples={self.num_samples})"
+
+
+def _train_seeds(seed) -> tuple[int, int]:
+    """Independent shuffle / augmentation seeds from one integer (SeedSequence avoids correlated streams)."""
+    if not _is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    shuffle_seed, aug_seed = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint32)
+    return int(shuffle_seed), int(aug_seed)
+
+
+def train_dataset(
+    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """The infinite, shuffled, augmented train stream of this process, batched (drop_remainder).
+
+    Deterministic in ``seed`` whatever the thread count; wrap with ``.to_iter_dataset(grain.ReadOptions(...))``,
+    whose iterator's ``get_state``/``set_state`` resume bit-identically.
+    """
+    spec = data_spec(data_config)
+    if not _is_int(local_batch_size) or local_batch_size < 1:
+        raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
+    if not _is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
+    source = make_source(spec, "train")
+    if len(source) == 0:
+        raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")
+    shuffle_seed, aug_seed = _train_seeds(seed)
+
+    ds = grain.MapDataset.source(ReadableSource(source, spec.max_skipped, replace=True))
+    ds = ds.shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
+    if spec.roll_mag_aug:
+        ds = ds.random_map(RollMagAug(), seed=aug_seed)
+    ds = ds.map(CropOrPad(spec.num_samples))
+    ds = ds[process_index::process_count]
+    return ds.batch(int(local_batch_size), drop_remainder=True)
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    """The eval-preprocessed split (no augmentation) in stored order, as NumPy arrays.
+
+    ``{"input": float32 [N, S], "length": int32 [N], "label": int32 [N] | float32 [N, num_classes]}``. Unreadable
+    records are dropped (counted as skipped); ``N`` is the first ``max_examples`` (else
+    ``config.data.max_eval_examples``) readable records. Held in memory: 4·S bytes per clip (AudioSet's 10.24 s
+    clips take 655 kB each, so cap large splits).
+    """
+    spec = data_spec(data_config)
+    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
+        raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    source = make_source(spec, split)
+    cap = max_examples if max_examples is not None else spec.max_eval_examples
+    n = len(source) if cap is None else min(len(source), int(cap))
+    ds = grain.MapDataset.source(ReadableSource(source, spec.max_skipped, replace=False)).map(
+        CropOrPad(spec.num_samples)
+    )
+    read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
+    records = []
+    for record in ds.to_iter_dataset(read_options):  # ordered whatever the thread count; None (unreadable) dropped
+        records.append(record)
+        if len(records) == n:
+            break
+    if not records:
+        raise ValueError(f"config.data.name={spec.name!r} split {split!r}: no readable record")
+    return {
+        "input": np.stack([r["input"] for r in records]),
+        "length": np.asarray([r["length"] for r in records], np.int32),
+        "label": np.stack([r["label"] for r in records]),
+    }
+
+
+def _raw_waveform(item, index: int, rate: int) -> np.ndarray:
+    if isinstance(item, (str, os.PathLike)):
+        return audio.load_audio(item, rate)
+    wav = np.asarray(item)
+    if wav.ndim != 1 or wav.size == 0:
+        raise ValueError(f"raw[{index}]: expected a non-empty 1-D waveform (or a file path), got shape {wav.shape}")
+    if wav.dtype == np.int16:
+        wav = wav.astype(np.float32) / 32768.0
+    elif not np.issubdtype(wav.dtype, np.floating):
+        raise ValueError(f"raw[{index}]: expected float samples in [-1, 1] or int16, got dtype {wav.dtype}")
+    if not np.all(np.isfinite(wav)):
+        raise ValueError(f"raw[{index}]: waveform has NaN/Inf samples")
+    return wav.astype(np.float32)
+
+
+def preprocess_eval(data_config, raw) -> dict:
+    """Eval preprocessing of raw user audio → ``{"input": float32 [B, S], "length": int32 [B]}``.
+
+    ``raw`` is a list of clips, each a file path (decoded and resampled like the dataset) or a mono waveform at
+    ``config.data.sample_rate`` (float in [-1, 1], or int16), or a 2-D float array ``[B, n]`` of equal-length
+    waveforms. Clips are cropped to their first ``S`` samples or zero-padded, as in :func:`eval_arrays`.
+    """
+    spec = data_spec(data_config)
+    if isinstance(raw, (str, os.PathLike)):
+        raise TypeError("raw must be a list of clips (paths or waveforms), not a single path; wrap it in a list")
+    if isinstance(raw, np.ndarray) and raw.ndim != 2:
+        raise ValueError(f"raw as an array must be [B, n] waveforms, got shape {raw.shape}")
+    items = list(raw)
+    if not items:
+        raise ValueError("raw is empty: expected at least one clip")
+    out = np.zeros((len(items), spec.num_samples), np.float32)
+    lengths = np.zeros((len(items),), np.int32)
+    for i, item in enumerate(items):
+        out[i], lengths[i] = audio.crop_or_pad(_raw_waveform(item, i, spec.frontend.sample_rate), spec.num_samples)
+    return {"input": out, "length": lengths}
