@@ -209,8 +209,24 @@ def test_multi_scale_crop_sizes_offsets_and_one_crop_for_all_frames():
     pairs = video.multi_scale_crop_sizes(96, 128, 64)
     assert len(pairs) == 10 and set(pairs) == expected
     offsets = video.fix_crop_offsets(128, 96, 72, 64)  # steps (128-72)//4 = 14, (96-64)//4 = 8
-    grid = {(14 * a, 8 * b) for a, b in [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0),
-                                         (1, 1), (3, 1), (1, 3), (3, 3)]}  # fmt: skip
+    grid = {
+        (14 * a, 8 * b)
+        for a, b in [
+            (0, 0),
+            (4, 0),
+            (0, 4),
+            (4, 4),
+            (2, 2),
+            (0, 2),
+            (4, 2),
+            (2, 4),
+            (2, 0),
+            (1, 1),
+            (3, 1),
+            (1, 3),
+            (3, 3),
+        ]
+    }
     assert len(offsets) == 13 and set(offsets) == grid
 
     base = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
@@ -279,8 +295,11 @@ def k400(tmp_path_factory):
             if i in skip:
                 continue  # missing clips
             ext = ".mkv" if i == 4 else ".mp4"
-            encode(root / split / f"{video_sources.k400_clip_stem(yid, start, end)}{ext}", painted(3 + i, 16, 24),
-                   fmt="matroska" if ext == ".mkv" else None)  # fmt: skip
+            encode(
+                root / split / f"{video_sources.k400_clip_stem(yid, start, end)}{ext}",
+                painted(3 + i, 16, 24),
+                fmt="matroska" if ext == ".mkv" else None,
+            )
     return root
 
 
@@ -394,6 +413,19 @@ def test_moving_digits_files_labels_split_and_determinism(digits_root, tmp_path)
     np.testing.assert_array_equal(video.read_frames(tmp_path / "again" / rows[0]["path"]), frames)
     other = video_sources.write_moving_digits(tmp_path / "other", seed=8, **SMALL_DIGITS)
     assert [r["label"] for r in read_rows(other)] != [r["label"] for r in rows]
+
+
+def test_moving_digits_distractor_is_a_small_moving_square():
+    digit = np.random.default_rng(5).integers(0, 17, (8, 8)).astype(np.float64)
+    plain = video_sources.render_moving_digit(digit, np.random.default_rng(6), 6, 24, distractor=False)
+    busy = video_sources.render_moving_digit(digit, np.random.default_rng(6), 6, 24, distractor=True)
+    boxes = []
+    for a, b in zip(plain, busy):  # the digit is drawn identically; only the 3x3 square differs
+        ys, xs = np.nonzero(np.any(a != b, axis=-1))
+        if len(ys):
+            assert ys.max() - ys.min() < 3 and xs.max() - xs.min() < 3
+            boxes.append((ys.min(), xs.min()))
+    assert len(boxes) >= 4 and len(set(boxes)) > 1
 
 
 def test_moving_digits_atomic_reuse_and_races(digits_root, tmp_path):
@@ -533,8 +565,16 @@ def test_eval_arrays_order_and_preprocess_eval(digits_root):
 def test_pad_mode_reports_length(clips, tmp_path):
     root = os.path.dirname(clips["c40"])
     csv_path = write_csv(tmp_path / "v.csv", ("path", "label"), [("c12.mp4", 0), ("c1.mp4", 1), ("c40.mp4", 2)])
-    config = data_config(name="video_folder", data_dir=root, train_csv=csv_path, eval_csv=csv_path, num_frames=4,
-                         sampling_rate=4, image_size=16, short_clip="pad")  # fmt: skip
+    config = data_config(
+        name="video_folder",
+        data_dir=root,
+        train_csv=csv_path,
+        eval_csv=csv_path,
+        num_frames=4,
+        sampling_rate=4,
+        image_size=16,
+        short_clip="pad",
+    )
     arrays = video_pipeline.eval_arrays(config, "test")
     np.testing.assert_array_equal(arrays["length"], [3, 1, 4])  # 12 frames: 0, 4, 8 (+ slack 3) / 1 frame / full
     assert not arrays["input"][0, 3:].any() and not arrays["input"][1, 1:].any() and arrays["input"][0, 2].any()
@@ -548,8 +588,16 @@ def test_unreadable_records_are_replaced_counted_and_capped(clips, tmp_path):
     root = os.path.dirname(clips["c40"])
     names = ["c40.mp4", "junk.mp4", "c12.mp4", "cut.mp4", "cut_fast.mp4", "zero.mp4", "c1.mp4", "c15.mkv"]
     csv_path = write_csv(tmp_path / "v.csv", ("path", "label"), [(n, i) for i, n in enumerate(names)])
-    config = data_config(name="video_folder", data_dir=root, train_csv=csv_path, eval_csv=csv_path, num_frames=2,
-                         sampling_rate=1, image_size=16, max_skipped=4)  # fmt: skip
+    config = data_config(
+        name="video_folder",
+        data_dir=root,
+        train_csv=csv_path,
+        eval_csv=csv_path,
+        num_frames=2,
+        sampling_rate=1,
+        image_size=16,
+        max_skipped=4,
+    )
     arrays = video_pipeline.eval_arrays(config, "test")
     # Each unreadable clip takes the next readable record: junk -> c12; cut, cut_fast, zero -> c1.
     np.testing.assert_array_equal(arrays["label"], [0, 2, 2, 6, 6, 6, 6, 7])

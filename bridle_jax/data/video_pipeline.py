@@ -430,10 +430,14 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
     n = len(source) if cap is None else min(len(source), int(cap))
     shape = (n, spec.num_frames, spec.image_size, spec.image_size, 3)
     if np.prod(shape) * 4 > 8 * 2**30:
-        logger.warning("eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples",
-                        split, np.prod(shape) * 4 / 2**30)  # fmt: skip
-    ds = DecodeOrNext(grain.MapDataset.source(source), _loader(spec), seed=None, window=len(source),
-                      max_skipped=spec.max_skipped)[:n]  # fmt: skip
+        logger.warning(
+            "eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples",
+            split,
+            np.prod(shape) * 4 / 2**30,
+        )
+    ds = DecodeOrNext(
+        grain.MapDataset.source(source), _loader(spec), seed=None, window=len(source), max_skipped=spec.max_skipped
+    )[:n]
     for t in eval_transforms(spec):
         ds = ds.map(t)
     out = {"input": np.empty(shape, np.float32), "length": np.empty((n,), np.int32), "label": np.empty((n,), np.int32)}

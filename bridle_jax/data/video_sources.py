@@ -283,8 +283,12 @@ def render_moving_digit(
 
 
 def _moving_digits_params(num_clips, num_frames, size, fps, seed, distractor) -> dict:
-    for name, value, low in (("num_clips", num_clips, 10), ("num_frames", num_frames, 1), ("size", size, 18),
-                             ("fps", fps, 1)):  # fmt: skip
+    for name, value, low in (
+        ("num_clips", num_clips, 10),
+        ("num_frames", num_frames, 1),
+        ("size", size, 18),
+        ("fps", fps, 1),
+    ):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
             raise ValueError(f"write_moving_digits: {name} must be an int >= {low}, got {value!r}")
     if size % 2:
@@ -312,9 +316,15 @@ def moving_digits_complete(root) -> dict | None:
 
 
 def write_moving_digits(
-    root, *, num_clips: int = 600, num_frames: int = 16, size: int = 32, fps: int = 8, seed: int = 0,
+    root,
+    *,
+    num_clips: int = 600,
+    num_frames: int = 16,
+    size: int = 32,
+    fps: int = 8,
+    seed: int = 0,
     distractor: bool = False,
-) -> str:  # fmt: skip
+) -> str:
     """Renders the moving-digits demo into ``root`` (atomically) and returns the CSV path.
 
     Each clip shows one of scikit-learn's bundled 8x8 handwritten digits (upsampled to 12-16 px, random colour)
