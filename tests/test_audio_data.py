@@ -280,6 +280,16 @@ def test_esc50_malformed_rows_name_file_and_row(tmp_path, row, message):
     assert "esc50.csv" in str(e.value) and "row 3" in str(e.value)
 
 
+def test_csv_with_byte_order_mark_and_binary_garbage(tmp_path):
+    rng = np.random.default_rng(17)
+    sf.write(tmp_path / "a.wav", tone(rng, 500), SR)
+    (tmp_path / "bom.csv").write_bytes("path,label\na.wav,dog\n".encode("utf-8-sig"))
+    assert audio_sources.FolderCsvSource(tmp_path, "bom.csv").classes == ["dog"]
+    (tmp_path / "bin.csv").write_bytes(b"path,label\na.wav,dog\n\xff\xfe\x00garbage\n")
+    with pytest.raises(ValueError, match=r"bin\.csv' row \d: malformed"):
+        audio_sources.FolderCsvSource(tmp_path, "bin.csv")
+
+
 def test_esc50_missing_header_column_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CSV file .*esc50\.csv' not found"):
         audio_sources.ESC50Source(tmp_path, (1,))

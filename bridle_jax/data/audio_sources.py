@@ -48,31 +48,37 @@ _INT = re.compile(r"^[0-9]+$")
 # ------------------------------------------------------------------------------------------------- CSV + paths
 
 
-def _read_csv(path: str, required: Sequence[str], *, comment: str | None = None) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line_number, row)`` for every data row; the header must name every ``required`` column."""
+def _read_csv(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """Yields ``(line_number, row)`` for every data row; the header must name every ``required`` column.
+
+    ``utf-8-sig`` drops the byte-order mark spreadsheet exports put before the first column's name.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file {path!r} not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = (line for line in f if not (comment and line.lstrip().startswith(comment)))
-        reader = csv.reader(lines, skipinitialspace=True)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"CSV file {path!r} is empty: expected a header with columns {list(required)}")
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(
-                f"CSV file {path!r}: header {header} lacks column(s) {missing} (expected {list(required)})"
-            )
-        for number, fields in enumerate(reader, start=2):
-            if not fields or all(not x.strip() for x in fields):
-                continue
-            if len(fields) != len(header):
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, skipinitialspace=True, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"CSV file {path!r} is empty: expected a header with columns {list(required)}")
+            header = [h.strip() for h in header]
+            missing = [c for c in required if c not in header]
+            if missing:
                 raise ValueError(
-                    f"CSV file {path!r} row {number}: expected {len(header)} fields ({','.join(header)}), "
-                    f"got {len(fields)}: {fields}"
+                    f"CSV file {path!r}: header {header} lacks column(s) {missing} (expected {list(required)})"
                 )
-            yield number, {h: x.strip() for h, x in zip(header, fields)}
+            for fields in reader:
+                number = reader.line_num  # the physical line (a quoted field may span lines)
+                if not fields or all(not x.strip() for x in fields):
+                    continue
+                if len(fields) != len(header):
+                    raise ValueError(
+                        f"CSV file {path!r} row {number}: expected {len(header)} fields ({','.join(header)}), "
+                        f"got {len(fields)}: {fields}"
+                    )
+                yield number, {h: x.strip() for h, x in zip(header, fields)}
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"CSV file {path!r} row {reader.line_num + 1}: malformed ({e})") from None
 
 
 def _parse_int(value: str, where: str, field: str, minimum: int = 0) -> int:
