@@ -209,7 +209,7 @@ def run_worker(args) -> dict:
     rng = np.random.default_rng(0)
     pixels = rng.random((args.batch, args.image_size, args.image_size, 3), dtype=np.float32)
     image = (pixels - np.asarray(config.data.mean, np.float32)) / np.asarray(config.data.std, np.float32)
-    batch = sharding.global_batch(mesh, {"image": image.astype(np.float32)})
+    batch = sharding.global_batch(mesh, {"input": image.astype(np.float32)})
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     kw = dict(models=models, config=config, state_shardings=state_shardings,

@@ -10,6 +10,7 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MODALITIES = ("image", "audio", "video")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,22 +18,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.modality = "image"
 
-    c.data = ml_collections.ConfigDict(
-        dict(
-            name="imagenet2012",
-            data_dir=ml_collections.config_dict.placeholder(str),
-            image_size=224,
-            crop_scale=(0.2, 1.0),
-            crop_ratio=(3 / 4, 4 / 3),
-            flip=True,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            eval_crop_fraction=0.875,
-            num_threads=8,
-            prefetch_buffer_size=4,
-            max_eval_examples=ml_collections.config_dict.placeholder(int),
-        )
-    )
+    # The image pipeline's fields; audio and video recipes replace c.data with their pipeline's
+    # default_data_config() (see bridle_jax/data/pipeline.py).
+    from bridle_jax.data import image_pipeline
+
+    c.data = image_pipeline.default_data_config()
 
     c.model = ml_collections.ConfigDict(
         dict(
@@ -41,7 +31,14 @@ def base_config() -> ml_collections.ConfigDict:
             decoder_width=512,
             decoder_depth=16,
             decoder_heads=16,  # label predictor D (SPEC 1.4, image)
-            estimator_depth=3,  # tokenizer estimator TE (SPEC 1.6): width = T's width, output = E's width
+            decoder_kind="global",  # "global" (image, video) | "local": AudioMAE's shifted-window decoder (audio)
+            decoder_window=(4, 4),  # local decoder: window in patches (time, freq)
+            decoder_shift=(2, 0),  # local decoder: cyclic shift of the odd blocks
+            estimator_depth=3,  # tokenizer estimator TE (SPEC 1.6): output = E's width
+            estimator_width=0,  # 0 = T's width (image, audio); video: 384
+            estimator_heads=0,  # 0 = T's heads; video: 6
+            cls_token=True,  # VideoMAE has none (video recipes set False)
+            tubelet_size=2,  # video: frames per tubelet (SPEC 1.8)
             dtype="float32",  # compute dtype: "float32" | "bfloat16"; params and optimizer stay float32
             remat=False,  # rematerialise each transformer block (saves activation memory)
         )
@@ -61,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
-    c.masking = ml_collections.ConfigDict(dict(ratio=0.8))
+    c.masking = ml_collections.ConfigDict(dict(kind="random", ratio=0.8))  # video: kind "tube", ratio 0.9
 
     # The interleaved plan, as data: "kind:steps" with kind in {encoder_cold_start, encoder, tokenizer}.
     c.schedule = ml_collections.ConfigDict(
@@ -117,11 +114,17 @@ def _fail(field: str, expected: str, got) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is compiled; every error names the field and what was expected."""
     # Imported here: the config module must stay importable without the models (configs import it).
-    from bridle_jax import schedule
+    from bridle_jax import masking, schedule
+    from bridle_jax.data import pipeline
     from bridle_jax.models import vit
 
-    if c.modality != "image":
-        _fail("modality", "'image' (audio and video plug in later)", c.modality)
+    if c.modality not in MODALITIES:
+        _fail("modality", f"one of {MODALITIES}", c.modality)
+    if c.data.name not in pipeline.DATASETS:
+        _fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
+    if pipeline.DATASETS[c.data.name] != c.modality:
+        _fail("data.name", f"a {c.modality} dataset (config.modality={c.modality!r})", c.data.name)
+    pipeline.module_for(c.data).validate_data_config(c.data)
     for field in ("variant", "tokenizer_variant"):
         value = c.model[field]
         if field == "tokenizer_variant" and not value:
@@ -140,8 +143,33 @@ def validate(c: ml_collections.ConfigDict) -> None:
             "model.decoder_width", f"a multiple of model.decoder_heads={c.model.decoder_heads}", c.model.decoder_width
         )
     patch = vit.decode_variant(c.model.variant)["patch_size"]
-    if c.data.image_size < patch or c.data.image_size % patch:
-        _fail("data.image_size", f"a positive multiple of the patch size {patch} of model.variant", c.data.image_size)
+    if c.modality == "audio":
+        if c.data.target_frames is None:
+            _fail("data.target_frames", "a frame count (pretraining pads/crops every clip to it)", None)
+        sizes = {"data.target_frames": c.data.target_frames, "data.num_mel_bins": c.data.num_mel_bins}
+    else:
+        sizes = {"data.image_size": c.data.image_size}
+    for field, size in sizes.items():
+        if size < patch or size % patch:
+            _fail(field, f"a positive multiple of the patch size {patch} of model.variant", size)
+    if c.modality == "video":
+        t = c.model.tubelet_size
+        if t < 1 or c.data.num_frames < t or c.data.num_frames % t:
+            _fail("data.num_frames", f"a positive multiple of model.tubelet_size={t}", c.data.num_frames)
+    if c.model.decoder_kind not in ("global", "local"):
+        _fail("model.decoder_kind", "'global' or 'local'", c.model.decoder_kind)
+    if c.model.decoder_kind == "local":
+        if c.modality == "video":
+            _fail("model.decoder_kind", "'global' for video (the local-window decoder works on 2-D grids)", "local")
+        rows = (c.data.target_frames if c.modality == "audio" else c.data.image_size) // patch
+        cols = (c.data.num_mel_bins if c.modality == "audio" else c.data.image_size) // patch
+        win = tuple(c.model.decoder_window)
+        if len(win) != 2 or rows % win[0] or cols % win[1]:
+            _fail("model.decoder_window", f"(rows, cols) that tile the {rows}x{cols} patch grid", win)
+    if c.masking.kind not in masking.MASKS:
+        _fail("masking.kind", f"one of {sorted(masking.MASKS)}", c.masking.kind)
+    if c.masking.kind == "tube" and c.modality != "video":
+        _fail("masking.kind", "'random' for image and audio (tube masking needs a time x space grid)", "tube")
     if c.model.tokenizer_variant and vit.decode_variant(c.model.tokenizer_variant)["patch_size"] != patch:
         _fail(
             "model.tokenizer_variant",

@@ -20,13 +20,15 @@ class Encoder:
         self.config = config
         self.iteration = iteration
         self.params = params
-        self.module = bridle.encoder_from_config(config)
+        self.models = bridle.build_models(config)
+        self.module = self.models.encoder
         self._mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
 
     def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
-        """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]) -> features [B, width]."""
-        x = pipeline.preprocess_eval(self.config.data, np.asarray(inputs))
-        return linear_probe.pooled_features(self.module, self.params, x, mesh=self._mesh, batch_size=batch_size)
+        """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]; audio and video: see the
+        pipeline's `preprocess_eval`) -> features [B, width], pooled over the non-padded patches."""
+        arrays = pipeline.preprocess_eval(self.config.data, inputs)
+        return linear_probe.pooled_features(self.models, self.params, arrays, mesh=self._mesh, batch_size=batch_size)
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:

@@ -22,11 +22,16 @@ def masked_code_cross_entropy(logits, codes, masked):
     return jnp.mean(per_level), per_level, accuracy
 
 
-def cosine_distance(pred, target, eps: float = 1e-8):
-    """Mean over tokens of 1 - cos(pred, target) (BEATs/BRIDLE distillation, SPEC 2.2)."""
+def cosine_distance(pred, target, eps: float = 1e-8, valid=None):
+    """Mean over tokens of 1 - cos(pred, target) (BEATs/BRIDLE distillation, SPEC 2.2); with `valid` ([B, N] bool),
+    the mean over the valid tokens only (padded patches are not distillation targets)."""
     pred = pred.astype(jnp.float32)
     target = target.astype(jnp.float32)
     dot = jnp.sum(pred * target, axis=-1)
     # Clamping the squared norms (not the norms) keeps the gradient finite at an all-zero row, where d‖x‖ is 0/0.
     sq_norms = jnp.sum(pred * pred, axis=-1) * jnp.sum(target * target, axis=-1)
-    return jnp.mean(1.0 - dot * jax.lax.rsqrt(jnp.maximum(sq_norms, eps * eps)))
+    dist = 1.0 - dot * jax.lax.rsqrt(jnp.maximum(sq_norms, eps * eps))
+    if valid is None:
+        return jnp.mean(dist)
+    weight = valid.astype(jnp.float32)
+    return jnp.sum(dist * weight) / jnp.maximum(jnp.sum(weight), 1.0)

@@ -1,11 +1,13 @@
-"""MAE-style random masking with static shapes (SPEC 1.3, A9).
+"""MAE-style random masking and VideoMAE tube masking, with static shapes (SPEC 1.3, 3.4, A9).
 
 Masks are permutations, not boolean selections: every sample keeps exactly `num_kept(N, ratio)` patches, so the
 visible-token array has a static shape under jit. `keep_idx` feeds the encoder's gather, `restore_idx` the
 decoder's unshuffle, `masked` the loss.
 """
+
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -34,3 +36,37 @@ def random_mask(key: jax.Array, batch_size: int, num_patches: int, ratio: float)
     shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
     restore = jnp.argsort(shuffle, axis=1).astype(jnp.int32)
     return Mask(keep_idx=shuffle[:, :n_keep], restore_idx=restore, masked=restore >= n_keep)
+
+
+def tube_mask(key: jax.Array, batch_size: int, grid: tuple[int, int, int], ratio: float) -> Mask:
+    """VideoMAE tube masking: one random spatial mask per sample, repeated in every temporal slot of the (t, h, w)
+    grid, so a masked patch cannot be copied from its neighbour in time. Keeps `t * num_kept(h * w, ratio)` patches
+    (0.9 on 8x14x14: 20 per slot, 160 in all), listed slot by slot."""
+    if len(grid) != 3:
+        raise ValueError(f"tube masking needs a (time, height, width) patch grid, got {grid}")
+    t, h, w = grid
+    hw = h * w
+    n_keep = num_kept(hw, ratio)
+    noise = jax.random.uniform(key, (batch_size, hw))
+    spatial = jnp.argsort(noise, axis=1).astype(jnp.int32)  # [B, hw]: kept positions first
+    offsets = (jnp.arange(t, dtype=jnp.int32) * hw)[None, :, None]  # [1, t, 1]
+    kept = (spatial[:, None, :n_keep] + offsets).reshape(batch_size, t * n_keep)
+    dropped = (spatial[:, None, n_keep:] + offsets).reshape(batch_size, t * (hw - n_keep))
+    shuffle = jnp.concatenate([kept, dropped], axis=1)
+    restore = jnp.argsort(shuffle, axis=1).astype(jnp.int32)
+    return Mask(keep_idx=kept, restore_idx=restore, masked=restore >= t * n_keep)
+
+
+MASKS = {
+    "random": "per-sample random patches (audio, image)",
+    "tube": "the same spatial mask in every frame slot (video)",
+}
+
+
+def make_mask(kind: str, key: jax.Array, batch_size: int, grid: tuple[int, ...], ratio: float) -> Mask:
+    """The mask of `config.masking.kind` for a batch on a patch grid."""
+    if kind == "random":
+        return random_mask(key, batch_size, math.prod(grid), ratio)
+    if kind == "tube":
+        return tube_mask(key, batch_size, tuple(grid), ratio)
+    raise ValueError(f"config.masking.kind: expected one of {sorted(MASKS)}, got {kind!r}")

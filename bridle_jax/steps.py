@@ -24,22 +24,26 @@ from bridle_jax.models.bridle import BridleModels
 from bridle_jax.state import TrainState
 
 
-def tokenizer_features(models: BridleModels, params, images, *, cold_start: bool):
+def tokenizer_features(models: BridleModels, params, x, *, cold_start: bool):
     """z [B, N, D] of the current tokenizer: the cold-start projection (iteration 1) or T's ViT + head."""
     if cold_start:
-        return models.cold_start.apply({"params": params["cold_start"]}, images)
-    return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, images)
+        return models.cold_start.apply({"params": params["cold_start"]}, x)
+    return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
 
 
-def teacher_features(models: BridleModels, params, images):
-    """E's last-layer tokens (after the final LayerNorm) on the unmasked input, cls removed (A15)."""
-    tokens, _ = models.encoder.apply({"params": params["encoder"]["encoder"]}, images)
-    return tokens[:, 1:]
+def teacher_features(models: BridleModels, params, x):
+    """E's last-layer patch tokens (after the final LayerNorm) on the unmasked input, cls removed (A15)."""
+    _, inter = models.encoder.apply({"params": params["encoder"]["encoder"]}, x)
+    return inter["patches"]
 
 
-def _quantize(codebooks, z, q: ml_collections.ConfigDict):
+def _quantize(codebooks, z, q: ml_collections.ConfigDict, valid=None):
     return quantizer.quantize(
-        codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs, commitment_weight=q.commitment_weight
+        codebooks,
+        z,
+        normalize_stage_inputs=q.normalize_stage_inputs,
+        commitment_weight=q.commitment_weight,
+        mask=valid,
     )
 
 
@@ -53,8 +57,8 @@ def _count_nonfinite(nonfinite, ok):
     return jnp.stack([nonfinite[0] + bad, (nonfinite[1] + bad) * bad])
 
 
-def _codebook_metrics(codes, codebook_size):
-    stats = quantizer.usage_stats(codes, codebook_size)
+def _codebook_metrics(codes, codebook_size, valid):
+    stats = quantizer.usage_stats(codes, codebook_size, mask=valid)
     out = {}
     for m in range(codes.shape[-1]):
         out[f"codebook/level{m}/usage"] = stats["usage"][m]
@@ -62,14 +66,14 @@ def _codebook_metrics(codes, codebook_size):
     return out
 
 
-def _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, codebook_size) -> dict:
+def _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, codebook_size, valid) -> dict:
     """What both phases log: loss, gradient norm, the applied lr, the skip flag and the codebook usage."""
     return {
         "train/loss": loss,
         "train/grad_norm": grad_norm,
         "train/lr": _applied_lr(state, lr_schedule),
         "train/nonfinite": 1 - ok.astype(jnp.int32),
-        **_codebook_metrics(codes, codebook_size),
+        **_codebook_metrics(codes, codebook_size, valid),
     }
 
 
@@ -122,14 +126,15 @@ def prepare_codebooks(
     q = config.quantizer
     key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 7)
     k_means, k_restart = jax.random.split(key)
-    z = tokenizer_features(models, state.params, batch["image"], cold_start=cold_start)
+    x, valid = models.model_input(batch)
+    z = tokenizer_features(models, state.params, x, cold_start=cold_start)
     codebooks = quantizer.kmeans_init(
-        state.codebooks, z, k_means, iters=q.kmeans_iters, normalize_stage_inputs=q.normalize_stage_inputs
+        state.codebooks, z, k_means, iters=q.kmeans_iters, normalize_stage_inputs=q.normalize_stage_inputs, mask=valid
     )
     if restart:
         out = _quantize(codebooks, z, q)
         codebooks = quantizer.restart_unused(
-            codebooks, out.stage_inputs, out.codes, k_restart, min_count=q.restart_min_count
+            codebooks, out.stage_inputs, out.codes, k_restart, min_count=q.restart_min_count, mask=valid
         )
     return state.replace(codebooks=codebooks)
 
@@ -145,21 +150,22 @@ def encoder_step(
     cold_start: bool,
 ):
     """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
-    images = batch["image"]
+    x, valid = models.model_input(batch)
     key = jax.random.fold_in(state.rng, state.step)
-    mask = masking.random_mask(key, images.shape[0], models.num_patches, config.masking.ratio)
-    z = tokenizer_features(models, state.params, images, cold_start=cold_start)
+    mask = masking.make_mask(config.masking.kind, key, x.shape[0], models.patch_grid, config.masking.ratio)
+    targets = mask.masked if valid is None else mask.masked & valid
+    z = tokenizer_features(models, state.params, x, cold_start=cold_start)
     codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
 
     def loss_fn(params):
-        encoded, _ = models.encoder.apply({"params": params["encoder"]}, images, keep_idx=mask.keep_idx)
+        encoded, _ = models.encoder.apply({"params": params["encoder"]}, x, keep_idx=mask.keep_idx)
         logits = models.decoder.apply({"params": params["decoder"]}, encoded, mask.restore_idx, models.patch_grid)
-        loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mask.masked)
+        loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, targets)
         return loss, (per_level, accuracy)
 
     (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
     ok, grad_norm, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
-    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size)
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size, valid)
     for m in range(per_level.shape[0]):
         metrics[f"train/encoder/ce_level{m}"] = per_level[m]
         metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
@@ -180,23 +186,23 @@ def tokenizer_step(
 ):
     """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
     q = config.quantizer
-    images = batch["image"]
-    target = jax.lax.stop_gradient(teacher_features(models, state.params, images))
+    x, valid = models.model_input(batch)
+    target = jax.lax.stop_gradient(teacher_features(models, state.params, x))
 
     def loss_fn(params):
-        z = models.tokenizer.apply({"params": params["tokenizer"]}, images)
-        out = _quantize(state.codebooks, z, q)
+        z = models.tokenizer.apply({"params": params["tokenizer"]}, x)
+        out = _quantize(state.codebooks, z, q, valid)
         pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
-        cos = losses.cosine_distance(pred, target)
+        cos = losses.cosine_distance(pred, target, valid=valid)
         return cos + out.loss, (cos, out)
 
     (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["tokenizer"])
     ok, grad_norm, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
     codebooks = quantizer.ema_update(
-        state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize
+        state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize, mask=valid
     )
     codebooks = _guarded(ok, codebooks, state.codebooks)
-    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, out.codes, q.codebook_size)
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, out.codes, q.codebook_size, valid)
     metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss})
     new_state = state.replace(
         step=state.step + 1,

@@ -47,7 +47,7 @@ def _check_nonfinite(state, config, step: int, writer=None, phase_name: str = ""
 
 
 class _ProbeData:
-    """The labelled splits the end-of-phase linear probe uses, preprocessed once."""
+    """The labelled splits the end-of-phase linear probe uses, preprocessed once ({"input", "length", "label"})."""
 
     def __init__(self, config):
         p = config.evals.linear_probe
@@ -57,14 +57,14 @@ class _ProbeData:
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:
     p = config.evals.linear_probe
-    feats = lambda images: linear_probe.pooled_features(
-        models.encoder, encoder_params, images, mesh=mesh, batch_size=p.batch_size
+    feats = lambda arrays: linear_probe.pooled_features(
+        models, encoder_params, arrays, mesh=mesh, batch_size=p.batch_size
     )
     return linear_probe.linear_probe(
-        feats(data.train[0]),
-        data.train[1],
-        feats(data.test[0]),
-        data.test[1],
+        feats(data.train),
+        data.train["label"],
+        feats(data.test),
+        data.test["label"],
         steps=p.steps,
         lr=p.lr,
         batch_size=p.batch_size,
@@ -163,7 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             progress.start(step)
 
             while step < phase.end_step:
-                batch = sharding.global_batch(mesh, {"image": next(data_iter)["image"]})
+                local = next(data_iter)
+                batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"]})
                 if step == phase.start_step and needs_codebooks:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
                 state, metrics = train_step(state, batch)
@@ -173,6 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                     skipped = _check_nonfinite(state, config, step, writer, phase.name)
                     rate, line = progress.update(step, phase.end_step, phase.name)
                     values = {**jax.device_get(metrics), **skipped, "perf/steps_per_sec": rate}
+                    values["data/skipped_records"] = pipeline.skipped_count(config.data)
                     writer.write(step, values, phase=phase.name)
                     metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
                 if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint

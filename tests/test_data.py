@@ -4,7 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bridle_jax.data import pipeline, sources, transforms
+from bridle_jax.data import image_pipeline, pipeline, sources, transforms
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -24,7 +24,7 @@ def take(iterator, n):
 def assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["input"], y["input"])
     np.testing.assert_array_equal(x["label"], y["label"])
 
 
@@ -72,7 +72,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 def test_unknown_dataset_name_is_a_clear_error():
   with pytest.raises(ValueError, match=r"config\.data\.name must be one of \('digits', 'imagenet2012'\), got 'mnist'"):
     sources.make_source(data_config(name="mnist"), "train")
-  with pytest.raises(ValueError, match=r"config\.data\.name"):
+  with pytest.raises(ValueError, match=r"config\.data\.name: expected one of .*'digits'.*got 'mnist'"):
     pipeline.train_iterator(data_config(name="mnist"), local_batch_size=4, seed=0)
 
 
@@ -82,7 +82,7 @@ def test_unknown_dataset_name_is_a_clear_error():
     ("num_threads", -1, ">= 0"), ("flip", "yes", "bool"), ("max_eval_examples", 0, "positive int")])
 def test_bad_config_fields_are_named(field, value, expected):
   with pytest.raises(ValueError, match=rf"config\.data\.{field} must be .*{expected}"):
-    pipeline.data_spec(data_config(**{field: value}))
+    image_pipeline.data_spec(data_config(**{field: value}))
 
 
 def test_bad_records_are_named():
@@ -168,13 +168,14 @@ def test_resize_center_crop_geometry():
 def test_preprocess_eval_accepts_natural_forms():
   cfg = data_config(image_size=16, eval_crop_fraction=0.875)
   u8 = np.random.default_rng(3).integers(0, 256, (4, 20, 24, 3), dtype=np.uint8)
-  ref = pipeline.preprocess_eval(cfg, u8)
+  prep = lambda raw: pipeline.preprocess_eval(cfg, raw)["input"]
+  ref = prep(u8)
   assert ref.shape == (4, 16, 16, 3) and ref.dtype == np.float32
-  np.testing.assert_array_equal(pipeline.preprocess_eval(cfg, u8.astype(np.float32) / 255.0), ref)
-  np.testing.assert_array_equal(pipeline.preprocess_eval(cfg, u8.astype(np.float64)), ref)
-  np.testing.assert_array_equal(pipeline.preprocess_eval(cfg, u8.astype(np.int64)), ref)
+  np.testing.assert_array_equal(prep(u8.astype(np.float32) / 255.0), ref)
+  np.testing.assert_array_equal(prep(u8.astype(np.float64)), ref)
+  np.testing.assert_array_equal(prep(u8.astype(np.int64)), ref)
   grey = u8[..., :1]
-  np.testing.assert_array_equal(pipeline.preprocess_eval(cfg, grey), pipeline.preprocess_eval(cfg, np.repeat(grey, 3, -1)))
+  np.testing.assert_array_equal(prep(grey), prep(np.repeat(grey, 3, -1)))
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     pipeline.preprocess_eval(cfg, u8[0])
   with pytest.raises(ValueError, match="1 \\(grey\\) or 3 \\(RGB\\) channels"):
@@ -185,14 +186,16 @@ def test_preprocess_eval_accepts_natural_forms():
 
 def test_eval_arrays_digits_matches_preprocess_eval():
   cfg = data_config(max_eval_examples=50)
-  images, labels = pipeline.eval_arrays(cfg, "test")
+  arrays = pipeline.eval_arrays(cfg, "test")
+  images, labels = arrays["input"], arrays["label"]
   assert images.shape == (50, 32, 32, 3) and images.dtype == np.float32 and labels.dtype == np.int32
+  np.testing.assert_array_equal(arrays["length"], np.full(50, 32))
   src = sources.DigitsSource("test")
   raw = np.stack([src[i]["image"] for i in range(50)])
-  np.testing.assert_array_equal(images, pipeline.preprocess_eval(cfg, raw))
+  np.testing.assert_array_equal(images, pipeline.preprocess_eval(cfg, raw)["input"])
   np.testing.assert_array_equal(labels, [src[i]["label"] for i in range(50)])
-  images, labels = pipeline.eval_arrays(cfg, sources.EVAL_SPLIT["digits"], max_examples=7)
-  assert images.shape[0] == labels.shape[0] == 7
+  arrays = pipeline.eval_arrays(cfg, pipeline.eval_split(cfg), max_examples=7)
+  assert arrays["input"].shape[0] == arrays["label"].shape[0] == 7
 
 
 # ------------------------------------------------------------------------------------------------ train stream
@@ -203,10 +206,11 @@ def test_train_batches_shape_range_and_thread_independence():
     it = pipeline.train_iterator(data_config(num_threads=threads), local_batch_size=16, seed=7)
     batches[threads] = take(it, 3)
   b = batches[0][0]
-  assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+  assert b["input"].shape == (16, 32, 32, 3) and b["input"].dtype == np.float32
+  np.testing.assert_array_equal(b["length"], np.full(16, 32))
   assert b["label"].shape == (16,) and b["label"].dtype == np.int32
   lo, hi = (0 - np.max(MEAN)) / np.min(STD), (1 - np.min(MEAN)) / np.min(STD)
-  assert lo - 0.05 <= b["image"].min() and b["image"].max() <= hi + 0.05 and b["image"].std() > 0.3
+  assert lo - 0.05 <= b["input"].min() and b["input"].max() <= hi + 0.05 and b["input"].std() > 0.3
   assert_batches_equal(batches[0], batches[1])
   assert_batches_equal(batches[0], batches[4])
   other_seed = next(pipeline.train_iterator(data_config(), local_batch_size=16, seed=8))
@@ -233,7 +237,7 @@ def test_epochs_reshuffle_and_process_shards_are_disjoint_and_complete(monkeypat
   for i, g in enumerate(whole):
     for p in range(procs):
       np.testing.assert_array_equal(g["label"][p::procs], shards[p][i]["label"])
-      np.testing.assert_array_equal(g["image"][p::procs], shards[p][i]["image"])
+      np.testing.assert_array_equal(g["input"][p::procs], shards[p][i]["input"])
   with pytest.raises(ValueError, match="process_index must be"):
     pipeline.train_iterator(cfg, local_batch_size=4, seed=0, process_index=2, process_count=2)
 
@@ -277,8 +281,9 @@ def test_imagenet2012_through_tfds_mock(tmp_path):
   cfg = data_config(name="imagenet2012", data_dir=str(tmp_path), image_size=24)
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
     batch = next(pipeline.train_iterator(cfg, local_batch_size=4, seed=0))
-    images, labels = pipeline.eval_arrays(cfg, "validation")
-  assert batch["image"].shape == (4, 24, 24, 3) and batch["image"].dtype == np.float32
+    arrays = pipeline.eval_arrays(cfg, "validation")
+  images, labels = arrays["input"], arrays["label"]
+  assert batch["input"].shape == (4, 24, 24, 3) and batch["input"].dtype == np.float32
   assert batch["label"].shape == (4,) and batch["label"].dtype == np.int32
   assert images.shape == (12, 24, 24, 3) and labels.shape == (12,) and labels.dtype == np.int32
   assert np.all((labels >= 0) & (labels < 1000))

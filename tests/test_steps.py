@@ -129,7 +129,7 @@ def run_pipeline(config, mesh, images, init=None, *, num_phases=3):
         fns[phase.index] = (step_fn, shardings)
         for i in range(1 if phase.index == 2 else 2):
             name = f"phase{phase.index}_step{i}"
-            b = sharding.global_batch(mesh, {"image": images[BATCHES[name]]})
+            b = sharding.global_batch(mesh, {"input": images[BATCHES[name]]})
             if i == 0 and (phase.cold_start or phase.kind == "tokenizer"):
                 state = steps.jit_prepare_codebooks(phase, **kw)(state, b)
                 snaps[f"prepared{phase.index}"] = host(state)
@@ -255,7 +255,7 @@ def test_global_batch_is_split_over_every_device(config, images):
         c = config.copy_and_resolve_references()
         c.mesh.data, c.mesh.fsdp = data, fsdp
         mesh = sharding.make_mesh(c.mesh)
-        b = sharding.global_batch(mesh, {"image": images[0]})["image"]
+        b = sharding.global_batch(mesh, {"input": images[0]})["input"]
         shards = b.addressable_shards
         assert len(shards) == 8 and all(sh.data.shape == (2, 16, 16, 3) for sh in shards)
         got = np.concatenate([np.asarray(sh.data) for sh in sorted(shards, key=lambda sh: sh.index[0].start)])
@@ -397,7 +397,7 @@ def test_encoder_loss_decreases_on_a_fixed_batch(single, images):
     step_fn, shardings = single["fns"][0]
     mesh = single["mesh"]
     state = to_device(single["snaps"]["phase0_step1"], shardings)
-    batch = sharding.global_batch(mesh, {"image": images[BATCHES["phase0_step0"]]})
+    batch = sharding.global_batch(mesh, {"input": images[BATCHES["phase0_step0"]]})
     history = [float(single["metrics"][f"phase0_step{i}"]["train/loss"]) for i in range(2)]
     for _ in range(18):
         state, m = step_fn(state, batch)
@@ -490,7 +490,7 @@ def test_prepare_codebooks_is_a_noop_on_initialised_codebooks(single, images, co
     both = jax.jit(lambda st, b: (prep(st, b, cold_start=False), prep(st, b, cold_start=True),
                                   prep(st.replace(codebooks=st.codebooks.replace(initialized=jnp.asarray(False))), b,
                                        cold_start=False)))
-    warm, cold, fresh = host(both(trained, {"image": jnp.asarray(images[4])}))
+    warm, cold, fresh = host(both(trained, {"input": jnp.asarray(images[4])}))
     assert_trees_equal(trained, warm, "encoder-phase prepare")
     assert_trees_equal(trained, cold, "cold-start prepare")
     # control: the same call on the same codebooks marked uninitialised does re-fit them
@@ -504,7 +504,7 @@ def test_prepare_then_tokenizer_restart_uses_every_code(single, images, config):
     dead code by a stage input of the batch; without it (the encoder phase's prepare) they stay dead."""
     start = single["snaps"]["handed1"]
     models = single["models"]
-    batch = {"image": jnp.asarray(np.repeat(images[5][:1], 16, axis=0))}
+    batch = {"input": jnp.asarray(np.repeat(images[5][:1], 16, axis=0))}
     prep = functools.partial(steps.prepare_codebooks, models=models, config=config, cold_start=False)
     with_restart, without = host(jax.jit(lambda st, b: (prep(st, b, restart=True), prep(st, b, restart=False)))(
         start, batch))
@@ -515,7 +515,7 @@ def test_prepare_then_tokenizer_restart_uses_every_code(single, images, config):
     np.testing.assert_array_equal(with_restart.codebooks.codes[~dead], without.codebooks.codes[~dead])
     # level 0: every restarted code is one of the batch's stage inputs l2(z)
     z = np.asarray(jax.jit(models.tokenizer.apply)({"params": start.params["tokenizer"]["tokenizer"]},
-                                                   batch["image"]), np.float64).reshape(-1, config.quantizer.dim)
+                                                   batch["input"]), np.float64).reshape(-1, config.quantizer.dim)
     u0 = z / np.linalg.norm(z, axis=-1, keepdims=True)
     for k in np.flatnonzero(dead[0]):
         assert np.min(np.abs(u0 - with_restart.codebooks.codes[0, k]).max(-1)) < 1e-5, k
@@ -611,7 +611,7 @@ def _run_guard(single, phase_index, start, batches):
     state = to_device(start, shardings)
     out = []
     for b in batches:
-        state, m = step_fn(state, sharding.global_batch(mesh, {"image": b}))
+        state, m = step_fn(state, sharding.global_batch(mesh, {"input": b}))
         out.append((host(state), host(m)))
     return out
 

@@ -138,7 +138,7 @@ class _PoisonedIterator:
         batch = dict(next(self._inner))
         self._count += 1
         if self._count > self._start:
-            batch["image"] = np.full_like(batch["image"], np.nan)
+            batch["input"] = np.full_like(batch["input"], np.nan)
         return batch
 
     def get_state(self) -> bytes:  # Grain's checkpoint handler takes bytes from non-DatasetIterator iterators

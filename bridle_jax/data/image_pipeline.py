@@ -1,5 +1,8 @@
 """Image input pipelines: ``config.data`` fields → an explicit list of typed Grain transforms (no string pp DSL).
 
+Implements the modality pipeline contract of :mod:`bridle_jax.data.pipeline` (batches ``{"input", "length",
+"label"}``; for images ``length`` is the image height: nothing is ever padded).
+
 Train: an infinite, checkpointable stream of normalised crops, sharded across processes. Eval: the whole split,
 ordered and deterministic, as NumPy arrays — and the same eval preprocessing for raw user images
 (:func:`preprocess_eval`, used by the public feature API).
@@ -16,9 +19,39 @@ from __future__ import annotations
 import dataclasses
 
 import grain
+import ml_collections
 import numpy as np
 
+from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from bridle_jax.data import sources, transforms
+
+DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Every ``config.data`` field the image pipeline reads (the ImageNet recipe's values)."""
+  return ml_collections.ConfigDict(dict(
+      name="imagenet2012",
+      data_dir=ml_collections.config_dict.placeholder(str),
+      image_size=224,
+      crop_scale=(0.2, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      flip=True,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+      eval_crop_fraction=0.875,
+      num_threads=8,
+      prefetch_buffer_size=4,
+      max_eval_examples=ml_collections.config_dict.placeholder(int),
+  ))
+
+
+def validate_data_config(data_config) -> None:
+  data_spec(data_config)
+
+
+def skipped_count() -> int:
+  """Image records are validated as they are read and a bad one raises (TFDS files are checksummed): none skipped."""
+  return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,27 +176,24 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
   if spec.flip:
     ds = ds.random_map(transforms.RandomFlip(0.5), seed=flip_seed)
   ds = ds.map(transforms.Normalize(spec.mean, spec.std))
+  ds = ds.map(_ToModelRecord(spec.image_size))
   ds = ds[process_index::process_count]
   return ds.batch(int(local_batch_size), drop_remainder=True)
 
 
-def train_iterator(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-  """Infinite iterator of ``{"image": float32 [local_batch_size, S, S, 3], "label": int32 [local_batch_size]}``.
+class _ToModelRecord(grain.transforms.Map):
+  """``{"image", "label"}`` → the contract's ``{"input", "length", "label"}``."""
 
-  Deterministic in ``seed`` (independent of ``num_threads``); ``get_state``/``set_state`` and
-  ``grain.checkpoint.CheckpointSave``/``CheckpointRestore`` resume it bit-identically. Process ``p`` of ``P`` gets
-  global records ``p, p + P, p + 2P, …``: shards are disjoint and together form the global batch.
-  """
-  spec = data_spec(data_config)
-  ds = train_dataset(data_config, local_batch_size=local_batch_size, seed=seed, process_index=process_index,
-                     process_count=process_count)
-  read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-  return iter(ds.to_iter_dataset(read_options))
+  def __init__(self, image_size: int):
+    self.image_size = image_size
+
+  def map(self, element: dict) -> dict:
+    return {"input": element["image"], "length": np.int32(self.image_size), "label": element["label"]}
 
 
-def eval_arrays(data_config, split: str, max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """The eval-preprocessed split in its stored order: ``(images float32 [N, S, S, 3], labels int32 [N])``.
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+  """The eval-preprocessed split in its stored order: ``{"input": float32 [N, S, S, 3], "length": int32 [N],
+  "label": int32 [N]}``.
 
   ``N`` is capped by ``max_examples``, else by ``config.data.max_eval_examples`` (the first ``N`` records). The
   result is held in memory (N·S²·12 bytes: 50k ImageNet images at 224 are 30 GB, so cap it for large splits).
@@ -184,7 +214,7 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> tup
   for i, record in enumerate(ds.to_iter_dataset(read_options)):  # ordered, whatever the thread count
     images[i] = record["image"]
     labels[i] = record["label"]
-  return images, labels
+  return {"input": images, "length": np.full((n,), size, np.int32), "label": labels}
 
 
 def to_uint8_images(images) -> np.ndarray:
@@ -219,12 +249,13 @@ def to_uint8_images(images) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
-def preprocess_eval(data_config, images) -> np.ndarray:
-  """Eval preprocessing of raw images in their natural form: ``[B, H, W, C]`` → float32 ``[B, S, S, 3]``."""
+def preprocess_eval(data_config, images) -> dict:
+  """Eval preprocessing of raw images in their natural form: ``[B, H, W, C]`` → ``{"input": float32 [B, S, S, 3],
+  "length"}``."""
   spec = data_spec(data_config)
   resize, normalize = eval_transforms(spec)
   batch = to_uint8_images(images)
   out = np.empty((batch.shape[0], spec.image_size, spec.image_size, 3), np.float32)
   for i, image in enumerate(batch):
     out[i] = normalize.map(resize.map({"image": image}))["image"]
-  return out
+  return {"input": out, "length": np.full((len(out),), spec.image_size, np.int32)}

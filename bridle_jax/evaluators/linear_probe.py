@@ -14,28 +14,40 @@ import optax
 from bridle_jax import sharding
 
 
-def pool(encoder, encoder_params, images):
-    """The probe's feature: the mean over the patch tokens of E's last layer (cls excluded), float32 [B, width]."""
-    tokens, _ = encoder.apply({"params": encoder_params}, images)
-    return jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+def pool(models, encoder_params, batch):
+    """The probe's feature: the mean over the (valid, i.e. not padded) patch tokens of E's last layer, cls excluded,
+    float32 [B, width]. `batch` is a pipeline batch {"input", "length"}; the modality's front-end runs here."""
+    x, valid = models.model_input(batch)
+    _, inter = models.encoder.apply({"params": encoder_params}, x)
+    patches = inter["patches"].astype(jnp.float32)
+    if valid is None:
+        return jnp.mean(patches, axis=1)
+    weight = valid.astype(jnp.float32)[..., None]
+    return jnp.sum(patches * weight, axis=1) / jnp.maximum(jnp.sum(weight, axis=1), 1.0)
 
 
-def pooled_features(encoder, encoder_params, images, *, mesh, batch_size: int = 256) -> np.ndarray:
-    """Mean over the patch tokens of E's last layer (cls excluded) for every image, as float32 NumPy [N, width]."""
+def pooled_features(models, encoder_params, arrays: dict, *, mesh, batch_size: int = 256) -> np.ndarray:
+    """`pool` over every example of `arrays` ({"input", "length"} NumPy, as `pipeline.eval_arrays` returns them),
+    in chunks sharded over all devices, as float32 NumPy [N, width]."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(shards, batch_size // shards * shards)
+    keys = ("input", "length")
     fn = jax.jit(
-        lambda p, x: pool(encoder, p, x),
-        in_shardings=(None, sharding.batch_sharding(mesh)),
+        lambda p, b: pool(models, p, b),
+        in_shardings=(None, {k: sharding.batch_sharding(mesh) for k in keys}),
         out_shardings=sharding.replicated(mesh),
     )
+    total = len(arrays["input"])
     out = []
-    for start in range(0, len(images), batch_size):
-        chunk = np.asarray(images[start : start + batch_size], np.float32)
-        n = len(chunk)
+    for start in range(0, total, batch_size):
+        chunk = {k: np.asarray(arrays[k][start : start + batch_size]) for k in keys}
+        n = len(chunk["input"])
         if n < batch_size:  # pad the last chunk so every call has the same (compiled) shape
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        out.append(np.asarray(fn(encoder_params, jax.device_put(chunk, sharding.batch_sharding(mesh))))[:n])
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in chunk.items()}
+        chunk["input"] = chunk["input"].astype(np.float32)
+        chunk["length"] = chunk["length"].astype(np.int32)
+        placed = jax.device_put(chunk, sharding.batch_sharding(mesh))
+        out.append(np.asarray(fn(encoder_params, placed))[:n])
     return np.concatenate(out)
 
 

@@ -4,14 +4,17 @@ It sees the encoded visible tokens put back at their original positions, with a 
 (MAE's `ids_restore` unshuffle), and predicts, for every patch, one K-way distribution per codebook level. The loss
 keeps only the masked patches.
 """
+
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bridle_jax.models.patch_embed import Dtype
-from bridle_jax.models.vit import Transformer, dense_init, sincos_2d, token_init
+from bridle_jax.models.vit import Transformer, dense_init, position_table, token_init
 
 
 def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_idx: jax.Array) -> jax.Array:
@@ -30,9 +33,13 @@ def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_idx: jax.Array)
 
 
 class LabelPredictor(nn.Module):
-    """D: decoder_embed -> unshuffle with mask tokens -> + fixed sin-cos pos (cls slot zero) -> blocks -> LayerNorm
+    """D: decoder_embed -> unshuffle with mask tokens -> + fixed pos (cls slot zero) -> blocks -> LayerNorm
     -> Linear(width -> num_levels * codebook_size) -> drop cls -> logits `[B, N, M, K]` float32.
 
+    The image predictor (16 global blocks, cls kept through the blocks) and, with `cls_token=False` and a 3-D grid,
+    the VideoMAE predictor (SPEC 1.4: 4 blocks of 384, 1-D sinusoid positions). Deviation for video: VideoMAE applies
+    the head to the masked tokens only; here it runs on every token and the loss keeps the masked ones (same loss
+    and gradients; the head is ~5% of D's FLOPs at mask 0.9), so all modalities share one code path.
     The head is computed in float32: it is a few percent of D's FLOPs and feeds a K-way cross-entropy directly.
     """
 
@@ -44,25 +51,36 @@ class LabelPredictor(nn.Module):
     codebook_size: int = 256
     dtype: Dtype = jnp.float32
     remat: bool = False
+    cls_token: bool = True  # whether `encoded` starts with E's cls token
 
     @nn.compact
-    def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, int]) -> jax.Array:
-        """encoded: `[B, 1+n_keep, W_enc]` (E's output, cls first); restore_idx: `[B, N]`; patch_grid: static (h, w)."""
-        h, w = patch_grid
+    def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
+        """encoded: `[B, c+n_keep, W_enc]` (E's output, cls first when `cls_token`); restore_idx: `[B, N]`;
+        patch_grid: the static grid."""
         b, n = restore_idx.shape
-        if h * w != n:
-            raise ValueError(f"LabelPredictor: patch_grid {patch_grid} has {h * w} patches but restore_idx has {n}")
+        if math.prod(patch_grid) != n:
+            raise ValueError(
+                f"LabelPredictor: patch_grid {patch_grid} has {math.prod(patch_grid)} patches but restore_idx has {n}"
+            )
         if encoded.shape[0] != b:
             raise ValueError(f"LabelPredictor: batch of encoded ({encoded.shape[0]}) != batch of restore_idx ({b})")
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                     name="embed")(encoded.astype(self.dtype))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="embed")(
+            encoded.astype(self.dtype)
+        )
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
-        patches = unshuffle(x[:, 1:], mask_token, restore_idx)
-        patches = patches + jnp.asarray(sincos_2d(patch_grid, self.width), self.dtype)
-        x = jnp.concatenate([x[:, :1], patches], axis=1)
-        x = Transformer(self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat,
-                        name="transformer")(x)
+        c = 1 if self.cls_token else 0
+        patches = unshuffle(x[:, c:], mask_token, restore_idx)
+        patches = patches + jnp.asarray(position_table(patch_grid, self.width), self.dtype)
+        x = jnp.concatenate([x[:, :c], patches], axis=1)
+        x = Transformer(
+            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
+        )(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
-        logits = nn.Dense(self.num_levels * self.codebook_size, dtype=jnp.float32, param_dtype=jnp.float32,
-                          kernel_init=dense_init, name="head")(x[:, 1:])
+        logits = nn.Dense(
+            self.num_levels * self.codebook_size,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            kernel_init=dense_init,
+            name="head",
+        )(x[:, c:])
         return logits.reshape(b, n, self.num_levels, self.codebook_size)

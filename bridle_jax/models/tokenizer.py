@@ -3,14 +3,17 @@
 All three return float32 (the quantiser's math is float32 whatever the model dtype). The codebooks live in
 `bridle_jax.quantizer`, not here: these modules produce the latents z and consume the quantised z_q.
 """
+
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from bridle_jax.models.patch_embed import Dtype, make_stem
-from bridle_jax.models.vit import Transformer, ViTEncoder, dense_init, sincos_2d
+from bridle_jax.models.vit import Transformer, ViTEncoder, dense_init, position_table
 
 
 class Tokenizer(nn.Module):
@@ -28,12 +31,25 @@ class Tokenizer(nn.Module):
     stem: str = "image"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    cls_token: bool = True
+    tubelet_size: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: `[B, H, W, C]` unmasked input -> z `[B, N, code_dim]` float32."""
-        _, inter = ViTEncoder(self.width, self.depth, self.num_heads, self.mlp_dim, self.patch_size, self.stem,
-                              self.dtype, self.remat, name="vit")(x)
+        """x: the unmasked input (any stem's) -> z `[B, N, code_dim]` float32."""
+        _, inter = ViTEncoder(
+            self.width,
+            self.depth,
+            self.num_heads,
+            self.mlp_dim,
+            self.patch_size,
+            self.stem,
+            self.dtype,
+            self.remat,
+            self.cls_token,
+            self.tubelet_size,
+            name="vit",
+        )(x)
         dense = dict(dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init)
         z = nn.Dense(self.width, **dense, name="head_in")(inter["patches"].astype(jnp.float32))
         return nn.Dense(self.code_dim, **dense, name="head_out")(jnp.tanh(z))
@@ -50,14 +66,22 @@ class ColdStartTokenizer(nn.Module):
     patch_size: int
     code_dim: int = 256
     stem: str = "image"
+    tubelet_size: int = 2
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: `[B, H, W, C]` -> z `[B, N, code_dim]` float32."""
-        patches, grid = make_stem(self.stem, self.width, self.patch_size, jnp.float32)(x.astype(jnp.float32))
-        patches = patches + jnp.asarray(sincos_2d(grid, self.width))
-        return nn.Dense(self.code_dim, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
-                        kernel_init=dense_init, name="proj")(patches)
+        """x: the input (any stem's) -> z `[B, N, code_dim]` float32."""
+        stem = make_stem(self.stem, self.width, self.patch_size, jnp.float32, self.tubelet_size)
+        patches, grid = stem(x.astype(jnp.float32))
+        patches = patches + jnp.asarray(position_table(grid, self.width))
+        return nn.Dense(
+            self.code_dim,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=jnp.float32,
+            kernel_init=dense_init,
+            name="proj",
+        )(patches)
 
 
 class Estimator(nn.Module):
@@ -76,16 +100,20 @@ class Estimator(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, z_q: jax.Array, patch_grid: tuple[int, int]) -> jax.Array:
-        """z_q: `[B, N, code_dim]`; patch_grid: static (h, w) with h * w == N -> `[B, N, out_dim]` float32."""
-        h, w = patch_grid
-        if h * w != z_q.shape[1]:
-            raise ValueError(f"Estimator: patch_grid {patch_grid} has {h * w} patches but z_q has {z_q.shape[1]}")
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                     name="embed")(z_q.astype(self.dtype))
-        x = x + jnp.asarray(sincos_2d(patch_grid, self.width), self.dtype)
-        x = Transformer(self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat,
-                        name="transformer")(x)
+    def __call__(self, z_q: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
+        """z_q: `[B, N, code_dim]`; patch_grid: the static grid, prod == N -> `[B, N, out_dim]` float32."""
+        if math.prod(patch_grid) != z_q.shape[1]:
+            raise ValueError(
+                f"Estimator: patch_grid {patch_grid} has {math.prod(patch_grid)} patches but z_q has {z_q.shape[1]}"
+            )
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="embed")(
+            z_q.astype(self.dtype)
+        )
+        x = x + jnp.asarray(position_table(patch_grid, self.width), self.dtype)
+        x = Transformer(
+            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
+        )(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
-        return nn.Dense(self.out_dim, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init,
-                        name="head")(x.astype(jnp.float32))
+        return nn.Dense(self.out_dim, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init, name="head")(
+            x.astype(jnp.float32)
+        )

@@ -4,6 +4,7 @@ Parameters are always float32; `dtype` is the compute dtype (bfloat16 or float32
 2-D sin-cos constants, never parameters, so they cost nothing to checkpoint and can be rebuilt for any grid. Blocks
 are unrolled and named `block_{i}` so that layer-wise learning-rate decay can address them by name.
 """
+
 from __future__ import annotations
 
 import re
@@ -32,7 +33,7 @@ token_init = nn.initializers.normal(stddev=0.02)
 
 
 def decode_variant(variant: str) -> dict:
-    """"B/16" -> {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 16}."""
+    """ "B/16" -> {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 16}."""
     match = _VARIANT_RE.match(variant) if isinstance(variant, str) else None
     if match is None:
         raise ValueError(
@@ -66,6 +67,25 @@ def sincos_2d(grid_hw: tuple[int, int], width: int) -> np.ndarray:
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     table = np.concatenate([_sincos_1d(width // 2, cols), _sincos_1d(width // 2, rows)], axis=1)
     return table.astype(np.float32)
+
+
+def sinusoid_1d(num_positions: int, width: int) -> np.ndarray:
+    """VideoMAE's fixed 1-D sinusoid table `[n, width]` (`get_sinusoid_encoding_table`): angle pos / 10000^(2(i//2)/width),
+    sin on even channels, cos on odd ones."""
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    i = np.arange(width)[None, :]
+    angle = pos / np.power(10000.0, 2 * (i // 2) / width)
+    return np.where(i % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
+
+
+def position_table(grid: tuple[int, ...], width: int) -> np.ndarray:
+    """The fixed position embedding of a patch grid: 2-D sin-cos for (rows, cols) grids (image, audio), VideoMAE's 1-D
+    sinusoid over the flattened tokens for (time, rows, cols) grids (SPEC 1.8)."""
+    if len(grid) == 2:
+        return sincos_2d(tuple(grid), width)
+    if len(grid) == 3:
+        return sinusoid_1d(int(np.prod(grid)), width)
+    raise ValueError(f"position_table: expected a 2-D or 3-D patch grid, got {grid}")
 
 
 @jax.custom_vjp
@@ -123,14 +143,12 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: width {self.width} is not divisible by num_heads {self.num_heads}")
         b, n, _ = x.shape
         head_dim = self.width // self.num_heads
-        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                       name="qkv")(x)
+        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="qkv")(x)
         # timm's layout [B, N, 3, H, hd], so torch weights map 1:1; heads-major [3, B, H, N, hd] for the batched dots
         qkv = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, head_dim), (2, 0, 3, 1, 4))
-        out = _attention_core(qkv[0] * head_dim ** -0.5, qkv[1], qkv[2])
+        out = _attention_core(qkv[0] * head_dim**-0.5, qkv[1], qkv[2])
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init,
-                        name="proj")(out)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="proj")(out)
 
 
 class Block(nn.Module):
@@ -172,10 +190,11 @@ class Transformer(nn.Module):
 
 
 class ViTEncoder(nn.Module):
-    """The encoder E: stem -> + fixed sin-cos pos -> (gather visible tokens) -> prepend cls -> blocks -> LayerNorm.
+    """The encoder E: stem -> + fixed pos -> (gather visible tokens) -> prepend cls -> blocks -> LayerNorm.
 
     Position embeddings are added *before* the gather so that each visible token keeps its original position, as in
-    MAE. The cls token's position slot is zero, so it is prepended after the addition.
+    MAE. The cls token's position slot is zero, so it is prepended after the addition. VideoMAE has no cls token
+    (`cls_token=False`); every consumer reads the patch tokens from the "patches" intermediate, never by offset.
     """
 
     width: int
@@ -186,27 +205,34 @@ class ViTEncoder(nn.Module):
     stem: str = "image"
     dtype: Dtype = jnp.float32
     remat: bool = False
+    cls_token: bool = True
+    tubelet_size: int = 2  # video only: frames per tubelet
 
     @nn.compact
     def __call__(self, x: jax.Array, keep_idx: jax.Array | None = None) -> tuple[jax.Array, dict]:
-        """x: `[B, H, W, C]`; keep_idx: optional `[B, n_keep]` int indices of the visible patches.
+        """x: one batch of the stem's input (see patch_embed); keep_idx: optional `[B, n_keep]` int indices of the
+        visible patches.
 
-        Returns `(tokens [B, 1+n, width] in dtype, intermediates)` with intermediates:
-          "patch_grid": (h, w) static ints;  "embedded": `[B, n, width]` patch tokens + pos after the gather
+        Returns `(tokens [B, c+n, width] in dtype (c = 1 with a cls token, else 0), intermediates)` with:
+          "patch_grid": the static grid;  "embedded": `[B, n, width]` patch tokens + pos after the gather
           (the transformer's input without cls);  "patches": `[B, n, width]` final tokens without cls (features
           to pool for probes, and the teacher targets of SPEC A15).
         """
-        patches, grid = make_stem(self.stem, self.width, self.patch_size, self.dtype)(x)
-        tokens = patches + jnp.asarray(sincos_2d(grid, self.width), self.dtype)
+        patches, grid = make_stem(self.stem, self.width, self.patch_size, self.dtype, self.tubelet_size)(x)
+        tokens = patches + jnp.asarray(position_table(grid, self.width), self.dtype)
         if keep_idx is not None:
             if keep_idx.ndim != 2 or keep_idx.shape[0] != tokens.shape[0]:
                 raise ValueError(f"keep_idx must be [B={tokens.shape[0]}, n_keep], got shape {keep_idx.shape}")
             tokens = jnp.take_along_axis(tokens, keep_idx[:, :, None].astype(jnp.int32), axis=1)
         embedded = tokens
-        cls = self.param("cls", token_init, (1, 1, self.width), jnp.float32)
-        cls = jnp.broadcast_to(cls.astype(self.dtype), (tokens.shape[0], 1, self.width))
-        tokens = jnp.concatenate([cls, tokens], axis=1)
-        tokens = Transformer(self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat,
-                             name="transformer")(tokens)
+        prefix = 0
+        if self.cls_token:
+            cls = self.param("cls", token_init, (1, 1, self.width), jnp.float32)
+            cls = jnp.broadcast_to(cls.astype(self.dtype), (tokens.shape[0], 1, self.width))
+            tokens = jnp.concatenate([cls, tokens], axis=1)
+            prefix = 1
+        tokens = Transformer(
+            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
+        )(tokens)
         tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(tokens)
-        return tokens, {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, 1:]}
+        return tokens, {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, prefix:]}

@@ -1,0 +1,96 @@
+"""The input pipeline of any dataset: `config.data.name` picks the modality's pipeline module.
+
+Every modality module (image_pipeline, audio_pipeline, video_pipeline) implements one contract, so the training loop,
+the probe and `load_encoder` never branch on the modality:
+  DATASETS                     name -> the labelled split the probe tests on
+  default_data_config()        every `config.data` field the module reads, with the defaults its recipes start from
+  validate_data_config(d)      errors name `config.data.<field>` and what was expected
+  train_dataset(d, *, local_batch_size, seed, process_index, process_count) -> grain.MapDataset of batches
+      {"input": float32 [b, ...], "length": int32 [b], "label": ...}; infinite, reshuffled per epoch, augmented,
+      sharded by process after augmentation (the process shards together are the 1-process global batch)
+  eval_arrays(d, split, max_examples) -> {"input", "length", "label"} NumPy arrays, stored order
+  preprocess_eval(d, raw) -> {"input", "length"} for raw user inputs
+  skipped_count() -> unreadable records skipped so far in this process (they are replaced, never fatal alone)
+"length" counts the real (unpadded) steps along the input's first axis: audio samples, video frames, image rows.
+The model side (`BridleModels.model_input`) turns it into a per-patch validity mask.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import grain
+
+_MODULES = {
+    "image": "bridle_jax.data.image_pipeline",
+    "audio": "bridle_jax.data.audio_pipeline",
+    "video": "bridle_jax.data.video_pipeline",
+}
+
+
+def module_for_modality(modality: str):
+    if modality not in _MODULES:
+        raise ValueError(f"config.modality: expected one of {sorted(_MODULES)}, got {modality!r}")
+    return importlib.import_module(_MODULES[modality])
+
+
+# Every dataset name -> its modality (the module's DATASETS must list the same names; a test checks it).
+DATASETS = {
+    "digits": "image",  # embedded demo: scikit-learn's handwritten digits
+    "imagenet2012": "image",
+    "sounds": "audio",  # embedded demo: synthesised sound classes in the ESC-50 layout
+    "esc50": "audio",
+    "audioset": "audio",
+    "audio_folder": "audio",
+    "moving_digits": "video",  # embedded demo: rendered mp4 clips of moving digits
+    "kinetics400": "video",
+    "video_folder": "video",
+}
+
+
+def modality_of(name: str) -> str:
+    if name not in DATASETS:
+        raise ValueError(f"config.data.name: expected one of {sorted(DATASETS)}, got {name!r}")
+    return DATASETS[name]
+
+
+def module_for(data_config):
+    """The pipeline module that reads `config.data.name`."""
+    return module_for_modality(modality_of(getattr(data_config, "name", None)))
+
+
+def eval_split(data_config) -> str:
+    return module_for(data_config).DATASETS[data_config.name]
+
+
+def train_iterator(
+    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+    """The checkpointable infinite iterator of this process's batches (see the module docstring for the record).
+
+    Deterministic in `seed` (independent of `num_threads`); `get_state`/`set_state` and
+    `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume it bit-identically.
+    """
+    ds = module_for(data_config).train_dataset(
+        data_config,
+        local_batch_size=local_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    read_options = grain.ReadOptions(
+        num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
+    )
+    return iter(ds.to_iter_dataset(read_options))
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    return module_for(data_config).eval_arrays(data_config, split, max_examples)
+
+
+def preprocess_eval(data_config, raw) -> dict:
+    return module_for(data_config).preprocess_eval(data_config, raw)
+
+
+def skipped_count(data_config) -> int:
+    return module_for(data_config).skipped_count()
