@@ -87,7 +87,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             image_size=224,
             crop_scales=video.VIDEOMAE_SCALES,
             max_distort=1,
-            flip=True,
+            flip=False,  # VideoMAE/BRIDLE pretraining has no flip (SPEC 1.8)
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             short_clip="loop",
