@@ -139,6 +139,8 @@ class WindowAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: np.ndarray | None = None) -> jax.Array:
         if self.width % self.num_heads:
             raise ValueError(f"WindowAttention: width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"WindowAttention: variant {self.variant!r} is not one of {VARIANTS}")
         b, nw, length, _ = x.shape
         heads, head_dim = self.num_heads, self.width // self.num_heads
         audiomae = self.variant == "audiomae"
@@ -159,14 +161,16 @@ class WindowAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
 
         dots = jnp.einsum("bnhtd,bnhsd->bnhts", q, k, preferred_element_type=jnp.float32)
-        q_norm = jnp.linalg.norm(q.astype(jnp.float32), axis=-1)
-        k_norm = jnp.linalg.norm(k.astype(jnp.float32), axis=-1)
+        # each norm floored at 1e-12 inside the sqrt: same values as torch for any non-zero vector, and a finite gradient
+        # (not NaN) for an all-zero q or k
+        q_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1), 1e-24))
+        k_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), 1e-24))
         if audiomae:  # timm v2_cr: q.k / clamp(|q| |k|, 1e-6) / clamp(tau, 0.01)
             cos = dots / jnp.maximum(q_norm[..., :, None] * k_norm[..., None, :], 1e-6)
             tau = self.param("tau", nn.initializers.ones, (heads,), jnp.float32)
             scale = 1.0 / jnp.maximum(tau, MIN_TAU)
         else:  # official SwinV2: F.normalize (eps 1e-12) on q and k, exp(clamp(logit_scale, max=log 100))
-            cos = dots / (jnp.maximum(q_norm, 1e-12)[..., :, None] * jnp.maximum(k_norm, 1e-12)[..., None, :])
+            cos = dots / (q_norm[..., :, None] * k_norm[..., None, :])
             logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(10.0)), (heads,), jnp.float32)
             scale = jnp.exp(jnp.minimum(logit_scale, math.log(1.0 / MIN_TAU)))
         logits = cos * scale[:, None, None]
