@@ -1,4 +1,5 @@
 """MAE random masking: exact keep counts, consistent indices, per-sample and per-key randomness, static shapes."""
+
 import jax
 import numpy as np
 import pytest
@@ -6,8 +7,10 @@ import pytest
 from bridle_jax.masking import Mask, num_kept, random_mask
 
 
-@pytest.mark.parametrize("n, ratio, expected", [(196, 0.8, 39), (512, 0.8, 102), (196, 0.75, 49), (16, 0.0, 16),
-                                                 (10, 0.99, 1), (1568, 0.9, 156)])
+@pytest.mark.parametrize(
+    "n, ratio, expected",
+    [(196, 0.8, 39), (512, 0.8, 102), (196, 0.75, 49), (16, 0.0, 16), (10, 0.99, 1), (1568, 0.9, 156)],
+)
 def test_num_kept_matches_mae_formula(n, ratio, expected):
     assert num_kept(n, ratio) == expected
 
@@ -60,3 +63,42 @@ def test_jit_with_static_shapes():
     jitted = fn(jax.random.PRNGKey(5), 4, 49, 0.8)
     for x, y in zip(eager, jitted):
         np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------------ tube masking
+
+
+@pytest.mark.parametrize("grid, ratio", [((8, 14, 14), 0.9), ((4, 4, 4), 0.75), ((2, 3, 5), 0.5)])
+def test_tube_mask_repeats_one_spatial_mask_in_every_time_slot(grid, ratio):
+    from bridle_jax.masking import tube_mask
+
+    t, h, w = grid
+    hw, b = h * w, 5
+    mask = tube_mask(jax.random.PRNGKey(11), b, grid, ratio)
+    keep, restore, masked = (np.asarray(a) for a in mask)
+    k = num_kept(hw, ratio)
+    n = t * hw
+    assert keep.shape == (b, t * k) and restore.shape == (b, n) and masked.shape == (b, n)
+    np.testing.assert_array_equal(masked.sum(1), t * (hw - k))  # exact keep count, every sample
+    per_slot = masked.reshape(b, t, hw)
+    for s in range(1, t):
+        np.testing.assert_array_equal(per_slot[:, s], per_slot[:, 0])  # the same spatial mask in every slot
+    for i in range(b):
+        np.testing.assert_array_equal(np.sort(restore[i]), np.arange(n))
+        np.testing.assert_array_equal(restore[i, keep[i]], np.arange(t * k))  # keep_idx = first t*k of the shuffle
+        assert not masked[i, keep[i]].any()
+    assert len({tuple(r) for r in per_slot[:, 0]}) == b  # samples differ
+
+
+def test_make_mask_dispatches_and_rejects_unknown_kinds():
+    from bridle_jax.masking import make_mask, tube_mask
+
+    a = make_mask("tube", jax.random.PRNGKey(2), 3, (2, 4, 4), 0.75)
+    b = tube_mask(jax.random.PRNGKey(2), 3, (2, 4, 4), 0.75)
+    np.testing.assert_array_equal(a.keep_idx, b.keep_idx)
+    r = make_mask("random", jax.random.PRNGKey(2), 3, (4, 8), 0.8)
+    np.testing.assert_array_equal(r.keep_idx, random_mask(jax.random.PRNGKey(2), 3, 32, 0.8).keep_idx)
+    with pytest.raises(ValueError, match="masking.kind"):
+        make_mask("block", jax.random.PRNGKey(2), 3, (4, 8), 0.8)
+    with pytest.raises(ValueError, match="time, height, width"):
+        make_mask("tube", jax.random.PRNGKey(2), 3, (4, 8), 0.8)
