@@ -6,6 +6,8 @@ Field names follow the API they feed (`quantizer.num_levels` -> `init_codebooks(
 `--config.quantizer.num_levels=1 --config.quantizer.codebook_size=1024` is the VQ baseline.
 """
 
+import math
+
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -78,10 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.95,
             eps=1e-8,
             max_consecutive_nonfinite=5,  # non-finite steps are skipped; this many in a row stop the run
+            # micro-batches per step: gradients summed over them inside the jitted step (same update as the whole
+            # batch at once, activation memory of one micro-batch); batch_size must divide by it x batch shards
+            accumulation_steps=1,
         )
     )
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
+    # -1: all remaining devices. `rules` maps the models' logical axis names onto the mesh axes, in order of
+    # precedence (see bridle_jax/sharding.py): FSDP splits kernels along "embed", batches over both axes.
+    from bridle_jax import sharding
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=sharding.DEFAULT_RULES))
 
     c.evals = ml_collections.ConfigDict(
         dict(
@@ -114,7 +123,7 @@ def _fail(field: str, expected: str, got) -> None:
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is compiled; every error names the field and what was expected."""
     # Imported here: the config module must stay importable without the models (configs import it).
-    from bridle_jax import masking, schedule
+    from bridle_jax import masking, schedule, sharding
     from bridle_jax.data import pipeline
     from bridle_jax.models import vit
 
@@ -123,7 +132,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.data.name not in pipeline.DATASETS:
         _fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
     if pipeline.DATASETS[c.data.name] != c.modality:
-        _fail("data.name", f"a {c.modality} dataset (config.modality={c.modality!r})", c.data.name)
+        _fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
     pipeline.module_for(c.data).validate_data_config(c.data)
     for field in ("variant", "tokenizer_variant"):
         value = c.model[field]
@@ -210,9 +219,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(f"optim.{side}.weight_decay", ">= 0", o.weight_decay)
     if c.optim.max_consecutive_nonfinite < 1:
         _fail("optim.max_consecutive_nonfinite", ">= 1", c.optim.max_consecutive_nonfinite)
+    acc = c.optim.get("accumulation_steps", 1)
+    if not isinstance(acc, int) or isinstance(acc, bool) or acc < 1:
+        _fail("optim.accumulation_steps", "an integer >= 1", acc)
     for axis in ("data", "fsdp"):
         if c.mesh[axis] == 0 or c.mesh[axis] < -1:
             _fail(f"mesh.{axis}", "a positive size or -1 (the remaining devices)", c.mesh[axis])
+    shards = math.prod(s for s in (c.mesh.data, c.mesh.fsdp) if s != -1)  # a -1 axis is checked at run time
+    if c.batch_size % (acc * shards):
+        _fail(
+            "batch_size",
+            f"a multiple of optim.accumulation_steps={acc} x {shards} batch shards (the fixed mesh data x fsdp)",
+            c.batch_size,
+        )
+    sharding.logical_rules(c.mesh)  # errors name the rule
     if c.checkpoint.every_steps < 1:
         _fail("checkpoint.every_steps", ">= 1", c.checkpoint.every_steps)
     if c.checkpoint.max_to_keep < 1:

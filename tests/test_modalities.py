@@ -102,8 +102,8 @@ def test_dataset_registry_matches_every_pipeline_module():
 @pytest.mark.parametrize(
     "name, change, message",
     [
-        ("digits", dict(modality="audio"), r"config.data.name: expected a audio dataset"),
-        ("digits", dict(modality="sound"), r"config.modality: expected one of"),
+        ("digits", {"modality": "audio"}, r"config.data.name: expected a dataset of modality .audio."),
+        ("digits", {"modality": "sound"}, r"config.modality: expected one of"),
         (
             "sounds",
             {"data.target_frames": 100},

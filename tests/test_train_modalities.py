@@ -55,7 +55,7 @@ def _metrics(workdir):
 
 
 def test_every_phase_runs_and_learns_codes(run):
-    modality, config, workdir, summary = run
+    _, _, workdir, summary = run
     state = summary["final_state"]
     assert int(state.step) == 8 and bool(state.codebooks.initialized)
     rows = _metrics(workdir)
@@ -75,7 +75,7 @@ def test_every_phase_runs_and_learns_codes(run):
 
 
 def test_padded_audio_patches_are_never_targets(run):
-    modality, config, _, summary = run
+    modality, config, _, _ = run
     if modality != "audio":
         pytest.skip("audio only")
     from bridle_jax.models import bridle
