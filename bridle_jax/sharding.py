@@ -1,17 +1,58 @@
-"""The device mesh ("data" x "fsdp") and the shardings of parameters and batches.
+"""The device mesh ("data" x "fsdp"), the logical axis names, and the shardings of the state and the batches.
 
-Parameters follow one rule: an array with at least `FSDP_MIN_SIZE` elements is split over "fsdp" along its largest
-dimension that divides evenly; everything else is replicated. With fsdp=1 (the default) that is pure data
-parallelism. The batch is split over both axes, so every device sees distinct examples.
+Kernels and activations carry *logical* axis names that say what a dimension is (the model width "embed", the MLP
+hidden width "mlp", ...), never where it lives. One short table, `config.mesh.rules`, maps names onto mesh axes, so
+the parallelism is a config change. The default table (`DEFAULT_RULES`) is FSDP: every kernel is split over "fsdp"
+along its "embed" dimension (params and Adam moments alike, so each device holds 1/fsdp of the state), and the
+batch is split over both axes, so every device sees distinct examples; with fsdp=1 it is pure data parallelism.
+Biases, LayerNorm scales, cls/mask tokens and the codebooks carry no names and stay replicated: they are a
+fraction of a percent of the bytes, and the codebooks are read whole by every quantisation.
+
+Logical names (a kernel's two dims must differ; unlisted names are replicated):
+  batch, length  activations: examples and tokens
+  embed          the width of the module that owns the kernel (its residual stream)
+  features       another module's width at a module boundary (E's tokens into D; TE's prediction of E's features)
+  mlp            an MLP's hidden width (the blocks' fc1/fc2, T's head_in -> tanh -> head_out)
+  qkv, heads     the fused q/k/v outputs; the concatenated head outputs (input of proj)
+  vocab, code    the label predictor's M*K logits; the RQ code dimension
+
+Rules are matched in order and each mesh axis is used at most once per array (flax's resolution): on the residual
+stream ("batch", "length", "embed") "batch" takes ("data", "fsdp") first, so "embed" stays unsharded there, as FSDP
+wants (activations split by example, kernels by width). Keep "batch" first.
+
+Models call `logical(init, names)` for their kernels. Plain `Module.init` still returns plain arrays (so checkpoints,
+`load_encoder` and every consumer of a parameter tree see exactly the trees they always did); only under
+`logical_params()` are the kernels boxed as flax `LogicallyPartitioned`, which is how the state's shardings are
+derived (`state.shardings_for`) without ever materialising it.
 """
 
+import contextlib
+import contextvars
+import math
+
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-FSDP_MIN_SIZE = 2**14
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("features", None),
+    ("mlp", None),
+    ("qkv", None),
+    ("heads", None),
+    ("vocab", None),
+    ("code", None),
+)
+RESIDUAL = ("batch", "length", "embed")  # the transformer's residual stream [B, N, width]
+
+_BOXED = contextvars.ContextVar("bridle_jax_boxed_params", default=False)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
@@ -38,21 +79,118 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def _param_spec(shape, fsdp: int) -> P:
-    if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < FSDP_MIN_SIZE:
-        return P()
-    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
-        if shape[axis] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[axis] = "fsdp"
-            return P(*spec)
-    return P()
+# ---------------------------------------------------------------- logical names
 
 
-def state_shardings(mesh: Mesh, abstract_tree):
-    """NamedShardings for a pytree of ShapeDtypeStructs (parameters, optimizer state, codebooks)."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(x.shape, fsdp)), abstract_tree)
+def logical(init, names: tuple):
+    """A kernel initialiser annotated with logical axis names: boxed (flax `with_logical_partitioning`) under
+    `logical_params()`, plain otherwise (same values either way)."""
+    boxed = nn.with_logical_partitioning(init, tuple(names))
+
+    def init_fn(*args, **kwargs):
+        return boxed(*args, **kwargs) if _BOXED.get() else init(*args, **kwargs)
+
+    return init_fn
+
+
+@contextlib.contextmanager
+def logical_params():
+    """Inside, `Module.init` returns the annotated kernels as `nn.LogicallyPartitioned` boxes."""
+    token = _BOXED.set(True)
+    try:
+        yield
+    finally:
+        _BOXED.reset(token)
+
+
+def logical_rules(mesh_config) -> tuple:
+    """`config.mesh.rules` as a tuple of (name, mesh axes) pairs, validated (a config read back from JSON has
+    lists; a config without the field gets `DEFAULT_RULES`). Errors name the rule and what was expected."""
+    rules = mesh_config.get("rules", None) if hasattr(mesh_config, "get") else None
+    if rules is None:
+        return DEFAULT_RULES
+    out, seen = [], set()
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(f"config.mesh.rules[{i}]: expected a pair (logical name, mesh axes), got {rule!r}")
+        name, axes = rule
+        if isinstance(axes, (tuple, list)):
+            axes = tuple(axes)
+            bad = [a for a in axes if a not in MESH_AXES]
+        else:
+            bad = [] if axes is None or axes in MESH_AXES else [axes]
+        if bad or axes == ():
+            raise ValueError(
+                f"config.mesh.rules[{i}] ({name!r}): expected None, a mesh axis or a tuple of mesh axes from "
+                f"{MESH_AXES}, got {axes!r}"
+            )
+        if isinstance(axes, tuple) and len(set(axes)) != len(axes):
+            raise ValueError(f"config.mesh.rules[{i}] ({name!r}): mesh axes repeat in {axes!r}")
+        if name in seen:
+            raise ValueError(f"config.mesh.rules[{i}]: logical name {name!r} appears twice")
+        seen.add(name)
+        out.append((name, axes))
+    return tuple(out)
+
+
+def _axes_size(mesh: Mesh, axes) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def fit_spec(spec: P, shape: tuple, mesh: Mesh) -> P:
+    """`spec` with every dimension that its mesh axes do not divide evenly left unsharded.
+
+    jit's in/out shardings must split a dimension into equal shards, so a kernel whose "embed" dimension is not a
+    multiple of the fsdp size (an odd width, a tiny test model) is replicated along that dimension rather than
+    rejected. Such kernels are rare and small; `describe` lists them.
+    """
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return P(*(axes if size % _axes_size(mesh, axes) == 0 else None for size, axes in zip(shape, entries)))
+
+
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def logical_shardings(mesh: Mesh, boxed_abstract, rules) -> object:
+    """NamedShardings for an abstract tree whose annotated leaves are `LogicallyPartitioned` boxes (from
+    `jax.eval_shape` under `logical_params()`): boxes by their names through `rules` (then `fit_spec`), every other
+    leaf replicated. The result has the structure of the *unboxed* tree."""
+
+    def one(x):
+        if _is_box(x):
+            spec = nn.logical_to_mesh_axes(x.names, rules)
+            return NamedSharding(mesh, fit_spec(spec, x.value.shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, boxed_abstract, is_leaf=_is_box)
+
+
+def describe(mesh: Mesh, boxed_abstract, rules) -> list[str]:
+    """One line per annotated array: path, shape, logical names, mesh spec (and whether `fit_spec` replicated a
+    dimension). For logs and for checking a new rule table."""
+    lines = []
+    for path, x in jax.tree_util.tree_leaves_with_path(boxed_abstract, is_leaf=_is_box):
+        if not _is_box(x):
+            continue
+        want = nn.logical_to_mesh_axes(x.names, rules)
+        got = fit_spec(want, x.value.shape, mesh)
+        note = "" if tuple(got) == tuple(want) + (None,) * (len(got) - len(want)) else "  (not divisible: replicated)"
+        lines.append(f"{jax.tree_util.keystr(path)} {tuple(x.value.shape)} {x.names} -> {got}{note}")
+    return lines
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+    """Inside a traced step: makes `nn.with_logical_constraint` on activations resolve through `rules` on `mesh`
+    (outside this context the models' constraints are no-ops, e.g. in the probe's feature extraction)."""
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+# ---------------------------------------------------------------- batches
 
 
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
@@ -61,14 +199,21 @@ def global_batch(mesh: Mesh, local_batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of the global batch; errors name the config field when it does not divide."""
+def check_batch_split(global_batch_size: int, mesh: Mesh, accumulation_steps: int = 1) -> None:
+    """Every micro-batch must split evenly over the batch shards (gradient accumulation splits the global batch into
+    `accumulation_steps` micro-batches, each sharded like the whole batch)."""
     num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch_size % num_shards:
+    if global_batch_size % (accumulation_steps * num_shards):
         raise ValueError(
-            f"config.batch_size={global_batch_size} must be divisible by the {num_shards} batch shards "
-            "(mesh data x fsdp)"
+            f"config.batch_size={global_batch_size} must be divisible by config.optim.accumulation_steps="
+            f"{accumulation_steps} x {num_shards} batch shards (mesh data={mesh.shape['data']} x "
+            f"fsdp={mesh.shape['fsdp']})"
         )
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh, accumulation_steps: int = 1) -> int:
+    """This process's share of the global batch; errors name the config fields when it does not divide."""
+    check_batch_split(global_batch_size, mesh, accumulation_steps)
     if global_batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={global_batch_size} must be divisible by {jax.process_count()} processes")
     return global_batch_size // jax.process_count()

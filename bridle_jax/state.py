@@ -37,38 +37,50 @@ def _fresh_codebooks(config: ml_collections.ConfigDict, key) -> quantizer.Codebo
     return quantizer.init_codebooks(key, q.num_levels, q.codebook_size, q.dim)
 
 
-def create(
-    models: BridleModels, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, phase: Phase, seed: int
-) -> TrainState:
-    """A new state at the start of `phase` (traceable: call under jit, or through `create_sharded`)."""
+def _create(models: BridleModels, config, tx, phase: Phase, seed: int, *, boxed: bool) -> TrainState:
     key = jax.random.PRNGKey(seed)
     k_params, k_codebooks, k_run = jax.random.split(key, 3)
-    params = models.init_params(k_params)
+    params = models.init_params(k_params, boxed=boxed)
     return TrainState(
         step=jnp.asarray(phase.start_step, jnp.int32),
         params=params,
         codebooks=_fresh_codebooks(config, k_codebooks),
-        opt_state=tx.init(params[trained_side(phase)]),
+        opt_state=tx.init(params[trained_side(phase)]),  # boxed params -> boxed Adam moments, same names
         rng=k_run,
         nonfinite=jnp.zeros((2,), jnp.int32),
     )
 
 
-def shardings_of(mesh, abstract: TrainState):
-    return sharding.state_shardings(mesh, abstract)
+def create(
+    models: BridleModels, config: ml_collections.ConfigDict, tx: optax.GradientTransformation, phase: Phase, seed: int
+) -> TrainState:
+    """A new state at the start of `phase` (traceable: call under jit, or through `create_sharded`)."""
+    return _create(models, config, tx, phase, seed, boxed=False)
+
+
+def shardings_for(models, config, tx, phase: Phase, mesh) -> TrainState:
+    """The NamedShardings of the state during `phase` (a TrainState of shardings).
+
+    Parameters and their Adam moments follow the kernels' logical axis names through `config.mesh.rules` (FSDP by
+    default); everything else (biases, LayerNorms, tokens, codebooks, counters, rng) is replicated. Derived from
+    the boxed abstract state (`jax.eval_shape`, nothing is materialised). Every state of a phase has this layout:
+    the one `create` makes and the one `hand_over` hands to it.
+    """
+    boxed = jax.eval_shape(lambda: _create(models, config, tx, phase, 0, boxed=True))
+    return sharding.logical_shardings(mesh, boxed, sharding.logical_rules(config.mesh))
 
 
 def create_sharded(models, config, tx, phase, seed, mesh) -> TrainState:
-    """Creates the state already sharded over the mesh: shapes first (eval_shape), then a jitted init."""
+    """Creates the state already sharded over the mesh: shardings from the abstract state, then a jitted init, so
+    no device ever holds a whole unsharded copy."""
     init = lambda: create(models, config, tx, phase, seed)
-    abstract = jax.eval_shape(init)
-    return jax.jit(init, out_shardings=shardings_of(mesh, abstract))()
+    return jax.jit(init, out_shardings=shardings_for(models, config, tx, phase, mesh))()
 
 
 def abstract_for(models, config, tx, phase, seed, mesh):
     """Shape/dtype/sharding tree of the state during `phase` (the restore target of its checkpoints)."""
     abstract = jax.eval_shape(lambda: create(models, config, tx, phase, seed))
-    shardings = shardings_of(mesh, abstract)
+    shardings = shardings_for(models, config, tx, phase, mesh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
@@ -105,5 +117,4 @@ def hand_over(
 
 def hand_over_sharded(state, models, config, tx, phase, mesh) -> TrainState:
     fn = lambda s: hand_over(s, models, config, tx, phase)
-    abstract = jax.eval_shape(fn, state)
-    return jax.jit(fn, out_shardings=shardings_of(mesh, abstract))(state)
+    return jax.jit(fn, out_shardings=shardings_for(models, config, tx, phase, mesh))(state)

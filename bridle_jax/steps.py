@@ -8,10 +8,18 @@ whose codebooks are fresh: k-means on that batch, then (tokenizer phases) the on
 Every step maps (state, batch) -> (state, metrics) and folds its step number into the state's rng, so a resumed
 run draws the same masks. A step whose loss or gradients are not finite changes nothing but the step counter and
 the non-finite counters (the caller stops the run after too many in a row).
+
+Gradient accumulation (`config.optim.accumulation_steps` = A > 1) splits the global batch into A micro-batches inside
+the jitted step and sums their gradients in a `lax.scan`: only one micro-batch's activations are alive at a time.
+Everything drawn or counted per batch is drawn or counted for the *whole* batch first (the mask, the number of
+loss targets), then split, so a step computes the full-batch update up to float summation order: each micro-batch's
+loss is weighted by its share of the batch's targets, and the codebook EMA runs once on the concatenated stage
+inputs of all micro-batches.
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,6 +28,7 @@ import optax
 from bridle_jax import losses
 from bridle_jax import masking
 from bridle_jax import quantizer
+from bridle_jax import sharding
 from bridle_jax.models.bridle import BridleModels
 from bridle_jax.state import TrainState
 
@@ -45,6 +54,55 @@ def _quantize(codebooks, z, q: ml_collections.ConfigDict, valid=None):
         commitment_weight=q.commitment_weight,
         mask=valid,
     )
+
+
+def accumulation_steps(config: ml_collections.ConfigDict) -> int:
+    return int(config.optim.get("accumulation_steps", 1))
+
+
+def _split(x: jax.Array, acc: int) -> jax.Array:
+    """[B, ...] -> [A, B/A, ...], micro-batch i = examples i, i+A, i+2A, ...
+
+    Strided, not contiguous: the batch is sharded in contiguous blocks over the devices, so example j*A+i lives on
+    the same device as the rest of its block and every micro-batch is spread over all devices exactly like the
+    whole batch (a contiguous split would put micro-batch i on 1/A of them). The reshape is device-local.
+    """
+    if x.shape[0] % acc:
+        raise ValueError(
+            f"a batch of {x.shape[0]} examples does not split into config.optim.accumulation_steps={acc} micro-batches"
+        )
+    y = jnp.swapaxes(x.reshape(x.shape[0] // acc, acc, *x.shape[1:]), 0, 1)
+    return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def _merge(y: jax.Array) -> jax.Array:
+    """Inverse of `_split`: [A, B/A, ...] -> [B, ...] in the batch's order."""
+    return jnp.swapaxes(y, 0, 1).reshape(y.shape[0] * y.shape[1], *y.shape[2:])
+
+
+def _accumulate(micro_fn, inputs: dict, acc: int):
+    """Runs `micro_fn(micro_inputs) -> (summed, per_example)` on the `acc` micro-batches of `inputs` ({name: [B, ...]}
+    arrays, None entries passed through) and returns (the sum of `summed` over micro-batches, `per_example`
+    concatenated back into batch order). With acc == 1 it is `micro_fn(inputs)`, the plain full-batch step."""
+    if acc == 1:
+        return micro_fn(inputs)
+    micro = {k: None if v is None else _split(v, acc) for k, v in inputs.items()}
+    summed_shape, _ = jax.eval_shape(micro_fn, {k: None if v is None else v[0] for k, v in micro.items()})
+    init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), summed_shape)
+
+    def body(total, mb):
+        summed, per_example = micro_fn(mb)
+        return jax.tree.map(jnp.add, total, summed), per_example
+
+    summed, per_example = jax.lax.scan(body, init, micro)
+    return summed, jax.tree.map(_merge, per_example)
+
+
+def _share(weights, total):
+    """A micro-batch's share of a batch mean: (its count of loss terms) / (the batch's). The losses are means over
+    their micro-batch's terms (max(count, 1) in the denominator, 0 when there are none), so these shares make the
+    sum over micro-batches the whole batch's mean exactly."""
+    return jnp.maximum(jnp.sum(weights, dtype=jnp.float32), 1.0) / total
 
 
 def _guarded(ok, new, old):
@@ -150,20 +208,30 @@ def encoder_step(
     cold_start: bool,
 ):
     """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
+    acc = accumulation_steps(config)
     x, valid = models.model_input(batch)
     key = jax.random.fold_in(state.rng, state.step)
+    # the masks of the whole batch, drawn once (micro-batches get their rows: same masks as without accumulation)
     mask = masking.make_mask(config.masking.kind, key, x.shape[0], models.patch_grid, config.masking.ratio)
     targets = mask.masked if valid is None else mask.masked & valid
-    z = tokenizer_features(models, state.params, x, cold_start=cold_start)
-    codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
+    total = jnp.maximum(jnp.sum(targets, dtype=jnp.float32), 1.0)
 
-    def loss_fn(params):
-        encoded, _ = models.encoder.apply({"params": params["encoder"]}, x, keep_idx=mask.keep_idx)
-        logits = models.decoder.apply({"params": params["decoder"]}, encoded, mask.restore_idx, models.patch_grid)
-        loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, targets)
-        return loss, (per_level, accuracy)
+    def micro_fn(mb):
+        z = tokenizer_features(models, state.params, mb["x"], cold_start=cold_start)
+        codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
+        share = 1.0 if acc == 1 else _share(mb["targets"], total)
 
-    (loss, (per_level, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
+        def loss_fn(params):
+            encoded, _ = models.encoder.apply({"params": params["encoder"]}, mb["x"], keep_idx=mb["keep_idx"])
+            logits = models.decoder.apply({"params": params["decoder"]}, encoded, mb["restore_idx"], models.patch_grid)
+            loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mb["targets"])
+            return loss * share, (per_level * share, accuracy * share)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
+        return (loss, aux, grads), codes
+
+    inputs = {"x": x, "keep_idx": mask.keep_idx, "restore_idx": mask.restore_idx, "targets": targets}
+    (loss, (per_level, accuracy), grads), codes = _accumulate(micro_fn, inputs, acc)
     ok, grad_norm, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
     metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size, valid)
     for m in range(per_level.shape[0]):
@@ -186,24 +254,38 @@ def tokenizer_step(
 ):
     """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
     q = config.quantizer
+    acc = accumulation_steps(config)
     x, valid = models.model_input(batch)
-    target = jax.lax.stop_gradient(teacher_features(models, state.params, x))
+    total = None if valid is None else jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
 
-    def loss_fn(params):
-        z = models.tokenizer.apply({"params": params["tokenizer"]}, x)
-        out = _quantize(state.codebooks, z, q, valid)
-        pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
-        cos = losses.cosine_distance(pred, target, valid=valid)
-        return cos + out.loss, (cos, out)
+    def micro_fn(mb):
+        target = jax.lax.stop_gradient(teacher_features(models, state.params, mb["x"]))
+        if acc == 1:
+            share = 1.0
+        else:  # both terms are means over the (valid) patches of the micro-batch
+            share = 1.0 / acc if total is None else _share(mb["valid"], total)
 
-    (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["tokenizer"])
+        def loss_fn(params):
+            z = models.tokenizer.apply({"params": params["tokenizer"]}, mb["x"])
+            out = _quantize(state.codebooks, z, q, mb["valid"])
+            pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
+            cos = losses.cosine_distance(pred, target, valid=mb["valid"])
+            return (cos + out.loss) * share, (cos * share, out.loss * share, out.stage_inputs, out.codes)
+
+        (loss, (cos, cb_loss, stage_inputs, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params["tokenizer"]
+        )
+        return (loss, cos, cb_loss, grads), (stage_inputs, codes)
+
+    (loss, cos, cb_loss, grads), (stage_inputs, codes) = _accumulate(micro_fn, {"x": x, "valid": valid}, acc)
     ok, grad_norm, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
+    # one EMA step on the statistics of the whole batch (all micro-batches' stage inputs)
     codebooks = quantizer.ema_update(
-        state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize, mask=valid
+        state.codebooks, stage_inputs, codes, decay=q.decay, renormalize=q.renormalize, mask=valid
     )
     codebooks = _guarded(ok, codebooks, state.codebooks)
-    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, out.codes, q.codebook_size, valid)
-    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": out.loss})
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, q.codebook_size, valid)
+    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": cb_loss})
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -214,8 +296,22 @@ def tokenizer_step(
     return new_state, metrics
 
 
+def _under_rules(fn, config, batch_sharding):
+    """`fn` traced with the config's logical axis rules on the batch's mesh, so the models' activation constraints
+    (residual stream split by example) apply; checks that the batch splits into micro-batches x shards."""
+    mesh, rules, acc = batch_sharding.mesh, sharding.logical_rules(config.mesh), accumulation_steps(config)
+
+    def traced(state, batch):
+        sharding.check_batch_split(jax.tree.leaves(batch)[0].shape[0], mesh, acc)
+        with sharding.activation_rules(mesh, rules):
+            return fn(state, batch)
+
+    return traced
+
+
 def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_sharding):
     """The jitted step of `phase` with explicit input/output shardings (the state is donated)."""
+    sharding.check_batch_split(config.batch_size, batch_sharding.mesh, accumulation_steps(config))
     if phase.kind == "encoder":
         fn = functools.partial(
             encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule, cold_start=phase.cold_start
@@ -223,7 +319,10 @@ def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_s
     else:
         fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule)
     return jax.jit(
-        fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=(0,)
+        _under_rules(fn, config, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=(0,),
     )
 
 
@@ -231,4 +330,8 @@ def jit_prepare_codebooks(phase, *, models, config, state_shardings, batch_shard
     fn = functools.partial(
         prepare_codebooks, models=models, config=config, cold_start=phase.cold_start, restart=phase.kind == "tokenizer"
     )
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=state_shardings)
+    return jax.jit(
+        _under_rules(fn, config, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=state_shardings,
+    )

@@ -1,8 +1,8 @@
 """The jitted phase steps (steps.py), the state and its hand-over (state.py), on a tiny config.
 
 - sharded == single device: the same initial state and global batches through prepare_codebooks + 2 cold-start
-  encoder steps + hand-over + prepare + 2 tokenizer steps on 8 fake devices (data=2 x fsdp=4, FSDP forced on the
-  tiny arrays, codebooks included), the encoder phase also on data=8, and on 1 device (which also runs hand-over + 1
+  encoder steps + hand-over + prepare + 2 tokenizer steps on 8 fake devices (data=2 x fsdp=4: kernels split along
+  "embed" by the logical rules, codebooks replicated), the encoder phase also on data=8, and on 1 device (which also runs hand-over + 1
   warm encoder step): metrics and every leaf of every intermediate state agree (rtol 1e-5, atol 1e-6; ints exactly).
 - encoder_step (SPEC 2.1, 2.8): only params["encoder"] change; the loss is recomputed outside the step (same mask
   key, tokenizer codes, NumPy CE on the logits); the loss falls over 20 steps on a fixed batch.
@@ -114,7 +114,7 @@ def run_pipeline(config, mesh, images, init=None, *, num_phases=3):
     if init is None:
         state = state_lib.create_sharded(models, config, tx_lr[0][0], plan[0], SEED, mesh)
     else:
-        state = to_device(init, state_lib.shardings_of(mesh, init))
+        state = to_device(init, state_lib.shardings_for(models, config, tx_lr[0][0], plan[0], mesh))
     snaps, metrics, fns = {"init": host(state)}, {}, {}
     for phase, (tx, lr) in zip(plan, tx_lr):
         if phase.index >= num_phases:
@@ -176,13 +176,7 @@ def data8(config, images, single):
 def fsdp4(config, images, single):
     c = config.copy_and_resolve_references()
     c.mesh.data, c.mesh.fsdp = 2, 4
-    old = sharding.FSDP_MIN_SIZE
-    sharding.FSDP_MIN_SIZE = 256          # the tiny model's arrays are small: shard everything >= 256 elements
-    try:
-        run = run_pipeline(c, sharding.make_mesh(c.mesh), images, single["snaps"]["init"], num_phases=2)
-    finally:
-        sharding.FSDP_MIN_SIZE = old
-    return run
+    return run_pipeline(c, sharding.make_mesh(c.mesh), images, single["snaps"]["init"], num_phases=2)
 
 
 # ---------------------------------------------------------------- sharded == single device
@@ -265,11 +259,11 @@ def test_global_batch_is_split_over_every_device(config, images):
 def test_sharded_fsdp4_equals_single_device(fsdp4, single, features):
     assert fsdp4["mesh"].shape == {"data": 2, "fsdp": 4}
     assert set(fsdp4["metrics"]) == {"phase0_step0", "phase0_step1", "phase1_step0", "phase1_step1"}
-    # FSDP really splits parameters (and the codebooks) here
+    # FSDP really splits parameters here; the codebooks stay replicated
     shardings = fsdp4["fns"][0][1]
     specs = [s.spec for s in jax.tree.leaves(shardings.params)]
     assert any("fsdp" in tuple(spec) for spec in specs)
-    assert "fsdp" in tuple(shardings.codebooks.codes.spec)
+    assert all(axes is None for axes in shardings.codebooks.codes.spec)
     _compare_runs(fsdp4, single)
     _compare_codes(fsdp4, single, features)
 

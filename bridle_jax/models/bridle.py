@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from bridle_jax import sharding
 from bridle_jax.models import decoder as decoder_lib
 from bridle_jax.models import tokenizer as tokenizer_lib
 from bridle_jax.models import vit
@@ -60,8 +61,15 @@ class BridleModels:
         row_valid = jnp.arange(rows, dtype=jnp.int32)[None, :] * self.time_patch < length[:, None]
         return x, jnp.repeat(row_valid, per_row, axis=1)  # row-major grid: index = row * per_row + rest
 
-    def init_params(self, key):
-        """All parameters, grouped by the side that trains them: {"encoder", "tokenizer", "cold_start"}."""
+    def init_params(self, key, *, boxed: bool = False):
+        """All parameters, grouped by the side that trains them: {"encoder", "tokenizer", "cold_start"}.
+
+        `boxed`: annotated kernels come as `nn.LogicallyPartitioned` (their logical axis names, for the shardings);
+        the values are the same either way.
+        """
+        if boxed:
+            with sharding.logical_params():
+                return self.init_params(key)
         k = jax.random.split(key, 5)
         x = jnp.zeros((1,) + tuple(self.input_shape), jnp.float32)
         n = self.num_patches

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from bridle_jax.models.patch_embed import Dtype
 from bridle_jax.models.vit import Transformer, dense_init, position_table, token_init
+from bridle_jax.sharding import logical
 
 
 def unshuffle(visible: jax.Array, mask_token: jax.Array, restore_idx: jax.Array) -> jax.Array:
@@ -64,7 +65,8 @@ class LabelPredictor(nn.Module):
             )
         if encoded.shape[0] != b:
             raise ValueError(f"LabelPredictor: batch of encoded ({encoded.shape[0]}) != batch of restore_idx ({b})")
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="embed")(
+        embed_init = logical(dense_init, ("features", "embed"))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=embed_init, name="embed")(
             encoded.astype(self.dtype)
         )
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
@@ -80,7 +82,7 @@ class LabelPredictor(nn.Module):
             self.num_levels * self.codebook_size,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            kernel_init=dense_init,
+            kernel_init=logical(dense_init, ("embed", "vocab")),
             name="head",
         )(x[:, c:])
         return logits.reshape(b, n, self.num_levels, self.codebook_size)

@@ -38,6 +38,7 @@ import numpy as np
 from bridle_jax.models.decoder import unshuffle
 from bridle_jax.models.patch_embed import Dtype
 from bridle_jax.models.vit import dense_init, sincos_2d, token_init
+from bridle_jax.sharding import logical
 
 VARIANTS = ("audiomae", "swinv2")
 MASK_VALUE = -100.0  # Swin's additive mask between tokens of different pre-roll regions
@@ -149,7 +150,7 @@ class WindowAttention(nn.Module):
             use_bias=audiomae,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=dense_init,
+            kernel_init=logical(dense_init, ("embed", "qkv")),
             name="qkv",
         )(x)
         if not audiomae:  # SwinV2: learnable q and v biases, none on k
@@ -192,7 +193,8 @@ class WindowAttention(nn.Module):
         self.sow("intermediates", "attn_probs", probs)
         out = jnp.einsum("bnhts,bnhsd->bnhtd", probs.astype(v.dtype), v)
         out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(b, nw, length, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="proj")(out)
+        proj_init = logical(dense_init, ("heads", "embed"))
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=proj_init, name="proj")(out)
 
 
 class SwinBlock(nn.Module):
@@ -215,7 +217,7 @@ class SwinBlock(nn.Module):
         if tuple(x.shape[1:3]) != tuple(self.grid):
             raise ValueError(f"SwinBlock: input grid {tuple(x.shape[1:3])} != patch_grid {tuple(self.grid)}")
         ln = {"epsilon": self.ln_eps, "dtype": self.dtype, "param_dtype": jnp.float32}
-        dense = {"dtype": self.dtype, "param_dtype": jnp.float32, "kernel_init": dense_init}
+        dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
 
         y = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2)) if any(shift) else x
         y = WindowAttention(self.width, self.num_heads, window, self.cpb_hidden, self.variant, self.dtype, name="attn")(
@@ -226,9 +228,9 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + nn.LayerNorm(**ln, name="norm1")(y)
 
-        y = nn.Dense(self.mlp_dim, **dense, name="fc1")(x)
+        y = nn.Dense(self.mlp_dim, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="fc1")(x)
         y = nn.gelu(y, approximate=False)
-        y = nn.Dense(self.width, **dense, name="fc2")(y)
+        y = nn.Dense(self.width, **dense, kernel_init=logical(dense_init, ("mlp", "embed")), name="fc2")(y)
         return x + nn.LayerNorm(**ln, name="norm2")(y)
 
 
@@ -271,7 +273,8 @@ class LocalLabelPredictor(nn.Module):
             effective_window_shift((h, w), self.window, self.shift if i % 2 else (0, 0))
 
         visible = encoded[:, 1:] if self.cls_token else encoded  # the cls would only go through `embed` to be dropped
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="embed")(
+        embed_init = logical(dense_init, ("features", "embed"))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=embed_init, name="embed")(
             visible.astype(self.dtype)
         )
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
@@ -294,12 +297,13 @@ class LocalLabelPredictor(nn.Module):
                 self.dtype,
                 name=f"block_{i}",
             )(x)
+            x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))  # residual [B, h, w, C], see vit
         x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
         logits = nn.Dense(
             self.num_levels * self.codebook_size,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            kernel_init=dense_init,
+            kernel_init=logical(dense_init, ("embed", "vocab")),
             name="head",
         )(x.reshape(b, n, self.width))
         return logits.reshape(b, n, self.num_levels, self.codebook_size)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bridle_jax.sharding import logical
+
 Dtype = jnp.dtype | type
 
 
@@ -62,7 +64,7 @@ class ImagePatchEmbed(nn.Module):
             use_bias=True,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=flat_xavier_uniform,
+            kernel_init=logical(flat_xavier_uniform, (None, None, None, "embed")),
             bias_init=torch_default_bias(p * p * channels),
             name="conv",
         )(x)
@@ -98,7 +100,7 @@ class TubeletEmbed(nn.Module):
             use_bias=True,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=flat_xavier_uniform,
+            kernel_init=logical(flat_xavier_uniform, (None, None, None, None, "embed")),
             bias_init=torch_default_bias(t * p * p * channels),
             name="conv",
         )(x)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from bridle_jax.models.patch_embed import Dtype, make_stem
 from bridle_jax.models.vit import Transformer, ViTEncoder, dense_init, position_table
+from bridle_jax.sharding import logical
 
 
 class Tokenizer(nn.Module):
@@ -50,9 +51,13 @@ class Tokenizer(nn.Module):
             self.tubelet_size,
             name="vit",
         )(x)
-        dense = dict(dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init)
-        z = nn.Dense(self.width, **dense, name="head_in")(inter["patches"].astype(jnp.float32))
-        return nn.Dense(self.code_dim, **dense, name="head_out")(jnp.tanh(z))
+        dense = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+        z = nn.Dense(self.width, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="head_in")(
+            inter["patches"].astype(jnp.float32)
+        )
+        return nn.Dense(self.code_dim, **dense, kernel_init=logical(dense_init, ("mlp", "code")), name="head_out")(
+            jnp.tanh(z)
+        )
 
 
 class ColdStartTokenizer(nn.Module):
@@ -79,7 +84,7 @@ class ColdStartTokenizer(nn.Module):
             use_bias=False,
             dtype=jnp.float32,
             param_dtype=jnp.float32,
-            kernel_init=dense_init,
+            kernel_init=logical(dense_init, ("embed", "code")),
             name="proj",
         )(patches)
 
@@ -106,7 +111,8 @@ class Estimator(nn.Module):
             raise ValueError(
                 f"Estimator: patch_grid {patch_grid} has {math.prod(patch_grid)} patches but z_q has {z_q.shape[1]}"
             )
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="embed")(
+        embed_init = logical(dense_init, ("code", "embed"))
+        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=embed_init, name="embed")(
             z_q.astype(self.dtype)
         )
         x = x + jnp.asarray(position_table(patch_grid, self.width), self.dtype)
@@ -114,6 +120,7 @@ class Estimator(nn.Module):
             self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
         )(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
-        return nn.Dense(self.out_dim, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=dense_init, name="head")(
+        head_init = logical(dense_init, ("embed", "features"))
+        return nn.Dense(self.out_dim, dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=head_init, name="head")(
             x.astype(jnp.float32)
         )

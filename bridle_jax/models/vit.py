@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridle_jax.models.patch_embed import Dtype, make_stem
+from bridle_jax.sharding import RESIDUAL, logical
 
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     # name: (width, depth, num_heads, mlp_dim)
@@ -143,12 +144,19 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: width {self.width} is not divisible by num_heads {self.num_heads}")
         b, n, _ = x.shape
         head_dim = self.width // self.num_heads
-        qkv = nn.Dense(3 * self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="qkv")(x)
+        qkv = nn.Dense(
+            3 * self.width,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=logical(dense_init, ("embed", "qkv")),
+            name="qkv",
+        )(x)
         # timm's layout [B, N, 3, H, hd], so torch weights map 1:1; heads-major [3, B, H, N, hd] for the batched dots
         qkv = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, head_dim), (2, 0, 3, 1, 4))
         out = _attention_core(qkv[0] * head_dim**-0.5, qkv[1], qkv[2])
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, self.width)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init, name="proj")(out)
+        proj_init = logical(dense_init, ("heads", "embed"))
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=proj_init, name="proj")(out)
 
 
 class Block(nn.Module):
@@ -162,17 +170,21 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ln = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)
-        dense = dict(dtype=self.dtype, param_dtype=jnp.float32, kernel_init=dense_init)
+        dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
         x = x + Attention(self.width, self.num_heads, self.dtype, name="attn")(nn.LayerNorm(**ln, name="norm1")(x))
         y = nn.LayerNorm(**ln, name="norm2")(x)
-        y = nn.Dense(self.mlp_dim, **dense, name="fc1")(y)
+        y = nn.Dense(self.mlp_dim, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="fc1")(y)
         y = nn.gelu(y, approximate=False)
-        y = nn.Dense(self.width, **dense, name="fc2")(y)
+        y = nn.Dense(self.width, **dense, kernel_init=logical(dense_init, ("mlp", "embed")), name="fc2")(y)
         return x + y
 
 
 class Transformer(nn.Module):
-    """`depth` Blocks named `block_{i}`; with `remat`, each block's activations are recomputed in the backward pass."""
+    """`depth` Blocks named `block_{i}`; with `remat`, each block's activations are recomputed in the backward pass.
+
+    The residual stream is constrained to ("batch", "length", "embed") between blocks (a no-op unless a step sets
+    the logical rules, see `sharding.activation_rules`): under FSDP it stays split by example, width whole.
+    """
 
     depth: int
     width: int
@@ -184,8 +196,10 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         block = nn.remat(Block) if self.remat else Block
+        x = nn.with_logical_constraint(x, RESIDUAL)
         for i in range(self.depth):
             x = block(self.width, self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x)
+            x = nn.with_logical_constraint(x, RESIDUAL)
         return x
 
 
