@@ -39,6 +39,8 @@ def main(argv) -> None:
     from bridle_jax import train  # after distributed initialisation: importing may touch the backend
 
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if summary["preempted"]:  # "Preempted at step N: checkpoint saved; ..." is logged: exit 0, re-run resumes
+        return
     probe = summary["linear_probe"]
     if probe:
         print("Linear probe top-1 (test split):")

@@ -1,5 +1,9 @@
 """Where training numbers go: one JSON line per logged step (`metrics.jsonl`), TensorBoard event files, and a
-progress line with steps/s and ETA for the phase and the whole plan. Only process 0 writes."""
+progress line with steps/s and ETA for the phase and the whole plan. Only process 0 writes.
+
+The workdir may be a URL (gs://...): object stores cannot append, so there the JSONL object is rewritten whole at
+most every `flush_secs` and on close (TensorBoard's gs:// writer, from tensorboardX, needs google-cloud-storage).
+"""
 
 import json
 import logging
@@ -8,35 +12,66 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWriter:
     """JSON lines + TensorBoard (tensorboardX: no TensorFlow needed). A no-op on every process but 0."""
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    def __init__(self, workdir, enabled: bool | None = None, flush_secs: float = 30.0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tb = None
+        self._remote_lines: list[str] | None = None  # URL workdirs: every line, rewritten whole on flush
+        self._flush_secs, self._flushed_at = flush_secs, time.monotonic()
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            url = "://" in os.fspath(workdir)
+            root = epath.Path(os.fspath(workdir) if url else os.path.abspath(workdir))
+            root.mkdir(parents=True, exist_ok=True)
+            self._path = root / METRICS_FILE
+            if url:
+                self._remote_lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+            else:
+                self._jsonl = self._path.open("a", encoding="utf-8")
             from tensorboardX import SummaryWriter  # imported lazily: only the writing process needs it
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(os.fspath(root / "tensorboard"))
 
     def write(self, step: int, scalars: dict, **fields) -> None:
         if not self.enabled:
             return
         values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **fields, **values}, sort_keys=True) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": int(step), **fields, **values}, sort_keys=True) + "\n"
+        if self._remote_lines is not None:
+            self._remote_lines.append(line)
+            if time.monotonic() - self._flushed_at >= self._flush_secs:
+                self.flush()
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(k, v, int(step))
 
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        if self._remote_lines is not None:
+            self._path.write_text("".join(self._remote_lines))
+            self._flushed_at = time.monotonic()
+        else:
+            self._jsonl.flush()
+        self._tb.flush()
+
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
+            if self._remote_lines is not None:
+                self._path.write_text("".join(self._remote_lines))
+            else:
+                self._jsonl.close()
             self._tb.close()
+            self.enabled = False
 
 
 class Progress:

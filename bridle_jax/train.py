@@ -1,11 +1,16 @@
 """`train_and_evaluate(config, workdir)`: the whole interleaved plan, resumable at any step.
 
 Reads top to bottom: validate the config → mesh, models, data → restore or create the state → for every phase of
-the plan: hand over, run its jitted steps (logging, checkpointing), keep the encoder and probe it at the end.
+the plan: hand over, run its jitted steps (logging, checkpointing), keep the encoder and probe it at the end → mark
+the workdir DONE.
+
+Preemption: SIGTERM (or Ctrl-C) is only noted; before every step, and before each phase's hand-over, the loop asks
+whether any process was signalled and, if so, checkpoints the current step, waits for the save and returns with
+"preempted": True (re-running the same command resumes exactly). The workdir may be a gs:// URL: every file
+access goes through etils.epath.
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -73,34 +78,32 @@ def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> 
 
 
 def _read_probe(workdir: str) -> dict:
-    path = os.path.join(workdir, PROBE_FILE)
-    if not os.path.exists(path):
+    path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
+    if not path.exists():
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def _record_probe(workdir: str, key: str, result: dict) -> dict:
-    path = os.path.join(workdir, PROBE_FILE)
     results = _read_probe(workdir)
     results[key] = result
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
+        ckpt_lib.write_text_atomic(path, json.dumps(results, indent=2, sort_keys=True))
     return results
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
-    """Runs (or resumes) the whole plan in `workdir`.
+    """Runs (or resumes) the whole plan in `workdir` (a local path or a gs:// URL).
 
     `stop_at_step` checkpoints and returns once that many steps are done (a planned interruption; running the same
-    call again without it resumes). Returns {"workdir", "linear_probe": {iteration: result}, "final_state"}.
+    call again without it resumes). SIGTERM/SIGINT do the same at the step under way (a preemption). Once the whole
+    plan is done `<workdir>/DONE` is written, and a re-run of a finished workdir only reports. Returns {"workdir",
+    "linear_probe": {iteration: result}, "final_state", "preempted": bool, "done": bool}.
     """
     # ---------------------------------------------------------------- set-up
     config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
+    workdir = ckpt_lib.resolve_workdir(workdir)  # URLs are kept as they are
     plan = schedule.parse_plan(config.schedule.phases)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
@@ -119,6 +122,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     progress = metrics_lib.Progress(schedule.total_steps(plan))
     probe_data = _ProbeData(config) if config.evals.linear_probe.enabled else None
     phase_tx = lambda phase: optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+    data_log = ckpt_lib.DataLog(workdir)  # off unless BRIDLE_JAX_DATA_LOG=1
+    watch = ckpt_lib.PreemptionWatch(ckpt)  # SIGTERM/SIGINT handlers until `finally`
+    preempted = False
 
     try:
         # ---------------------------------------------------------------- restore or create
@@ -133,6 +139,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         else:
             state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
         step = int(state.step)
+        data_log.started(step)
+        if step < schedule.total_steps(plan):
+            ckpt_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more
         ckpt_lib.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
         results = {}
         if probe_data is not None and step == 0:
@@ -142,10 +151,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 f"Linear probe, encoder as initialised: top-1 {results['iteration_0']['top1_test']:.4f}"
             )
 
+        def preempted_here() -> bool:
+            """A safe point: when any process was signalled, checkpoint `step` (unless saved already: e.g. a phase
+            start, whose checkpoint holds the state before the hand-over), wait for it and report."""
+            nonlocal preempted
+            if not watch.should_stop(step):
+                return False
+            if step not in ckpt.all_steps():
+                _check_nonfinite(state, config, step)
+                producer = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase whose step made `state`
+                ckpt.save(step, state, data_iter, {"step": step, "phase": producer.name, "phase_index": producer.index})
+            ckpt.wait()
+            metrics_lib.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
+            preempted = True
+            return True
+
         # ---------------------------------------------------------------- the plan
         for phase in plan:
             if step >= phase.end_step:
                 continue
+            if preempted_here():
+                break
             tx, lr_schedule = phase_tx(phase)
             if step == phase.start_step and phase.index > 0:
                 state = state_lib.hand_over_sharded(state, models, config, tx, phase, mesh)
@@ -163,7 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             progress.start(step)
 
             while step < phase.end_step:
+                if preempted_here():
+                    break
                 local = next(data_iter)
+                data_log.batch(step + 1, local)
                 batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"]})
                 if step == phase.start_step and needs_codebooks:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
@@ -190,10 +219,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                     ckpt.save(step, state, data_iter, {"step": step, "phase": phase.name, "phase_index": phase.index})
                 if stopping:
                     break
+            if preempted:
+                break
             if step == stop_at_step:
                 metrics_lib.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
                 break
+
+        # ---------------------------------------------------------------- done
+        done = not preempted and step == schedule.total_steps(plan)
+        if done:
+            ckpt.wait()  # the final checkpoint is complete before the marker says so
+            was_done = ckpt_lib.read_done(workdir)
+            marker = ckpt_lib.write_done(workdir, step)
+            if was_done is not None and restored is not None and int(restored[1]["step"]) == step:
+                metrics_lib.log_line(f"The plan had already finished (DONE at step {step}, {marker['time']}).")
+            else:
+                metrics_lib.log_line(f"Plan finished at step {step}; wrote {ckpt_lib.DONE_FILE}.")
     finally:  # an error still finishes the pending (async) checkpoint and the metric files
-        ckpt.close()
-        writer.close()
-    return {"workdir": workdir, "linear_probe": _read_probe(workdir) or results, "final_state": state}
+        try:
+            ckpt.close()
+            writer.close()
+            data_log.close()
+        finally:
+            watch.close()
+    return {
+        "workdir": workdir,
+        "linear_probe": _read_probe(workdir) or results,
+        "final_state": state,
+        "preempted": preempted,
+        "done": done,
+    }
