@@ -160,23 +160,39 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block (timm `Block`): x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, exact GELU."""
+    """Pre-LN transformer block (timm `Block`): x + Attn(LN(x)), then x + MLP(LN(x)); LN eps 1e-6, exact GELU.
+
+    `drop_path` > 0 with `deterministic=False` is timm's stochastic depth (fine-tuning only, SPEC 4): each residual
+    branch is dropped for a whole example with probability `drop_path` (two independent draws per block, from the
+    "dropout" rng) and the kept ones are scaled by 1 / (1 - drop_path). Pretraining never sets it.
+    """
 
     width: int
     num_heads: int
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    drop_path: float = 0.0
+    deterministic: bool = True
+
+    def _drop_path(self, branch: jax.Array) -> jax.Array:
+        if self.deterministic or self.drop_path == 0.0:
+            return branch
+        keep = 1.0 - self.drop_path
+        shape = (branch.shape[0],) + (1,) * (branch.ndim - 1)  # one draw per example: the whole branch goes
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return branch * (mask.astype(branch.dtype) / jnp.asarray(keep, branch.dtype))
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ln = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)
         dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        x = x + Attention(self.width, self.num_heads, self.dtype, name="attn")(nn.LayerNorm(**ln, name="norm1")(x))
+        y = Attention(self.width, self.num_heads, self.dtype, name="attn")(nn.LayerNorm(**ln, name="norm1")(x))
+        x = x + self._drop_path(y)
         y = nn.LayerNorm(**ln, name="norm2")(x)
         y = nn.Dense(self.mlp_dim, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="fc1")(y)
         y = nn.gelu(y, approximate=False)
         y = nn.Dense(self.width, **dense, kernel_init=logical(dense_init, ("mlp", "embed")), name="fc2")(y)
-        return x + y
+        return x + self._drop_path(y)
 
 
 class Transformer(nn.Module):
@@ -192,13 +208,23 @@ class Transformer(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (depth - 1) (timm)
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         block = nn.remat(Block) if self.remat else Block
+        rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else [self.drop_path]
         x = nn.with_logical_constraint(x, RESIDUAL)
         for i in range(self.depth):
-            x = block(self.width, self.num_heads, self.mlp_dim, self.dtype, name=f"block_{i}")(x)
+            x = block(
+                self.width,
+                self.num_heads,
+                self.mlp_dim,
+                self.dtype,
+                drop_path=float(rates[i]),
+                deterministic=deterministic,
+                name=f"block_{i}",
+            )(x)
             x = nn.with_logical_constraint(x, RESIDUAL)
         return x
 
@@ -221,16 +247,20 @@ class ViTEncoder(nn.Module):
     remat: bool = False
     cls_token: bool = True
     tubelet_size: int = 2  # video only: frames per tubelet
+    drop_path: float = 0.0  # stochastic depth (fine-tuning only; active when called with deterministic=False)
 
     @nn.compact
-    def __call__(self, x: jax.Array, keep_idx: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    def __call__(
+        self, x: jax.Array, keep_idx: jax.Array | None = None, *, deterministic: bool = True
+    ) -> tuple[jax.Array, dict]:
         """x: one batch of the stem's input (see patch_embed); keep_idx: optional `[B, n_keep]` int indices of the
-        visible patches.
+        visible patches; deterministic=False turns on drop-path (needs a "dropout" rng).
 
         Returns `(tokens [B, c+n, width] in dtype (c = 1 with a cls token, else 0), intermediates)` with:
           "patch_grid": the static grid;  "embedded": `[B, n, width]` patch tokens + pos after the gather
           (the transformer's input without cls);  "patches": `[B, n, width]` final tokens without cls (features
-          to pool for probes, and the teacher targets of SPEC A15).
+          to pool for probes, and the teacher targets of SPEC A15);  "pre_norm": the same tokens before the final
+          LayerNorm (fine-tuning pools these: MAE's global pool replaces that norm by its fc_norm, SPEC 4).
         """
         patches, grid = make_stem(self.stem, self.width, self.patch_size, self.dtype, self.tubelet_size)(x)
         tokens = patches + jnp.asarray(position_table(grid, self.width), self.dtype)
@@ -246,7 +276,16 @@ class ViTEncoder(nn.Module):
             tokens = jnp.concatenate([cls, tokens], axis=1)
             prefix = 1
         tokens = Transformer(
-            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
-        )(tokens)
+            self.depth,
+            self.width,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.remat,
+            drop_path=self.drop_path,
+            name="transformer",
+        )(tokens, deterministic)
+        pre_norm = tokens[:, prefix:]
         tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(tokens)
-        return tokens, {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, prefix:]}
+        inter = {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, prefix:], "pre_norm": pre_norm}
+        return tokens, inter
