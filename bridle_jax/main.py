@@ -1,7 +1,13 @@
 """Entry point: python -m bridle_jax.main --config=configs/digits.py --workdir=DIR [--config.x.y=v ...]
 
-On several hosts it joins them through `jax.distributed` first: TPU pods are detected automatically; elsewhere set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (or pass the --coordinator_* flags).
+On several hosts it joins them through `jax.distributed` first (`initialize_distributed`):
+  - explicit (GPU clusters, local tests): --coordinator_address/--num_processes/--process_id, or JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU processes talk through gloo collectives;
+  - Cloud TPU VMs: `jax.distributed.initialize()` with no arguments, which reads the slice's topology from the TPU
+    metadata server (TPU_WORKER_HOSTNAMES is not set on every TPU VM, so its absence proves nothing). A TPU VM is
+    recognised by JAX's own Cloud TPU check (libtpu and TPU chips present) or by any of TPU_ACCELERATOR_TYPE,
+    TPU_WORKER_ID, CLOUD_TPU_TASK_ID, TPU_WORKER_HOSTNAMES, TPU_PROCESS_ADDRESSES, MEGASCALE_COORDINATOR_ADDRESS. On a
+    single-host TPU VM that is a one-process cluster (harmless); --distributed=off skips it.
 """
 
 import os
@@ -19,23 +25,72 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "off"], "auto: join the other processes (see above); off: run as one process."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _maybe_initialize_distributed() -> None:
+TPU_ENV_VARS = (
+    "TPU_ACCELERATOR_TYPE",
+    "TPU_WORKER_ID",
+    "CLOUD_TPU_TASK_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "TPU_PROCESS_ADDRESSES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def _on_cloud_tpu() -> bool:
+    if any(os.environ.get(name) for name in TPU_ENV_VARS):
+        return True
+    try:  # set by `import jax` when libtpu and TPU chips are present (no env var needed)
+        from jax._src import cloud_tpu_init
+
+        return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _env_int(name: str, flag: str) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        raise ValueError(f"a coordinator address is set, so --{flag} or the environment variable {name} is required")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}: expected an integer, got {value!r}") from None
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Joins the other processes of a multi-process run (see the module docstring); returns whether
+    `jax.distributed` is initialised. Must run before anything touches a JAX backend; a second call is a no-op."""
     import jax
 
-    if _COORDINATOR.value:
-        num = _NUM_PROCESSES.value or int(os.environ["JAX_NUM_PROCESSES"])
-        pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num, process_id=pid)
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()  # a multi-host TPU slice: everything is auto-detected
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # CPU processes need gloo for cross-process ops
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address:
+        num = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", "num_processes")
+        pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", "process_id")
+        if not 0 <= pid < num:
+            raise ValueError(f"process id {pid} must lie in [0, {num}) (num_processes={num})")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num, process_id=pid)
+        return True
+    if _on_cloud_tpu():
+        jax.distributed.initialize()  # the slice's hosts, this host's index and the coordinator come from the TPU VM
+        return True
+    return False
 
 
 def main(argv) -> None:
     del argv
-    _maybe_initialize_distributed()
+    if _DISTRIBUTED.value == "auto":
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from bridle_jax import train  # after distributed initialisation: importing may touch the backend
 
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
