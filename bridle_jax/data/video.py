@@ -188,11 +188,14 @@ def write_video(path, frames: np.ndarray, *, fps: int = 8, codec: str | None = N
     with av.open(os.fspath(path), mode="w", format="mp4") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+            # Every x264 thread knob pinned: with any parallelism left the bytes (and a few decoded pixel levels)
+            # varied between runs of the same seed under load.
+            x264 = "threads=1:lookahead-threads=1:sliced-threads=0:sync-lookahead=0"
+            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": x264}
         else:
             stream.options = {"qscale": "2"}
-            stream.codec_context.thread_count = 1
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

@@ -41,7 +41,7 @@ _YOUTUBE_ID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 MOVING_DIGITS_CSV = "clips.csv"
 MOVING_DIGITS_MANIFEST = "complete.json"
-MOVING_DIGITS_VERSION = 1
+MOVING_DIGITS_VERSION = 2
 MOVING_DIGITS_TEST_FRACTION = 0.2
 
 
@@ -268,8 +268,10 @@ def _trajectory(rng: np.random.Generator, num_frames: int, room: int) -> np.ndar
 def render_moving_digit(
     digit: np.ndarray, rng: np.random.Generator, num_frames: int, size: int, distractor: bool
 ) -> np.ndarray:
-    """One clip uint8 [T, size, size, 3]: an 8x8 digit (0..16) upsampled to 12-16 px, coloured, bouncing around."""
-    side = int(rng.integers(12, 17))
+    """One clip uint8 [T, size, size, 3]: an 8x8 digit (0..16) upsampled to 55-75% of the frame side (18-24 px at
+    32), coloured, bouncing around. Large enough that the digit's shape spans several patches of the demo's tubelets
+    and survives the multi-scale crop."""
+    side = int(rng.integers(int(0.55 * size), int(0.75 * size) + 1))
     glyph = Image.fromarray(np.round(digit * (255.0 / 16.0)).astype(np.uint8)).resize((side, side), Image.BILINEAR)
     colour = rng.uniform(0.6, 1.0, size=3)
     sprite = np.asarray(glyph, np.float32)[..., None] * colour
@@ -327,7 +329,7 @@ def write_moving_digits(
 ) -> str:
     """Renders the moving-digits demo into ``root`` (atomically) and returns the CSV path.
 
-    Each clip shows one of scikit-learn's bundled 8x8 handwritten digits (upsampled to 12-16 px, random colour)
+    Each clip shows one of scikit-learn's bundled 8x8 handwritten digits (upsampled to 55-75% of the frame side, random colour)
     moving along a straight path that bounces off the walls of a ``size`` x ``size`` canvas; the label is the digit
     class (balanced). ``distractor`` adds a moving grey square. Clips are real mp4 files (h264, else mpeg4) at
     ``root/clips/{i:05d}.mp4``, listed in ``root/clips.csv`` as ``path,label,split`` (the generic
