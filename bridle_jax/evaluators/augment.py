@@ -1,0 +1,312 @@
+"""Fine-tuning augmentations (SPEC 4, A12): the audio ones run inside the jitted step on device, the image ones are
+Grain transforms on NumPy/PIL in the input pipeline.
+
+On device (JAX, per example, from one key):
+  `mixup`          waveform mixup at rate 0.5 with lambda ~ Beta(10, 10) and soft labels (AudioMAE/BRIDLE `dataset.py`)
+  `spec_augment`   torchaudio FrequencyMasking(F) + TimeMasking(T) on the log-mel (F48/T192 in the AudioSet scripts)
+  `patch_mask_2d`  AudioMAE's `random_masking_2d`: keep int(T(1-p_t)) random time rows x int(F(1-p_f)) random
+                   frequency columns of the patch grid (0.2/0.2; A12: the released HEAD code forgets to apply it)
+In the image pipeline (NumPy/PIL, rng from Grain's `random_map`):
+  `RandAugment`    timm's `rand-m9-mstd0.5-inc1`: 2 ops drawn with replacement from the 15 "increasing" ops, each
+                   applied with probability 0.5 at a magnitude ~ N(9, 0.5) clipped to [0, 10]
+  `RandomErasing`  timm's `RandomErasing(0.25, mode="pixel")` on the normalised image (or on each frame of a clip)
+"""
+
+from __future__ import annotations
+
+import math
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+# ------------------------------------------------------------------------------------------------- on device
+
+
+def _expand(v: jax.Array, ndim: int) -> jax.Array:
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def mixup(key, inputs, lengths, targets, *, rate: float, alpha: float = 10.0):
+    """Mixes each example, with probability `rate`, with a random partner from the batch.
+
+    inputs `[B, S, ...]` (audio: zero-padded waveforms), lengths `[B]` int or None, targets `[B, C]` (one-hot or
+    multi-hot). As AudioMAE's `_wav2fbank(wav1, wav2)`: both clips lose their mean over their real samples, the
+    partner is cut (or zero-padded) to the first clip's length, `lam * x1 + (1 - lam) * x2` with lam ~ Beta(alpha,
+    alpha), soft targets `lam * y1 + (1 - lam) * y2`; the length stays the first clip's. Un-mixed examples come back
+    unchanged. Returns (inputs, targets, lam [B]).
+    """
+    b = inputs.shape[0]
+    k_partner, k_apply, k_lam = jax.random.split(key, 3)
+    partner = jax.random.permutation(k_partner, b)
+    apply = jax.random.uniform(k_apply, (b,)) < rate
+    lam = jnp.where(apply, jax.random.beta(k_lam, alpha, alpha, (b,)), 1.0).astype(jnp.float32)
+    x = inputs.astype(jnp.float32)
+    if lengths is not None:  # waveforms: mean over the real samples, zeros beyond them
+        steps = jnp.arange(x.shape[1])
+        real = _expand(steps[None, :] < lengths[:, None], x.ndim)
+        count = _expand(jnp.maximum(lengths, 1).astype(jnp.float32), x.ndim)
+        mean = jnp.sum(jnp.where(real, x, 0.0), axis=tuple(range(1, x.ndim)), keepdims=True) / count
+        x = jnp.where(real, x - mean, 0.0)
+        other = jnp.where(real, x[partner], 0.0)  # the partner cut / padded to this clip's length
+    else:
+        other = x[partner]
+    mixed = _expand(lam, x.ndim) * x + _expand(1.0 - lam, x.ndim) * other
+    mixed = jnp.where(_expand(apply, x.ndim), mixed, inputs.astype(jnp.float32))
+    t = targets.astype(jnp.float32)
+    mixed_targets = lam[:, None] * t + (1.0 - lam[:, None]) * t[partner]
+    return mixed.astype(inputs.dtype), mixed_targets, lam
+
+
+def _mask_along(key, batch: int, size: int, mask_param: int) -> jax.Array:
+    """torchaudio's `mask_along_axis` per example: width floor(u * param), start floor(v * (size - u * param));
+    returns `[B, size]` True where masked."""
+    k_width, k_start = jax.random.split(key)
+    value = jax.random.uniform(k_width, (batch,)) * mask_param
+    min_value = jax.random.uniform(k_start, (batch,)) * (size - value)
+    start = jnp.floor(min_value)
+    end = start + jnp.floor(value)
+    pos = jnp.arange(size, dtype=jnp.float32)[None, :]
+    return (pos >= start[:, None]) & (pos < end[:, None])
+
+
+def spec_augment(key, feats, *, freq_mask: int, time_mask: int, fill: float = 0.0):
+    """FrequencyMasking(freq_mask) then TimeMasking(time_mask) on `[B, T, F]` log-mels, independently per example.
+
+    `fill` is the value of a masked bin. AudioMAE masks the raw log-mel with 0 *before* normalising, so on the
+    normalised features that is `(0 - mean) / (2 * std)` (what the padded frames hold too).
+    """
+    b, t, f = feats.shape
+    k_f, k_t = jax.random.split(key)
+    masked = jnp.zeros((b, t, f), bool)
+    if freq_mask >= 1:
+        masked = masked | _mask_along(k_f, b, f, freq_mask)[:, None, :]
+    if time_mask >= 1:
+        masked = masked | _mask_along(k_t, b, t, time_mask)[:, :, None]
+    return jnp.where(masked, jnp.asarray(fill, feats.dtype), feats)
+
+
+def patch_mask_2d(key, batch: int, grid: tuple[int, int], *, mask_t_prob: float, mask_f_prob: float) -> jax.Array:
+    """`[B, n_keep]` int32 indices (row-major, index = t * F + f) of the kept patches: int(T (1 - p_t)) random time
+    rows times int(F (1 - p_f)) random frequency columns per example (AudioMAE `random_masking_2d`)."""
+    rows, cols = grid
+    keep_t, keep_f = int(rows * (1 - mask_t_prob)), int(cols * (1 - mask_f_prob))
+    if keep_t < 1 or keep_f < 1:
+        raise ValueError(
+            f"patch_mask_2d: mask_t_prob={mask_t_prob} / mask_f_prob={mask_f_prob} keep no row or column of the "
+            f"{rows}x{cols} patch grid"
+        )
+    k_t, k_f = jax.random.split(key)
+    t_idx = jnp.sort(jnp.argsort(jax.random.uniform(k_t, (batch, rows)), axis=1)[:, :keep_t], axis=1)
+    f_idx = jnp.sort(jnp.argsort(jax.random.uniform(k_f, (batch, cols)), axis=1)[:, :keep_f], axis=1)
+    return (t_idx[:, :, None] * cols + f_idx[:, None, :]).reshape(batch, keep_t * keep_f).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------- RandAugment
+
+_MAX_LEVEL = 10.0
+_FILL = (128, 128, 128)
+
+
+def _negate(v: float, rng: np.random.Generator) -> float:
+    return -v if rng.random() > 0.5 else v
+
+
+def _affine(img: Image.Image, matrix, fill, resample):
+    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+def _solarize_add(img: Image.Image, add: int, thresh: int = 128) -> Image.Image:
+    lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+def _posterize(img: Image.Image, bits: int) -> Image.Image:
+    """Keep the `bits` most significant bits (0 bits: black, as PIL's posterize did before it rejected 0)."""
+    if bits >= 8:
+        return img
+    mask = ~(2 ** (8 - max(bits, 0)) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+# timm's _RAND_INCREASING_TRANSFORMS: name -> (level, rng, hparams) -> op(img, fill, resample)
+def _op_table():
+    def level_rotate(m, rng, hp):
+        return _negate(m / _MAX_LEVEL * 30.0, rng)
+
+    def level_enhance(m, rng, hp):
+        return 1.0 + _negate(m / _MAX_LEVEL * 0.9, rng)
+
+    def level_shear(m, rng, hp):
+        return _negate(m / _MAX_LEVEL * 0.3, rng)
+
+    def level_translate(m, rng, hp):
+        return _negate(m / _MAX_LEVEL * hp["translate_pct"], rng)
+
+    return {
+        "AutoContrast": (None, lambda img, a, fill, rs: ImageOps.autocontrast(img)),
+        "Equalize": (None, lambda img, a, fill, rs: ImageOps.equalize(img)),
+        "Invert": (None, lambda img, a, fill, rs: ImageOps.invert(img)),
+        "Rotate": (level_rotate, lambda img, a, fill, rs: img.rotate(a, resample=rs, fillcolor=fill)),
+        "PosterizeIncreasing": (
+            lambda m, rng, hp: 4 - int(m / _MAX_LEVEL * 4),
+            lambda img, a, fill, rs: _posterize(img, a),
+        ),
+        "SolarizeIncreasing": (
+            lambda m, rng, hp: 256 - int(m / _MAX_LEVEL * 256),
+            lambda img, a, fill, rs: ImageOps.solarize(img, a),
+        ),
+        "SolarizeAdd": (lambda m, rng, hp: int(m / _MAX_LEVEL * 110), lambda img, a, fill, rs: _solarize_add(img, a)),
+        "ColorIncreasing": (level_enhance, lambda img, a, fill, rs: ImageEnhance.Color(img).enhance(a)),
+        "ContrastIncreasing": (level_enhance, lambda img, a, fill, rs: ImageEnhance.Contrast(img).enhance(a)),
+        "BrightnessIncreasing": (level_enhance, lambda img, a, fill, rs: ImageEnhance.Brightness(img).enhance(a)),
+        "SharpnessIncreasing": (level_enhance, lambda img, a, fill, rs: ImageEnhance.Sharpness(img).enhance(a)),
+        "ShearX": (level_shear, lambda img, a, fill, rs: _affine(img, (1, a, 0, 0, 1, 0), fill, rs)),
+        "ShearY": (level_shear, lambda img, a, fill, rs: _affine(img, (1, 0, 0, a, 1, 0), fill, rs)),
+        "TranslateXRel": (
+            level_translate,
+            lambda img, a, fill, rs: _affine(img, (1, 0, a * img.size[0], 0, 1, 0), fill, rs),
+        ),
+        "TranslateYRel": (
+            level_translate,
+            lambda img, a, fill, rs: _affine(img, (1, 0, 0, 0, 1, a * img.size[1]), fill, rs),
+        ),
+    }
+
+
+RAND_INCREASING_OPS = tuple(_op_table())
+
+
+class RandAugment(grain.transforms.RandomMap):
+    """timm's RandAugment (`rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-inc1`) on uint8 `"image"` records.
+
+    Each of `num_ops` ops is drawn uniformly with replacement from `RAND_INCREASING_OPS`, applied with probability
+    `prob`, at magnitude N(magnitude, magnitude_std) clipped to [0, 10] (redrawn per op); signed arguments are
+    negated with probability 1/2. Geometric ops fill with the dataset mean colour (timm: `img_mean`) and resample
+    bicubically (the recipe's interpolation). A clip `[T, H, W, 3]` gets the same ops and arguments on every frame
+    (VideoMAE's clip-consistent RandAugment).
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
+        prob: float = 0.5,
+        fill=_FILL,
+        translate_pct: float = 0.45,
+        ops: tuple[str, ...] = RAND_INCREASING_OPS,
+    ):
+        table = _op_table()
+        unknown = [o for o in ops if o not in table]
+        if unknown:
+            raise ValueError(f"RandAugment: unknown ops {unknown}; known: {sorted(table)}")
+        if num_ops < 0 or not 0.0 <= magnitude <= _MAX_LEVEL or magnitude_std < 0 or not 0.0 <= prob <= 1.0:
+            raise ValueError(
+                f"RandAugment: expected num_ops >= 0, magnitude in [0, 10], magnitude_std >= 0, prob in [0, 1]; got "
+                f"{num_ops}, {magnitude}, {magnitude_std}, {prob}"
+            )
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = int(num_ops), magnitude, magnitude_std, prob
+        self.fill = tuple(int(c) for c in fill)
+        self.hparams = {"translate_pct": float(translate_pct)}
+        self.ops = tuple(ops)
+        self._table = {name: table[name] for name in self.ops}
+
+    def plan(self, rng: np.random.Generator) -> list[tuple[str, object]]:
+        """The (op, argument) pairs applied to one image (or clip), in order."""
+        steps = []
+        for name in rng.choice(len(self.ops), self.num_ops, replace=True):
+            name = self.ops[int(name)]
+            if self.prob < 1.0 and rng.random() > self.prob:
+                continue
+            m = self.magnitude
+            if self.magnitude_std > 0:
+                m = rng.normal(m, self.magnitude_std)
+            m = min(_MAX_LEVEL, max(0.0, m))
+            level_fn, _ = self._table[name]
+            steps.append((name, None if level_fn is None else level_fn(m, rng, self.hparams)))
+        return steps
+
+    def apply(self, image: np.ndarray, steps) -> np.ndarray:
+        img = Image.fromarray(image)
+        for name, arg in steps:
+            img = self._table[name][1](img, arg, self.fill, Image.Resampling.BICUBIC)
+        return np.asarray(img)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        image = element["image"]
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape[-1] != 3:
+            raise ValueError(f"RandAugment: record 'image' must be uint8 [..., H, W, 3], got {image.shape}")
+        steps = self.plan(rng)
+        if image.ndim == 4:
+            out = np.stack([self.apply(frame, steps) for frame in image])
+        else:
+            out = self.apply(image, steps)
+        return {**element, "image": out}
+
+    def __repr__(self) -> str:
+        return f"RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.magnitude_std}, p={self.prob})"
+
+
+class RandomErasing(grain.transforms.RandomMap):
+    """timm's `RandomErasing(probability, mode="pixel", max_count=1)` on the normalised float `key` of a record.
+
+    With probability `prob`: up to 10 tries draw an area fraction U(min_area, max_area) and a log-uniform aspect in
+    (min_aspect, 1 / min_aspect); the first box that fits strictly inside is filled with N(0, 1) noise per pixel and
+    channel. `[H, W, C]` images, or `[T, H, W, C]` clips erased frame by frame (VideoMAE treats frames as a batch).
+    """
+
+    def __init__(
+        self,
+        prob: float = 0.25,
+        min_area: float = 0.02,
+        max_area: float = 1 / 3,
+        min_aspect: float = 0.3,
+        key: str = "image",
+    ):
+        if not 0.0 <= prob <= 1.0 or not 0.0 < min_area <= max_area <= 1.0 or not 0.0 < min_aspect <= 1.0:
+            raise ValueError(
+                f"RandomErasing: expected prob in [0, 1], 0 < min_area <= max_area <= 1, min_aspect in (0, 1]; got "
+                f"{prob}, {min_area}, {max_area}, {min_aspect}"
+            )
+        self.prob, self.min_area, self.max_area = float(prob), float(min_area), float(max_area)
+        self.log_aspect = (math.log(min_aspect), math.log(1.0 / min_aspect))
+        self.key = key
+
+    def box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int] | None:
+        """(top, left, h, w) of the erased box, or None (not erased this time)."""
+        if rng.random() > self.prob:
+            return None
+        area = height * width
+        for _ in range(10):
+            target = rng.uniform(self.min_area, self.max_area) * area
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = round(math.sqrt(target * aspect))
+            w = round(math.sqrt(target / aspect))
+            if w < width and h < height:
+                return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+        return None
+
+    def _erase(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        found = self.box(image.shape[0], image.shape[1], rng)
+        if found is None:
+            return image
+        top, left, h, w = found
+        image = image.copy()
+        image[top : top + h, left : left + w] = rng.standard_normal((h, w, image.shape[2])).astype(image.dtype)
+        return image
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        x = element[self.key]
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating) or x.ndim not in (3, 4):
+            raise ValueError(
+                f"RandomErasing: record {self.key!r} must be a normalised float [H, W, C] image or [T, H, W, C] clip, "
+                f"got {getattr(x, 'dtype', type(x))} {getattr(x, 'shape', '')}"
+            )
+        out = np.stack([self._erase(f, rng) for f in x]) if x.ndim == 4 else self._erase(x, rng)
+        return {**element, self.key: out}
+
+    def __repr__(self) -> str:
+        return f"RandomErasing(prob={self.prob}, area=({self.min_area}, {self.max_area}))"

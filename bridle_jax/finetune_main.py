@@ -1,0 +1,56 @@
+"""Entry point of the downstream recipes: fine-tuning or a linear probe of a pretraining workdir's encoder.
+
+    python -m bridle_jax.finetune_main --config=configs/esc50.py --workdir=OUT --config.init_from=PRETRAIN_DIR
+
+The result (best- and last-eval numbers, the whole eval history, mean +- std over folds for cross-validated
+recipes) is printed and kept in OUT/finetune.json; re-running the same command resumes an interrupted run. Several
+processes (GPU clusters, TPU pods) join through `jax.distributed` as `bridle_jax.main` does: --coordinator_address,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or a bare
+`jax.distributed.initialize()` on Cloud TPU VMs.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a fine-tune config (configs/*.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the fine-tune's checkpoints, metrics and finetune.json.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "host:port of process 0 (multi-process)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_TPU_ENV_VARS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "TPU_WORKER_HOSTNAMES")
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    if _COORDINATOR.value:
+        num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else int(os.environ["JAX_NUM_PROCESSES"])
+        pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num, process_id=pid)
+    elif any(os.environ.get(name) for name in _TPU_ENV_VARS):
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    del argv
+    _initialize_distributed()
+    from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend
+
+    result = finetune.run(_CONFIG.value, _WORKDIR.value)
+    if result.get("preempted"):
+        print("Preempted: checkpoint saved; re-run the same command to resume.")
+        return
+    print(finetune.format_result(result))
+    print(f"Result: {os.path.join(_WORKDIR.value, finetune.RESULT_FILE)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
