@@ -215,7 +215,7 @@ class DataLog:
     {"step": the step it trains, "sha1": a fingerprint of the batch}, plus {"start": step} whenever a run starts
     (0, or the step it resumed from), which rolls back every later line: the sequence actually trained is then
     recoverable and comparable with an uninterrupted run's (tests/test_preemption.py). Off by default (a hash per
-    step)."""
+    step); local workdirs only (it appends)."""
 
     def __init__(self, workdir, enabled: bool | None = None):
         if enabled is None:
