@@ -221,6 +221,51 @@ def test_preemption_watch_turns_signals_into_a_flag_and_restores_handlers():
     assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
 
 
+_TWO_PROCESS_WATCH = """
+import os, signal, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid = int(sys.argv[1])
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=pid)
+from bridle_jax import checkpoint as ckpt_lib
+ckpt = ckpt_lib.Checkpointer(sys.argv[3], max_to_keep=1, async_save=True)
+watch = ckpt_lib.PreemptionWatch(ckpt)
+for step in range(40):
+    if pid == 1 and step == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is told
+    if watch.should_stop(step):
+        print(f"stop {step} {watch.reason}", flush=True)
+        break
+watch.close()
+ckpt.close()
+"""
+
+
+def test_two_processes_stop_at_the_same_step_when_one_is_signalled(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        address = f"localhost:{sock.getsockname()[1]}"
+    signal_step = int(np.random.default_rng(2).integers(3, 20))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_WATCH, str(pid), address, str(tmp_path), str(signal_step)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert f"stop {signal_step} another process was signalled" in outs[0], outs
+    assert f"stop {signal_step} SIGTERM" in outs[1], outs
+
+
 def test_trained_sequence_drops_the_steps_a_restart_rolled_back():
     rng = np.random.default_rng(1)
     fp = {s: rng.bytes(4).hex() for s in range(1, 8)}
