@@ -91,10 +91,14 @@ def main(argv) -> None:
     del argv
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    import jax
+
     from bridle_jax import train  # after distributed initialisation: importing may touch the backend
 
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     if summary["preempted"]:  # "Preempted at step N: checkpoint saved; ..." is logged: exit 0, re-run resumes
+        return
+    if jax.process_index() != 0:  # one report, from process 0
         return
     probe = summary["linear_probe"]
     if probe:

@@ -15,6 +15,7 @@ import json
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import config as config_lib
@@ -49,6 +50,15 @@ def _check_nonfinite(state, config, step: int, writer=None, phase_name: str = ""
             "model.dtype=float32 and restart."
         )
     return counters
+
+
+def _skipped_records(data_config) -> int:
+    """Unreadable records skipped so far by all processes (each counts only the shard it reads). A collective:
+    every process calls it at the same (logging) steps."""
+    count = pipeline.skipped_count(data_config)
+    if jax.process_count() > 1:
+        count = int(np.sum(multihost_utils.process_allgather(np.int32(count))))
+    return count
 
 
 class _ProbeData:
@@ -203,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                     skipped = _check_nonfinite(state, config, step, writer, phase.name)
                     rate, line = progress.update(step, phase.end_step, phase.name)
                     values = {**jax.device_get(metrics), **skipped, "perf/steps_per_sec": rate}
-                    values["data/skipped_records"] = pipeline.skipped_count(config.data)
+                    values["data/skipped_records"] = _skipped_records(config.data)
                     writer.write(step, values, phase=phase.name)
                     metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
                 if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
