@@ -1,9 +1,11 @@
 """Multi-host training, for real: two local processes (4 fake CPU devices each, gloo collectives over 127.0.0.1)
 join through `bridle_jax.main.initialize_distributed` and run the tiny plan (4/3/4 steps, stopped at step 4 and
-resumed, linear probe on), next to one process with 8 devices fed the same global batches.
+resumed, linear probe on), next to one process with 8 devices fed the same global batches (the two process shards
+side by side; see multihost_worker.py for why that is not yet the plain one-process batch order).
 
 What must hold: the per-step metrics and the final codebooks and encoder equal the one-process run (float32
-reductions run in another order, hence 1e-5 relative); every device of both processes holds bit-identical
+reductions run in another order, hence 1e-5 relative; the attention key bias, whose exact gradient is 0, only
+stays at noise level); every device of both processes holds bit-identical
 codebooks after k-means + restart (the first tokenizer step) and at the end (EMA); only process 0 writes the
 metrics, config, probe results and DONE marker, while Orbax and Grain checkpoint every process.
 
