@@ -18,9 +18,9 @@ Datasets (``config.data.name`` → its splits; the probe tests on the split in `
 
 Order of the train stream:
   source (decode, unreadable → next readable) → shuffle(seed) → repeat (reshuffled per epoch)
-  → roll_mag_aug (real samples only) → crop_or_pad(S) → [process_index::process_count] → batch
+  → roll_mag_aug (real samples only) → crop_or_pad(S) → batch → [process_index::process_count]
 MapDataset is lazy, so a process decodes only the records it owns, while each record's augmentation is keyed by its
-global position: the process shards together are exactly the single-process global batch.
+global position: the process blocks of a global batch are exactly the single-process batch, in its row order.
 
 Unreadable records (missing, corrupt, truncated, empty, NaN/Inf): one warning names the file and why; the file is
 counted once per process (:func:`skipped_count`) and replaced by the next readable record in stored order (train)
@@ -436,8 +436,9 @@ def train_dataset(
     if spec.roll_mag_aug:
         ds = ds.random_map(RollMagAug(), seed=aug_seed)
     ds = ds.map(CropOrPad(spec.num_samples))
-    ds = ds[process_index::process_count]
-    return ds.batch(int(local_batch_size), drop_remainder=True)
+    # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
+    # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
+    return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
 
 
 def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:

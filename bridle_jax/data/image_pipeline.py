@@ -8,11 +8,12 @@ ordered and deterministic, as NumPy arrays — and the same eval preprocessing f
 (:func:`preprocess_eval`, used by the public feature API).
 
 Order of the train stream and why:
-  source → shuffle(seed) → repeat (reshuffled per epoch) → augment → normalise → [process_index::process_count]
-  → batch(local_batch_size) → to_iter_dataset(ReadOptions)
+  source → shuffle(seed) → repeat (reshuffled per epoch) → augment → normalise → batch(local_batch_size)
+  → [process_index::process_count] → to_iter_dataset(ReadOptions)
 Augmentation is applied *before* the process shard. MapDataset is lazy, so no process decodes a record it does not
-own, but each record's random crop/flip is keyed by its *global* position: the union of the process shards is
-exactly the single-process global batch (augmentations included), whatever ``process_count`` is.
+own, but each record's random crop/flip is keyed by its *global* position: the process blocks of a global batch are
+exactly the single-process global batch, rows in the same order (augmentations included), whatever
+``process_count`` is.
 """
 from __future__ import annotations
 
@@ -177,8 +178,9 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
     ds = ds.random_map(transforms.RandomFlip(0.5), seed=flip_seed)
   ds = ds.map(transforms.Normalize(spec.mean, spec.std))
   ds = ds.map(_ToModelRecord(spec.image_size))
-  ds = ds[process_index::process_count]
-  return ds.batch(int(local_batch_size), drop_remainder=True)
+  # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
+  # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
+  return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
 
 
 class _ToModelRecord(grain.transforms.Map):

@@ -7,8 +7,9 @@ Records are ``{"input": float32 [T, S, S, 3], "length": int32, "label": int32}``
 Train stream, in order, and why:
   source → shuffle(seed) → repeat (reshuffled per epoch) → decode the sampled frames (random start; an unreadable
   clip is replaced by the next readable record) → multi-scale crop → flip → normalise → pad → [p::P] → batch
-The process shard comes *after* augmentation and every random draw is keyed by the record's global position, so the
-union of the process shards is exactly the single-process global batch; MapDataset is lazy, so no process decodes a
+The process shard comes *after* augmentation and batching and every random draw is keyed by the record's global
+position, so the process blocks of a global batch are exactly the single-process global batch, in its row order;
+MapDataset is lazy, so no process decodes a
 clip it does not own. Eval: centre sampling → resize the short side to ``eval_short_side`` → centre crop → normalise.
 
 ``config.data`` fields (defaults in :func:`default_data_config`):
@@ -409,8 +410,9 @@ def train_dataset(
     if spec.flip:
         ds = ds.random_map(video.RandomClipFlip(0.5), seed=flip_seed)
     ds = ds.map(video.NormalizeClip(spec.mean, spec.std)).map(video.PadClip(spec.num_frames))
-    ds = ds[process_index::process_count]
-    return ds.batch(int(local_batch_size), drop_remainder=True)
+    # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
+    # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
+    return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
 
 
 # ------------------------------------------------------------------------------------------------------- eval
