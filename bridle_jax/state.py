@@ -58,6 +58,12 @@ def create(
     return _create(models, config, tx, phase, seed, boxed=False)
 
 
+def logical_abstract(models, config, tx, phase: Phase) -> TrainState:
+    """The abstract state of `phase` (ShapeDtypeStructs, nothing allocated) with the annotated parameters and Adam
+    moments boxed as `nn.LogicallyPartitioned`, i.e. carrying their logical axis names."""
+    return jax.eval_shape(lambda: _create(models, config, tx, phase, 0, boxed=True))
+
+
 def shardings_for(models, config, tx, phase: Phase, mesh) -> TrainState:
     """The NamedShardings of the state during `phase` (a TrainState of shardings).
 
@@ -66,7 +72,7 @@ def shardings_for(models, config, tx, phase: Phase, mesh) -> TrainState:
     the boxed abstract state (`jax.eval_shape`, nothing is materialised). Every state of a phase has this layout:
     the one `create` makes and the one `hand_over` hands to it.
     """
-    boxed = jax.eval_shape(lambda: _create(models, config, tx, phase, 0, boxed=True))
+    boxed = logical_abstract(models, config, tx, phase)
     return sharding.logical_shardings(mesh, boxed, sharding.logical_rules(config.mesh))
 
 

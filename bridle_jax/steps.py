@@ -105,6 +105,26 @@ def _share(weights, total):
     return jnp.maximum(jnp.sum(weights, dtype=jnp.float32), 1.0) / total
 
 
+def encoder_loss(params, models: BridleModels, mb: dict, codes):
+    """E+D's masked code cross-entropy on one (micro-)batch `mb` = {"x", "keep_idx", "restore_idx", "targets"}: the
+    function the encoder step differentiates in `params` (= params["encoder"]). Returns (loss, (per level, accuracy)).
+    """
+    encoded, _ = models.encoder.apply({"params": params["encoder"]}, mb["x"], keep_idx=mb["keep_idx"])
+    logits = models.decoder.apply({"params": params["decoder"]}, encoded, mb["restore_idx"], models.patch_grid)
+    loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mb["targets"])
+    return loss, (per_level, accuracy)
+
+
+def tokenizer_loss(params, models: BridleModels, codebooks, q: ml_collections.ConfigDict, mb: dict, target):
+    """T+TE's distillation loss through the RQ bottleneck on one (micro-)batch `mb` = {"x", "valid"}; the function
+    the tokenizer step differentiates in `params` (= params["tokenizer"]). Returns (loss, (cos, quantizer output))."""
+    z = models.tokenizer.apply({"params": params["tokenizer"]}, mb["x"])
+    out = _quantize(codebooks, z, q, mb["valid"])
+    pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
+    cos = losses.cosine_distance(pred, target, valid=mb["valid"])
+    return cos + out.loss, (cos, out)
+
+
 def _guarded(ok, new, old):
     """`new` where the step was finite, `old` otherwise (static shapes, no host round trip)."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -222,9 +242,7 @@ def encoder_step(
         share = 1.0 if acc == 1 else _share(mb["targets"], total)
 
         def loss_fn(params):
-            encoded, _ = models.encoder.apply({"params": params["encoder"]}, mb["x"], keep_idx=mb["keep_idx"])
-            logits = models.decoder.apply({"params": params["decoder"]}, encoded, mb["restore_idx"], models.patch_grid)
-            loss, per_level, accuracy = losses.masked_code_cross_entropy(logits, codes, mb["targets"])
+            loss, (per_level, accuracy) = encoder_loss(params, models, mb, codes)
             return loss * share, (per_level * share, accuracy * share)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["encoder"])
@@ -266,11 +284,8 @@ def tokenizer_step(
             share = 1.0 / acc if total is None else _share(mb["valid"], total)
 
         def loss_fn(params):
-            z = models.tokenizer.apply({"params": params["tokenizer"]}, mb["x"])
-            out = _quantize(state.codebooks, z, q, mb["valid"])
-            pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
-            cos = losses.cosine_distance(pred, target, valid=mb["valid"])
-            return (cos + out.loss) * share, (cos * share, out.loss * share, out.stage_inputs, out.codes)
+            loss, (cos, out) = tokenizer_loss(params, models, state.codebooks, q, mb, target)
+            return loss * share, (cos * share, out.loss * share, out.stage_inputs, out.codes)
 
         (loss, (cos, cb_loss, stage_inputs, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params["tokenizer"]
