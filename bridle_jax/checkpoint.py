@@ -59,6 +59,12 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
 
 
 class Checkpointer:
+    @staticmethod
+    def has_checkpoints(workdir) -> bool:
+        """Whether the workdir holds at least one (complete) checkpoint step, without opening a manager."""
+        directory = workdir_path(workdir) / CHECKPOINTS_DIR
+        return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+
     def __init__(self, workdir, *, max_to_keep: int, async_save: bool):
         self.directory = workdir_path(workdir) / CHECKPOINTS_DIR
         self._manager = ocp.CheckpointManager(
@@ -326,6 +332,62 @@ def load_encoder_params(workdir, iteration: int, abstract=None):
             f"{saved_iterations(workdir) or 'none (is this a bridle_jax workdir?)'}"
         )
     return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+# The fields that shape the checkpointed state and the data stream: resuming a workdir under a config that changes
+# any of them would restore into the wrong structure or silently change the batches.
+STATE_FIELDS = ("modality", "seed", "batch_size", "data.name", "model", "quantizer", "masking")
+
+
+def _field(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _flatten(value, prefix: str) -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def prepare_workdir(workdir, config) -> None:
+    """Checks, before anything is written or compiled, that the workdir can be written and, when it already holds a
+    run, that `config` is that run's config in every field that shapes the state (`STATE_FIELDS`); a longer or
+    different plan, other learning rates or logging intervals are fine. Errors name the workdir and the fields."""
+    root = workdir_path(workdir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0 and not is_url(workdir):
+            probe = root / f".write_test_{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+    except OSError as e:
+        raise ValueError(f"workdir {workdir}: cannot create or write there ({type(e).__name__}: {e})") from e
+    path = root / "config.json"
+    if not path.exists():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: the workdir's config.json cannot be read ({e}); use a new workdir") from e
+    current = json.loads(config.to_json_best_effort())
+    differ = []
+    for field in STATE_FIELDS:
+        old, new = _flatten(_field(previous, field), field), _flatten(_field(current, field), field)
+        differ += [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        ]
+    if differ and Checkpointer.has_checkpoints(workdir):
+        raise ValueError(
+            f"workdir {workdir} holds a run made with a different config; these fields shape the checkpointed state "
+            f"and differ: {'; '.join(differ)}. Resume with the run's own config (its config.json) or use a new workdir."
+        )
 
 
 def write_config(workdir, config) -> None:

@@ -114,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     # ---------------------------------------------------------------- set-up
     config_lib.validate(config)
     workdir = ckpt_lib.resolve_workdir(workdir)  # URLs are kept as they are
+    ckpt_lib.prepare_workdir(workdir, config)  # writable, and not a run of another config
     plan = schedule.parse_plan(config.schedule.phases)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
