@@ -174,6 +174,10 @@ def test_mixup_matches_numpy_reference():
         ref = np.where(real, lam[i] * x1 + (1 - lam[i]) * x2, 0.0)
         np.testing.assert_allclose(out[i], ref, rtol=1e-5, atol=1e-5)
         assert targets[i, i] == pytest.approx(lam[i] + (1 - lam[i]) * (j == i), abs=1e-6)
+    lam = np.asarray(augment.beta_symmetric(jax.random.PRNGKey(9), 10, (20000,)))  # Beta(10, 10)
+    assert lam.mean() == pytest.approx(0.5, abs=0.005) and lam.var() == pytest.approx(1 / 84, rel=0.05)
+    with pytest.raises(ValueError, match="positive integer"):
+        augment.beta_symmetric(jax.random.PRNGKey(0), 2.5, (2,))
     same, t0, lam0 = augment.mixup(jax.random.PRNGKey(0), wav, lengths, onehot, rate=0.0)
     np.testing.assert_array_equal(np.asarray(same), wav)
     np.testing.assert_array_equal(np.asarray(t0), onehot)
@@ -402,3 +406,32 @@ def test_finetune_beats_linear_probe_and_probe_keeps_the_encoder(pretrained, tmp
     assert ft["best"]["top1"] > 0.3  # 10 classes: well above chance
     again = finetune.run(_digits_config(pretrained, "finetune"), str(tmp_path / "ft"))  # finished: only reports
     assert again["history"] == saved["history"]
+
+
+def test_audio_cross_validation_end_to_end_from_random_init(tmp_path):
+    """The sounds recipe (mixup, SpecAugment, 2-D patch masking on device; padded frames; CE) on 2 folds, from a
+    random-init encoder of an audio workdir's architecture (init_iteration=0 needs only its config.json)."""
+    from bridle_jax import checkpoint as ckpt_lib
+    from tests.test_train_modalities import audio_config
+
+    pre = str(tmp_path / "audio_pretrain")
+    ckpt_lib.write_config(pre, audio_config())  # 160 frames: the 126 real ones leave padded patch rows
+    c = tiny.load_config("sounds_finetune")
+    c.init_from, c.init_iteration = pre, 0
+    c.data.target_frames = 160
+    c.cv_folds = (1, 2)
+    c.batch_size, c.num_steps, c.warmup_steps = 16, 4, 1
+    c.eval_every_steps = c.log_every_steps = 2
+    c.checkpoint.async_save = False
+    assert c.augment.mixup > 0 and c.augment.freq_mask and c.augment.time_mask and c.augment.mask_t_prob > 0
+    result = finetune.run(c, str(tmp_path / "ft"))
+    assert result["done"] and sorted(result["folds"]) == ["1", "2"]
+    for k in (1, 2):
+        fold = json.loads((tmp_path / "ft" / f"fold_{k}" / finetune.RESULT_FILE).read_text())
+        assert fold["done"] and fold["test_folds"] == [k] and fold["init_iteration"] == 0
+        assert fold["num_eval_examples"] == 80 and [h["step"] for h in fold["history"]] == [2, 4]
+        rows = [json.loads(line) for line in (tmp_path / "ft" / f"fold_{k}" / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["train/loss"] for r in rows if "train/loss" in r]
+        assert len(losses) == 2 and np.all(np.isfinite(losses)) and all(r.get("train/nonfinite", 0) == 0 for r in rows)
+    best = [result["folds"][k]["best"]["top1"] for k in ("1", "2")]
+    assert result["summary"]["best"]["mean"] == pytest.approx(np.mean(best))

@@ -29,7 +29,21 @@ def _expand(v: jax.Array, ndim: int) -> jax.Array:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def mixup(key, inputs, lengths, targets, *, rate: float, alpha: float = 10.0):
+def beta_symmetric(key, alpha: int, shape: tuple) -> jax.Array:
+    """Beta(alpha, alpha) samples for an integer alpha: the alpha-th smallest of 2 alpha - 1 uniforms (exact).
+
+    Why not `jax.random.beta`: its Gamma rejection sampler is a data-dependent while loop, and when the batch is
+    sharded the partitioner splits that loop across devices with collectives in its condition; on the CPU backend
+    such a step deadlocked now and then (devices waiting in different collectives). This form is loop-free.
+    """
+    if isinstance(alpha, bool) or not float(alpha).is_integer() or alpha < 1:
+        raise ValueError(f"mixup alpha must be a positive integer (Beta(a, a) as an order statistic), got {alpha!r}")
+    a = int(alpha)
+    u = jax.random.uniform(key, tuple(shape) + (2 * a - 1,))
+    return jnp.sort(u, axis=-1)[..., a - 1]
+
+
+def mixup(key, inputs, lengths, targets, *, rate: float, alpha: int = 10):
     """Mixes each example, with probability `rate`, with a random partner from the batch.
 
     inputs `[B, S, ...]` (audio: zero-padded waveforms), lengths `[B]` int or None, targets `[B, C]` (one-hot or
@@ -42,7 +56,7 @@ def mixup(key, inputs, lengths, targets, *, rate: float, alpha: float = 10.0):
     k_partner, k_apply, k_lam = jax.random.split(key, 3)
     partner = jax.random.permutation(k_partner, b)
     apply = jax.random.uniform(k_apply, (b,)) < rate
-    lam = jnp.where(apply, jax.random.beta(k_lam, alpha, alpha, (b,)), 1.0).astype(jnp.float32)
+    lam = jnp.where(apply, beta_symmetric(k_lam, alpha, (b,)), 1.0).astype(jnp.float32)
     x = inputs.astype(jnp.float32)
     if lengths is not None:  # waveforms: mean over the real samples, zeros beyond them
         steps = jnp.arange(x.shape[1])

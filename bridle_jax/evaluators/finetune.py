@@ -85,7 +85,7 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
         {
             # audio, on device (SPEC 4, A12)
             "mixup": 0.0,  # probability of mixing an example (waveform mixup, soft labels)
-            "mixup_alpha": 10.0,  # lambda ~ Beta(alpha, alpha)
+            "mixup_alpha": 10,  # lambda ~ Beta(alpha, alpha), alpha a positive integer
             "freq_mask": 0,  # SpecAugment FrequencyMasking parameter (mel bins)
             "time_mask": 0,  # SpecAugment TimeMasking parameter (frames)
             "mask_t_prob": 0.0,  # 2-D patch masking: fraction of time rows dropped
@@ -153,8 +153,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     if c.model.dtype not in _DTYPES:
         _fail("model.dtype", f"one of {_DTYPES} ('' = the checkpoint's)", c.model.dtype)
     a = c.augment
-    if not 0 <= a.mixup <= 1 or not a.mixup_alpha > 0:
-        _fail("augment.mixup", "a probability in [0, 1] (with augment.mixup_alpha > 0)", a.mixup)
+    if not 0 <= a.mixup <= 1:
+        _fail("augment.mixup", "a probability in [0, 1]", a.mixup)
+    if isinstance(a.mixup_alpha, bool) or not float(a.mixup_alpha).is_integer() or a.mixup_alpha < 1:
+        _fail(
+            "augment.mixup_alpha",
+            "a positive integer (Beta(a, a) is drawn loop-free, see augment.beta_symmetric)",
+            a.mixup_alpha,
+        )
     for field in ("mask_t_prob", "mask_f_prob", "random_erasing"):
         if not 0 <= a[field] < 1:
             _fail(f"augment.{field}", "a value in [0, 1)", a[field])
@@ -373,7 +379,7 @@ def train_step(state: FinetuneState, batch: dict, *, s: Setup, tx, schedule):
     inputs, lengths, targets = batch["input"], batch["length"], batch["target"]
     if a.mixup > 0:
         inputs, targets, _ = augment.mixup(
-            k_mix, inputs, lengths if c.modality == "audio" else None, targets, rate=a.mixup, alpha=a.mixup_alpha
+            k_mix, inputs, lengths if c.modality == "audio" else None, targets, rate=a.mixup, alpha=int(a.mixup_alpha)
         )
     x, valid = models.model_input({"input": inputs, "length": lengths})
     if c.modality == "audio" and (a.freq_mask or a.time_mask):
@@ -816,9 +822,8 @@ def format_result(result: dict) -> str:
             s = result["summary"].get(which)
             if s:
                 std = "n/a" if s["std"] is None else f"{s['std']:.4f}"
-                lines.append(
-                    f"  {which:<4} eval: {s['mean']:.4f} +- {std}  (folds: {', '.join(f'{v:.4f}' for v in s['values'])})"
-                )
+                folds = ", ".join(f"{v:.4f}" for v in s["values"])
+                lines.append(f"  {which:<4} eval: {s['mean']:.4f} +- {std}  (folds: {folds})")
         return "\n".join(lines)
     best, last = result.get("best") or {}, result.get("last") or {}
     return (
