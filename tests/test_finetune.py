@@ -408,6 +408,26 @@ def test_finetune_beats_linear_probe_and_probe_keeps_the_encoder(pretrained, tmp
     assert again["history"] == saved["history"]
 
 
+def test_preempted_finetune_resumes_bit_identically(pretrained, tmp_path, monkeypatch):
+    from bridle_jax import checkpoint as ckpt_lib
+
+    def config():
+        c = _digits_config(pretrained, "finetune", steps=6)
+        c.warmup_steps, c.eval_every_steps, c.checkpoint.every_steps = 2, 3, 100
+        return c
+
+    straight = finetune.run_single(config(), str(tmp_path / "straight"))
+    original = ckpt_lib.PreemptionWatch.should_stop
+    monkeypatch.setattr(ckpt_lib.PreemptionWatch, "should_stop", lambda self, step: step == 4)
+    first = finetune.run_single(config(), str(tmp_path / "resumed"))
+    assert first["preempted"] and not first["done"] and int(first["final_state"].step) == 4
+    monkeypatch.setattr(ckpt_lib.PreemptionWatch, "should_stop", original)
+    resumed = finetune.run_single(config(), str(tmp_path / "resumed"))
+    assert resumed["done"] and resumed["history"] == straight["history"]
+    for a, b in zip(jax.tree.leaves(straight["final_state"].params), jax.tree.leaves(resumed["final_state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_audio_cross_validation_end_to_end_from_random_init(tmp_path):
     """The sounds recipe (mixup, SpecAugment, 2-D patch masking on device; padded frames; CE) on 2 folds, from a
     random-init encoder of an audio workdir's architecture (init_iteration=0 needs only its config.json)."""
