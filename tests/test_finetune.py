@@ -455,3 +455,31 @@ def test_audio_cross_validation_end_to_end_from_random_init(tmp_path):
         assert len(losses) == 2 and np.all(np.isfinite(losses)) and all(r.get("train/nonfinite", 0) == 0 for r in rows)
     best = [result["folds"][k]["best"]["top1"] for k in ("1", "2")]
     assert result["summary"]["best"]["mean"] == pytest.approx(np.mean(best))
+
+
+def test_video_finetune_streams_the_eval_split(tmp_path):
+    """Video eval clips are decoded chunk by chunk at every evaluation; they equal the pipeline's eval arrays."""
+    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax.data import pipeline
+    from tests.test_train_modalities import video_config
+
+    pre = str(tmp_path / "video_pretrain")
+    pc = video_config()
+    ckpt_lib.write_config(pre, pc)
+    c = finetune.base_config("video")
+    c.data = pc.data
+    c.data.flip, c.data.max_eval_examples = True, 20
+    c.init_from, c.init_iteration, c.num_classes = pre, 0, 10
+    c.batch_size, c.num_steps, c.warmup_steps, c.eval_every_steps, c.log_every_steps = 16, 4, 1, 2, 2
+    c.eval_batch_size = 16
+    c.checkpoint.async_save = False
+    split = finetune.EvalSplit(c, "test")
+    chunks = list(split.chunks(8))
+    assert [len(ch["input"]) for ch in chunks] == [8, 8, 4]
+    arrays = pipeline.eval_arrays(c.data, "test")
+    for key in ("input", "length", "label"):
+        np.testing.assert_array_equal(np.concatenate([ch[key] for ch in chunks]), arrays[key])
+    np.testing.assert_array_equal(split.labels, arrays["label"])
+    result = finetune.run(c, str(tmp_path / "ft"))
+    assert result["done"] and result["num_eval_examples"] == 20 and [h["step"] for h in result["history"]] == [2, 4]
+    assert 0.0 <= result["best"]["top1"] <= result["best"]["top5"] <= 1.0

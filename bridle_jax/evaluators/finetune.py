@@ -425,21 +425,84 @@ def predict(s: Setup, params: dict, batch: dict):
     return s.classifier.apply({"params": params}, x, valid, None, deterministic=True)
 
 
-def eval_logits(s: Setup, params: dict, arrays: dict, mesh, batch_size: int) -> np.ndarray:
-    """Logits of every example of `arrays` ({"input", "length"}), in fixed-size chunks sharded over the mesh."""
+class EvalSplit:
+    """The labelled eval split, scored chunk by chunk.
+
+    Image and audio splits are preprocessed once and held in memory (`pipeline.eval_arrays`: ImageNet's 50k
+    validation images are ~30 GB, AudioSet's eval clips ~11 GB). Video clips are decoded again at every evaluation
+    (as the authors' loaders do): Kinetics-400's ~20k validation clips would be ~190 GB as arrays. An unreadable
+    clip is replaced by the next readable one (counted in `pipeline.skipped_count`), so the labels come with the
+    clips.
+    """
+
+    def __init__(self, c, split: str):
+        self.split = split
+        self._arrays = None
+        if c.modality == "video":
+            self._dataset, self._options, labels = _video_eval_dataset(c, split)
+            self.labels = labels  # from the CSV (the streamed labels differ only where a clip was replaced)
+        else:
+            self._arrays = pipeline.eval_arrays(c.data, split)
+            self.labels = self._arrays["label"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self, size: int):
+        """{"input", "length", "label"} NumPy chunks of at most `size` examples, in stored order."""
+        if self._arrays is not None:
+            for start in range(0, len(self), size):
+                yield {k: v[start : start + size] for k, v in self._arrays.items()}
+            return
+        buffer = []
+        for record in self._dataset.to_iter_dataset(self._options):
+            buffer.append(record)
+            if len(buffer) == size:
+                yield {k: np.stack([r[k] for r in buffer]) for k in ("input", "length", "label")}
+                buffer = []
+        if buffer:
+            yield {k: np.stack([r[k] for r in buffer]) for k in ("input", "length", "label")}
+
+
+def _video_eval_dataset(c, split: str):
+    """The video eval split as a lazy Grain dataset (centre sampling, resize + centre crop, normalise, pad), plus
+    the labels the CSV gives."""
+    from bridle_jax.data import video, video_pipeline
+
+    spec = video_pipeline.data_spec(c.data)
+    source = video_pipeline.make_source(spec, split)
+    n = len(source) if spec.max_eval_examples is None else min(len(source), spec.max_eval_examples)
+
+    def load(path, rng):
+        return video.read_sampled(
+            path, lambda count: video.sample_indices(count, spec.num_frames, spec.sampling_rate, rng, spec.short_clip)
+        )
+
+    ds = video_pipeline.DecodeOrNext(
+        grain.MapDataset.source(source), load, seed=None, window=len(source), max_skipped=spec.max_skipped
+    )[:n]
+    for t in video_pipeline.eval_transforms(spec):
+        ds = ds.map(t)
+    options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
+    labels = np.asarray([source[i]["label"] for i in range(n)], np.int32)
+    return ds, options, labels
+
+
+def eval_logits(s: Setup, params: dict, split: EvalSplit, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], labels) of the whole split, in fixed-size chunks sharded over the mesh (the last one padded:
+    one compiled shape)."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(shards, batch_size // shards * shards)
-    keys = ("input", "length")
     fn = _jit_predict(s, mesh)
-    total, out = len(arrays["input"]), []
-    for start in range(0, total, batch_size):
-        chunk = {k: np.asarray(arrays[k][start : start + batch_size]) for k in keys}
+    logits, labels = [], []
+    for chunk in split.chunks(batch_size):
         n = len(chunk["input"])
-        if n < batch_size:  # pad the last chunk: one compiled shape
-            chunk = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in chunk.items()}
-        chunk = {"input": chunk["input"].astype(np.float32), "length": chunk["length"].astype(np.int32)}
-        out.append(np.asarray(fn(params, jax.device_put(chunk, sharding.batch_sharding(mesh))))[:n])
-    return np.concatenate(out)
+        x = {"input": np.asarray(chunk["input"], np.float32), "length": np.asarray(chunk["length"], np.int32)}
+        if n < batch_size:
+            x = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in x.items()}
+        logits.append(np.asarray(fn(params, jax.device_put(x, sharding.batch_sharding(mesh))))[:n])
+        labels.append(np.asarray(chunk["label"]))
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 def _jit_predict(s: Setup, mesh):
@@ -642,9 +705,9 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(c.mesh)
     metric = primary_metric(c)
     eval_split = pipeline.eval_split(c.data)
-    eval_data = pipeline.eval_arrays(c.data, eval_split)
+    eval_data = EvalSplit(c, eval_split)
     where = f"config.data.name={c.data.name!r} split {eval_split!r}"
-    targets_from_labels(eval_data["label"], c.num_classes, c.multi_label, where)  # label-set check before compiling
+    targets_from_labels(eval_data.labels, c.num_classes, c.multi_label, where)  # label-set check before compiling
     declared = known_num_classes(c)
     if declared is not None and declared != c.num_classes:
         raise ValueError(
@@ -683,7 +746,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "init_iteration": s.iteration,
         "dataset": c.data.name,
         "eval_split": eval_split,
-        "num_eval_examples": len(eval_data["label"]),
+        "num_eval_examples": len(eval_data),
         "metric": metric,
         "num_steps": int(c.num_steps),
         "batch_size": int(c.batch_size),
@@ -731,8 +794,8 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(step, values, phase=c.mode)
                 metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
             if step % c.eval_every_steps == 0 or last:
-                logits = eval_logits(s, {**state.frozen, **state.params}, eval_data, mesh, c.eval_batch_size)
-                result = {"step": step, **score(logits, eval_data["label"], c.multi_label)}
+                logits, labels = eval_logits(s, {**state.frozen, **state.params}, eval_data, mesh, c.eval_batch_size)
+                result = {"step": step, **score(logits, labels, c.multi_label)}
                 history.append(result)
                 writer.write(step, {f"eval/{k}": v for k, v in result.items() if k != "step"}, phase=c.mode)
                 metrics_lib.log_line(
