@@ -15,6 +15,7 @@ import tiny
 
 from bridle_jax import optim
 from bridle_jax.evaluators import augment, finetune
+from bridle_jax.evaluators import metrics as eval_metrics
 from bridle_jax.models import vit
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -259,6 +260,21 @@ def test_weighted_sample_draws_in_proportion_to_the_weights():
     assert [ds[i] for i in range(4000, 4010)] != draws[:10].tolist()  # a new draw each epoch
     again = finetune.WeightedSample(parent, np.array([0.0, 1.0, 1.0, 2.0]), epoch_len=4000, seed=3)
     assert [again[i] for i in range(50)] == draws[:50].tolist()
+
+    class Labels:  # a multi-label source: labels only
+        def __init__(self, y):
+            self.y = y
+
+        def __len__(self):
+            return len(self.y)
+
+        def label(self, i):
+            return self.y[i]
+
+    y = (np.random.default_rng(10).random((37, 6)) < 0.3).astype(np.float32)
+    np.testing.assert_allclose(
+        finetune.sampler_weights(Labels(y), chunk=5), eval_metrics.weighted_sampler_weights(y), rtol=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------------ folds

@@ -620,14 +620,30 @@ def _image_train_dataset(c, local_batch_size: int, seed: int, process_index: int
     return ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
 
 
+def sampler_weights(source, chunk: int = 65536) -> np.ndarray:
+    """`metrics.weighted_sampler_weights` of a multi-label source's labels (read from its CSV, nothing decoded),
+    computed in chunks: AudioSet-2M's labels as one dense [N, 527] matrix would take 4 GB."""
+    n = len(source)
+    counts = None
+    for start in range(0, n, chunk):
+        y = np.stack([source.label(i) for i in range(start, min(n, start + chunk))]).astype(np.float64)
+        counts = y.sum(0) if counts is None else counts + y.sum(0)
+    label_weight = 1000.0 / (counts + 0.01)  # the scale and eps of weighted_sampler_weights (AudioMAE gen_weight)
+    return np.concatenate(
+        [
+            np.stack([source.label(i) for i in range(start, min(n, start + chunk))]).astype(np.float64) @ label_weight
+            for start in range(0, n, chunk)
+        ]
+    )
+
+
 def _weighted_audio_train_dataset(c, local_batch_size: int, seed: int, process_index: int, process_count: int):
     """The audio train stream with AST's class-balancing sampler (AS-2M) instead of shuffle-and-repeat."""
     from bridle_jax.data import audio_pipeline
 
     spec = audio_pipeline.data_spec(c.data)
     source = audio_pipeline.make_source(spec, "train")
-    labels = np.stack([source.label(i) for i in range(len(source))])  # from the CSVs, nothing decoded
-    weights = eval_metrics.weighted_sampler_weights(labels)
+    weights = sampler_weights(source)
     s_sample, s_aug = _seeds(seed, 2)
     epoch_len = int(c.augment.epoch_len) or len(source)
     ds = grain.MapDataset.source(audio_pipeline.ReadableSource(source, spec.max_skipped, replace=True))
