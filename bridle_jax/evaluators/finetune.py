@@ -617,7 +617,7 @@ def _image_train_dataset(c, local_batch_size: int, seed: int, process_index: int
         ds = ds.random_map(augment.RandomErasing(a.random_erasing), seed=s_erase)
     size = np.int32(spec.image_size)
     ds = ds.map(lambda e: {"input": e["image"], "length": size, "label": e["label"]})
-    return ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+    return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]  # whole batches per process
 
 
 def sampler_weights(source, chunk: int = 65536) -> np.ndarray:
@@ -651,7 +651,7 @@ def _weighted_audio_train_dataset(c, local_batch_size: int, seed: int, process_i
     if spec.roll_mag_aug:
         ds = ds.random_map(audio_pipeline.RollMagAug(), seed=s_aug)
     ds = ds.map(audio_pipeline.CropOrPad(spec.num_samples))
-    return ds[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+    return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]  # whole batches per process
 
 
 def train_iterator(c, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
