@@ -1,0 +1,150 @@
+"""notebooks/evaluate.ipynb executed headless (nbclient) on a tiny pretraining run: every cell runs, and what it
+reports agrees with the run's own records and with NumPy recomputations.
+
+One tiny plan per module (cold-start encoder 3 steps, tokenizer 2, encoder 3; probe on 96 examples). The notebook
+runs in a fresh kernel with the run's workdir in BRIDLE_WORKDIR and MAX_EXAMPLES injected after its parameters
+cell, papermill-style, equal to the run's probe cap: its probe must then reproduce linear_probe.json.
+"""
+
+import json
+import os
+import pathlib
+
+import nbformat
+import numpy as np
+import pytest
+
+from bridle_jax.data import pipeline
+from tests.tiny import ROOT, tiny_config
+
+NOTEBOOK = ROOT / "notebooks" / "evaluate.ipynb"
+MAX_EXAMPLES = 96
+KERNEL = "bridle_jax_test"
+
+
+def _config():
+    c = tiny_config()
+    c.schedule.phases = ("encoder_cold_start:3", "tokenizer:2", "encoder:3")
+    c.log_every_steps = 1
+    c.evals.linear_probe.steps = 30
+    c.evals.linear_probe.max_examples = MAX_EXAMPLES
+    return c
+
+
+def _parameters_cell(nb) -> int:
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    from bridle_jax import train
+
+    path = str(tmp_path_factory.mktemp("run"))
+    train.train_and_evaluate(_config(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def executed(workdir, tmp_path_factory):
+    """The notebook after a headless run, in a kernel of this interpreter registered in a temp dir (so whatever
+    "python3" kernel the machine has, or lacks, does not matter)."""
+    from ipykernel import kernelspec
+    from nbclient import NotebookClient
+
+    prefix = tmp_path_factory.mktemp("kernel")
+    kernelspec.install(kernel_name=KERNEL, prefix=str(prefix))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.insert(_parameters_cell(nb) + 1, nbformat.v4.new_code_cell(f"MAX_EXAMPLES = {MAX_EXAMPLES}"))
+    env = dict(os.environ, BRIDLE_WORKDIR=workdir, JAX_PLATFORMS="cpu")  # XLA_FLAGS: 8 devices, from conftest
+    env.pop("BRIDLE_NOTEBOOK_OUT", None)  # the default OUT_DIR: <WORKDIR>/evaluate
+    assert "xla_force_host_platform_device_count=8" in env["XLA_FLAGS"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))  # where this process looks the kernel up
+        client = NotebookClient(
+            nb,
+            kernel_name=KERNEL,
+            timeout=300,
+            startup_timeout=120,
+            resources={"metadata": {"path": str(NOTEBOOK.parent)}},  # started in notebooks/, as Jupyter does
+        )
+        client.execute(env=env)  # raises CellExecutionError, with the traceback, on the first failing cell
+    return nb, pathlib.Path(workdir) / "evaluate"
+
+
+def _text(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_committed_notebook_is_clean_nbformat4():
+    """The committed file: valid nbformat 4, no stored outputs, the documented parameters with their defaults."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(c.outputs == [] and c.execution_count is None for c in code)
+    params = nb.cells[_parameters_cell(nb)].source
+    assert 'os.environ.get("BRIDLE_WORKDIR", "workdirs/digits")' in params
+    assert "ITERATION = None" in params and "MAX_EXAMPLES =" in params
+    install = code[0].source
+    assert '"google.colab" in sys.modules' in install and "git+" in install and "[tpu]" in install
+
+
+def test_every_cell_ran_without_error(executed):
+    nb, _ = executed
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 5  # training curves, codebook curves and use, embedded digits, confusion matrices
+    assert "Linear probe top-1 (encoder of iteration 2)" in _text(nb)
+
+
+def test_probe_reproduces_the_run_and_confusion_matrix(workdir, executed):
+    """Same encoder, same examples, same seed and settings: the probe equals the one the run logged, and the
+    confusion matrix holds every test example, by true class, with the probe's top-1 on its diagonal."""
+    _, out = executed
+    summary = json.loads((out / "evaluate_summary.json").read_text())
+    logged = json.loads((pathlib.Path(workdir) / "linear_probe.json").read_text())
+    assert summary["iteration"] == 2 and summary["max_examples"] == MAX_EXAMPLES
+    assert set(summary["probe"]) == {"iteration_0", "iteration_2"}
+    for key, result in summary["probe"].items():
+        assert result["top1_test"] == logged[key]["top1_test"]
+        assert result["top1_train"] == logged[key]["top1_train"]
+        np.testing.assert_allclose(result["final_loss"], logged[key]["final_loss"], rtol=1e-5)
+
+    config = _config()
+    labels = pipeline.eval_arrays(config.data, config.evals.linear_probe.test_split, MAX_EXAMPLES)["label"]
+    for key, matrix in summary["confusion_matrix"].items():
+        cm = np.asarray(matrix)
+        assert cm.shape == (10, 10)
+        np.testing.assert_array_equal(cm.sum(axis=1), np.bincount(labels, minlength=10))
+        assert np.trace(cm) / MAX_EXAMPLES == pytest.approx(summary["probe"][key]["top1_test"], abs=1e-12)
+    assert summary["embed_max_abs_diff"] < 1e-5  # enc.embed on raw digits == pooled eval features
+
+
+def test_codebook_health_and_figures_written(executed):
+    _, out = executed
+    health = json.loads((out / "codebook_health.json").read_text())
+    assert health["num_examples"] == MAX_EXAMPLES and health["step"] == 8 and health["tokenizer"] == "tokenizer"
+    assert health["num_valid_patches"] == MAX_EXAMPLES * 16  # 16x16 images, 4x4 patches
+    assert len(health["levels"]) == 2
+    for level in health["levels"]:
+        counts = np.asarray(level["counts"], np.float64)
+        assert counts.sum() == health["num_valid_patches"]
+        p = counts[counts > 0] / counts.sum()
+        np.testing.assert_allclose(level["perplexity"], 2.0 ** -np.sum(p * np.log2(p)), rtol=1e-12)
+    summary = json.loads((out / "evaluate_summary.json").read_text())
+    assert [lv["perplexity"] for lv in summary["codebook_health"]["levels"]] == [
+        lv["perplexity"] for lv in health["levels"]
+    ]
+    for name in (
+        "training_curves.png",
+        "codebook_curves.png",
+        "codebook_usage.png",
+        "embed_digits.png",
+        "confusion_matrix.png",
+        "codebook_usage_level0.png",
+    ):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
