@@ -61,10 +61,11 @@ def test_every_phase_runs_and_learns_codes(run):
     rows = _metrics(workdir)
     phases = {r["phase"] for r in rows}
     assert phases == {"iter1_encoder", "iter2_tokenizer", "iter2_encoder"}
+    skipped = {r["data/skipped_records"] for r in rows if "data/skipped_records" in r}
+    assert len(skipped) == 1  # the process-wide count of unreadable files did not grow: nothing skipped here
     for r in rows:
         if "train/loss" in r:
             assert np.isfinite(r["train/loss"]) and r["train/nonfinite"] == 0
-            assert r["data/skipped_records"] == 0
     tokenizer_usage = [r["codebook/level0/usage"] for r in rows if r["phase"] == "iter2_tokenizer"]
     assert min(tokenizer_usage) > 0.2  # k-means-initialised codes are in use
     codes = np.asarray(state.codebooks.codes)

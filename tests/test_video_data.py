@@ -631,7 +631,8 @@ def test_embedded_demo_is_generated_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("BRIDLE_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(video_pipeline, "MOVING_DIGITS", {**SMALL_DIGITS, "num_clips": 30, "seed": 0})
     arrays = video_pipeline.eval_arrays(data_config(), "test")
-    assert os.path.isfile(tmp_path / "cache" / "moving_digits-v1" / "complete.json")
+    folder = f"moving_digits-v{video_sources.MOVING_DIGITS_VERSION}"
+    assert os.path.isfile(tmp_path / "cache" / folder / "complete.json")
     assert arrays["input"].shape[0] == len(arrays["label"]) > 0
 
 
