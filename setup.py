@@ -40,7 +40,8 @@ setup(
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
         ],
-        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # gs:// workdirs: etils.epath reads/writes through gcsfs, tensorboardX through google-cloud-storage.
+        "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2023.1", "google-cloud-storage>=2.10,<4"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],
         # Peers for side-by-side benchmarks only: never imported by the package or the tests.
         "benchmarks": ["torch==2.13.0", "vector-quantize-pytorch>=1.20,<2"],
