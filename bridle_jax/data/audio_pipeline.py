@@ -44,7 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from bridle_jax.data import audio, audio_sources, fbank
+from bridle_jax.data import audio, audio_sources, fbank, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -420,12 +420,7 @@ def train_dataset(
     whose iterator's ``get_state``/``set_state`` resume bit-identically.
     """
     spec = data_spec(data_config)
-    if not _is_int(local_batch_size) or local_batch_size < 1:
-        raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
-    if not _is_int(process_count) or process_count < 1:
-        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-    if not _is_int(process_index) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
+    pipeline.check_stream_args(local_batch_size, process_index, process_count)
     source = make_source(spec, "train")
     if len(source) == 0:
         raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from bridle_jax.data import sources, transforms
+from bridle_jax.data import pipeline, sources, transforms
 
 DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on
 
@@ -161,12 +161,7 @@ def train_dataset(data_config, *, local_batch_size: int, seed: int, process_inde
                   process_count: int = 1) -> grain.MapDataset:
   """The infinite train stream of this process as a (lazy, random-access) MapDataset of batches."""
   spec = data_spec(data_config)
-  if not _is_int(local_batch_size) or local_batch_size < 1:
-    raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
-  if not _is_int(process_count) or process_count < 1:
-    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-  if not _is_int(process_index) or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
+  pipeline.check_stream_args(local_batch_size, process_index, process_count)
   source = sources.make_source(data_config, "train")
   if len(source) == 0:
     raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")

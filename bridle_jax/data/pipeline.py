@@ -20,12 +20,27 @@ from __future__ import annotations
 import importlib
 
 import grain
+import numpy as np
 
 _MODULES = {
     "image": "bridle_jax.data.image_pipeline",
     "audio": "bridle_jax.data.audio_pipeline",
     "video": "bridle_jax.data.video_pipeline",
 }
+
+
+def check_stream_args(local_batch_size, process_index, process_count) -> None:
+    """The arguments every modality's `train_dataset` takes, checked once, with the same messages."""
+
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    if not is_int(local_batch_size) or local_batch_size < 1:
+        raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
+    if not is_int(process_count) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
+    if not is_int(process_index) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
 
 
 def module_for_modality(modality: str):

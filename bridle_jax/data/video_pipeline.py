@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from bridle_jax.data import video, video_sources
+from bridle_jax.data import image_pipeline, pipeline, video, video_sources
 
 logger = logging.getLogger(__name__)
 
@@ -395,12 +395,7 @@ def train_dataset(
     ``seed`` whatever the thread count, and resumable through ``to_iter_dataset(...)``'s ``get_state/set_state``.
     """
     spec = data_spec(data_config)
-    if not _is_int(local_batch_size) or local_batch_size < 1:
-        raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
-    if not _is_int(process_count) or process_count < 1:
-        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-    if not _is_int(process_index) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be an int in [0, {process_count}), got {process_index!r}")
+    pipeline.check_stream_args(local_batch_size, process_index, process_count)
     source = make_source(spec, "train")
     shuffle_seed, sample_seed, crop_seed, flip_seed = _train_seeds(seed)
 
@@ -451,26 +446,13 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
 
 
 def to_uint8_clip(clip, where: str) -> np.ndarray:
-    """A raw clip ``[n, H, W, C]`` (C in {1, 3}) → uint8 RGB; floats are 0..1 if the clip's max is <= 1, else 0..255."""
-    clip = np.asarray(clip)
-    if clip.ndim != 4 or clip.shape[-1] not in (1, 3) or 0 in clip.shape:
-        raise ValueError(f"{where}: a clip must be a non-empty array [frames, H, W, 1 or 3], got shape {clip.shape}")
-    if clip.dtype == np.uint8:
-        out = clip
-    elif np.issubdtype(clip.dtype, np.integer):
-        if clip.min() < 0 or clip.max() > 255:
-            raise ValueError(f"{where}: integer frames must lie in 0..255, got [{clip.min()}, {clip.max()}]")
-        out = clip.astype(np.uint8)
-    elif np.issubdtype(clip.dtype, np.floating):
-        lo, hi = float(np.min(clip)), float(np.max(clip))
-        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-            raise ValueError(f"{where}: float frames must be finite and in [0, 1] or [0, 255], got [{lo}, {hi}]")
-        out = np.clip(np.rint(clip.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
-    else:
-        raise ValueError(f"{where}: frames must be uint8, integer or float, got dtype {clip.dtype}")
-    if out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    return np.ascontiguousarray(out)
+    """A raw clip ``[n, H, W, C]`` (C in {1, 3}) → uint8 RGB; floats are 0..1 if the clip's max is <= 1, else 0..255.
+
+    The frames of a clip follow the rules of a batch of raw images (`image_pipeline.to_uint8_images`)."""
+    try:
+        return image_pipeline.to_uint8_images(clip)
+    except ValueError as e:
+        raise ValueError(f"{where}: {str(e).replace('images', 'frames')}") from None
 
 
 def preprocess_eval(data_config, raw) -> dict:
