@@ -407,10 +407,13 @@ def test_moving_digits_files_labels_split_and_determinism(digits_root, tmp_path)
     assert frames.shape == (6, 24, 24, 3) and frames.max() > 100  # a visible digit
     centres = np.array([np.argwhere(f.max(-1) > 60).mean(0) for f in frames])
     assert np.linalg.norm(centres - centres[0], axis=1).max() > 2  # it moves
-    # Same seed, another folder: identical CSV and frames; another seed: different clips.
+    # Same seed, another folder: identical CSV and rendered content; another seed: different clips. The decoded
+    # pixels are compared with a small tolerance: on a loaded machine x264 was seen to encode one macroblock of the
+    # same frames differently (<= 3 levels on ~1% of the pixels) even with every thread knob pinned.
     again = video_sources.write_moving_digits(tmp_path / "again", seed=7, **SMALL_DIGITS)
     assert read_rows(again) == rows
-    np.testing.assert_array_equal(video.read_frames(tmp_path / "again" / rows[0]["path"]), frames)
+    decoded = video.read_frames(tmp_path / "again" / rows[0]["path"]).astype(int)
+    assert np.abs(decoded - frames.astype(int)).max() <= 8 and np.mean(decoded != frames) < 0.05
     other = video_sources.write_moving_digits(tmp_path / "other", seed=8, **SMALL_DIGITS)
     assert [r["label"] for r in read_rows(other)] != [r["label"] for r in rows]
 
