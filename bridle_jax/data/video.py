@@ -175,7 +175,7 @@ def read_frames(path, indices: Sequence[int] | np.ndarray | None = None) -> np.n
 def write_video(path, frames: np.ndarray, *, fps: int = 8, codec: str | None = None, crf: int = 12) -> str:
     """Encodes uint8 [T, H, W, 3] ``frames`` to ``path`` (mp4, yuv420p; H and W must be even) and returns the codec.
 
-    h264 ('libx264', single-threaded so files are byte-deterministic) when the bundled FFmpeg has it, else 'mpeg4'.
+    h264 ('libx264', every thread knob pinned to one; the decoded pixels of a re-render match to a few levels, not always byte for byte) when the bundled FFmpeg has it, else 'mpeg4'.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
@@ -190,8 +190,8 @@ def write_video(path, frames: np.ndarray, *, fps: int = 8, codec: str | None = N
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            # Every x264 thread knob pinned: with any parallelism left the bytes (and a few decoded pixel levels)
-            # varied between runs of the same seed under load.
+            # Every x264 thread knob pinned; even so, under load one macroblock was seen to encode differently
+            # (<= 3 levels), so clips are reproducible in content, not guaranteed byte for byte.
             x264 = "threads=1:lookahead-threads=1:sliced-threads=0:sync-lookahead=0"
             stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": x264}
         else:
