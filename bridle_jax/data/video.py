@@ -175,7 +175,8 @@ def read_frames(path, indices: Sequence[int] | np.ndarray | None = None) -> np.n
 def write_video(path, frames: np.ndarray, *, fps: int = 8, codec: str | None = None, crf: int = 12) -> str:
     """Encodes uint8 [T, H, W, 3] ``frames`` to ``path`` (mp4, yuv420p; H and W must be even) and returns the codec.
 
-    h264 ('libx264', every thread knob pinned to one; the decoded pixels of a re-render match to a few levels, not always byte for byte) when the bundled FFmpeg has it, else 'mpeg4'.
+    h264 ('libx264', every thread knob pinned to one; a re-render decodes to the same pixels within a few levels,
+    not always byte for byte) when the bundled FFmpeg has it, else 'mpeg4'.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
