@@ -91,8 +91,8 @@ def _pair(data_config, field: str, upper: float | None) -> tuple[float, float]:
   return lo, hi
 
 
-def _triple(data_config, field: str, positive: bool) -> tuple[float, float, float]:
-  value = _get(data_config, field)
+def rgb_triple(field: str, value, positive: bool) -> tuple[float, float, float]:
+  """``config.data.<field>`` (mean or std) as 3 floats; shared by the image and video pipelines."""
   expected = "3 finite numbers (RGB, on the [0, 1] pixel scale)" + (", all positive" if positive else "")
   try:
     arr = np.asarray(value, dtype=np.float64)
@@ -138,7 +138,8 @@ def data_spec(data_config) -> DataSpec:
   return DataSpec(
       name=name, image_size=int(image_size),
       crop_scale=_pair(data_config, "crop_scale", upper=1.0), crop_ratio=_pair(data_config, "crop_ratio", upper=None),
-      flip=bool(flip), mean=_triple(data_config, "mean", positive=False), std=_triple(data_config, "std", positive=True),
+      flip=bool(flip), mean=rgb_triple("mean", _get(data_config, "mean"), positive=False),
+      std=rgb_triple("std", _get(data_config, "std"), positive=True),
       eval_crop_fraction=float(fraction), num_threads=int(ints["num_threads"]),
       prefetch_buffer_size=int(ints["prefetch_buffer_size"]),
       max_eval_examples=None if max_eval is None else int(max_eval))

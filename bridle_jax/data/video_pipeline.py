@@ -164,18 +164,6 @@ def _str(data_config, field: str) -> str | None:
     return value
 
 
-def _triple(data_config, field: str, positive: bool) -> tuple[float, float, float]:
-    value = _get(data_config, field)
-    expected = "3 finite numbers (RGB, on the [0, 1] pixel scale)" + (", all positive" if positive else "")
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        _fail(field, expected, value)
-    if arr.shape != (3,) or not np.all(np.isfinite(arr)) or (positive and not np.all(arr > 0)):
-        _fail(field, expected, value)
-    return tuple(arr.tolist())
-
-
 def data_spec(data_config) -> VideoDataSpec:
     """Validates ``config.data``; every error names ``config.data.<field>`` and what was expected."""
     name = _get(data_config, "name")
@@ -223,8 +211,8 @@ def data_spec(data_config) -> VideoDataSpec:
         crop_scales=scales,
         max_distort=_int(data_config, "max_distort", 0),
         flip=bool(flip),
-        mean=_triple(data_config, "mean", positive=False),
-        std=_triple(data_config, "std", positive=True),
+        mean=image_pipeline.rgb_triple("mean", _get(data_config, "mean"), positive=False),
+        std=image_pipeline.rgb_triple("std", _get(data_config, "std"), positive=True),
         short_clip=short_clip,
         eval_short_side=eval_short_side,
         num_threads=_int(data_config, "num_threads", 0),
