@@ -335,7 +335,7 @@ def test_k400_malformed_rows_name_file_and_line(k400, tmp_path, row, message):
     csv_path = write_csv(tmp_path / "bad.csv", ("label", "youtube_id", "time_start", "time_end", "split"), [good, row])
     with pytest.raises(ValueError, match=message) as e:
         video_sources.Kinetics400Source(k400 / "train", csv_path, classes=("abseiling", "juggling balls", "zumba"))
-    assert "bad.csv line 3" in str(e.value)
+    assert "bad.csv' row 3" in str(e.value)
 
 
 def test_k400_whole_dataset_problems_are_immediate(k400, tmp_path):
@@ -361,21 +361,22 @@ def test_folder_csv_source_splits_labels_and_path_escapes(clips, tmp_path):
     with pytest.raises(ValueError, match="no rows for split 'val'.*'test', 'train'"):
         video_sources.FolderCsvSource(root, csv_path, split="val")
     for bad, message in [
-        ("../c40.mp4", "leaves the dataset root"),
-        ("a/../../c40.mp4", "leaves the dataset root"),
+        ("../c40.mp4", "escapes the dataset root"),
+        ("a/../../c40.mp4", "escapes the dataset root"),
         (clips["c40"], "must be relative"),
     ]:
         bad_csv = write_csv(tmp_path / "escape.csv", ("path", "label"), [("c40.mp4", 0), (bad, 0)])
         with pytest.raises(ValueError, match=message) as e:
             video_sources.FolderCsvSource(root, bad_csv)
-        assert "escape.csv line 3" in str(e.value)
-    for label in ("-1", "cat"):
-        bad_csv = write_csv(tmp_path / "label.csv", ("path", "label"), [("c40.mp4", label)])
-        with pytest.raises(ValueError, match="label.csv line 2: label must be an integer >= 0"):
-            video_sources.FolderCsvSource(root, bad_csv)
+        assert "escape.csv' row 3" in str(e.value)
+    bad_csv = write_csv(tmp_path / "label.csv", ("path", "label"), [("c40.mp4", "-1")])
+    with pytest.raises(ValueError, match="label.csv' row 2: label '-1' is negative"):
+        video_sources.FolderCsvSource(root, bad_csv)
+    named = write_csv(tmp_path / "named.csv", ("path", "label"), [("c40.mp4", "cat"), ("c12.mp4", "ant")])
+    assert video_sources.FolderCsvSource(root, named).classes == ["ant", "cat"]  # class names, sorted (README)
     with pytest.raises(ValueError, match=r"lacks column\(s\) \['label'\]"):
         video_sources.FolderCsvSource(root, write_csv(tmp_path / "h.csv", ("path", "class"), [("c40.mp4", 0)]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"absent\.csv' not found"):
         video_sources.FolderCsvSource(root, tmp_path / "absent.csv")
 
 
@@ -667,6 +668,6 @@ def test_dataset_level_problems_raise_immediately(tmp_path):
         video_pipeline.validate_data_config(data_config(name="video_folder", data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         video_pipeline.eval_arrays(data_config(name="kinetics400", data_dir=str(tmp_path / "none")), "val")
-    with pytest.raises(FileNotFoundError, match="annotation CSV .*train.csv does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"annotation CSV file .*train\.csv' not found"):
         video_pipeline.eval_arrays(data_config(name="kinetics400", data_dir=str(tmp_path)), "val")
     assert video_pipeline.DATASETS == {"kinetics400": "val", "video_folder": "test", "moving_digits": "test"}

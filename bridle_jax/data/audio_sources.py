@@ -4,14 +4,9 @@ Every source has ``__len__``/``__getitem__`` and yields ``{"waveform": float32 [
 (``label``: int32 for single-label sets, float32 multi-hot ``[num_classes]`` for AudioSet), plus ``path(i)`` so a
 failed read can be reported without decoding. Decoding happens in ``__getitem__`` (lazily, in Grain's threads); a
 file that cannot be decoded raises :class:`~bridle_jax.data.audio.AudioDecodeError`, which the pipeline counts and
-skips. The metadata, by contrast, is read and checked in full at construction:
-
-- a malformed CSV row or an unknown label raises ``ValueError`` naming the file and the line. Metadata errors are
-  systematic (a wrong file, a shifted column, a typo in a class name), not transient, and silently dropping rows
-  would change the class balance and the splits, so they are caught before any compute is spent;
-- paths read from a CSV must stay inside the dataset root: absolute paths and ``..`` components are rejected
-  (the check is lexical, so a symlinked audio folder inside the root still works);
-- nothing is unpickled or executed: CSVs are parsed with the ``csv`` module and audio with libsndfile.
+skips. The metadata, by contrast, is read and checked in full at construction, by the CSV reader every modality
+shares (``csv_files``: BOM, any line ending, quoted commas, integer or class-name labels, paths that may not leave
+the root; errors name the file and row). Nothing is unpickled or executed: audio is decoded with libsndfile.
 
 Layouts:
   ESC50Source       root/audio/*.wav + root/meta/esc50.csv (filename,fold,target,category,esc10,src_file,take)
@@ -36,67 +31,20 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import soundfile as sf
 
-from bridle_jax.data import audio
+from bridle_jax.data import audio, csv_files
 
 log = logging.getLogger(__name__)
 
 ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", "take")
 _YTID = re.compile(r"^[A-Za-z0-9_-]+$")
-_INT = re.compile(r"^[0-9]+$")
 
 
 # ------------------------------------------------------------------------------------------------- CSV + paths
 
-
-def _read_csv(path: str, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """Yields ``(line_number, row)`` for every data row; the header must name every ``required`` column.
-
-    ``utf-8-sig`` drops the byte-order mark spreadsheet exports put before the first column's name.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"CSV file {path!r} not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, skipinitialspace=True, strict=True)
-        try:
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"CSV file {path!r} is empty: expected a header with columns {list(required)}")
-            header = [h.strip() for h in header]
-            missing = [c for c in required if c not in header]
-            if missing:
-                raise ValueError(
-                    f"CSV file {path!r}: header {header} lacks column(s) {missing} (expected {list(required)})"
-                )
-            for fields in reader:
-                number = reader.line_num  # the physical line (a quoted field may span lines)
-                if not fields or all(not x.strip() for x in fields):
-                    continue
-                if len(fields) != len(header):
-                    raise ValueError(
-                        f"CSV file {path!r} row {number}: expected {len(header)} fields ({','.join(header)}), "
-                        f"got {len(fields)}: {fields}"
-                    )
-                yield number, {h: x.strip() for h, x in zip(header, fields)}
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise ValueError(f"CSV file {path!r} row {reader.line_num + 1}: malformed ({e})") from None
-
-
-def _parse_int(value: str, where: str, field: str, minimum: int = 0) -> int:
-    if not _INT.match(value) or int(value) < minimum:
-        raise ValueError(f"{where}: {field} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def resolve_inside(root: str, relative: str, where: str) -> str:
-    """``root/relative``, refusing absolute paths and ``..`` components so a CSV can never point outside ``root``."""
-    if not relative:
-        raise ValueError(f"{where}: empty path")
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
-        raise ValueError(f"{where}: path {relative!r} is absolute; expected a path relative to {root!r}")
-    parts = re.split(r"[/\\]", relative)
-    if ".." in parts:
-        raise ValueError(f"{where}: path {relative!r} escapes the dataset root {root!r} ('..' is not allowed)")
-    return os.path.join(root, *[p for p in parts if p not in ("", ".")])
+# One CSV reader and one path check for every modality (csv_files); the names stay importable from here.
+_read_csv = csv_files.read_csv
+_parse_int = csv_files.parse_int
+resolve_inside = csv_files.resolve_inside
 
 
 def _require_dir(path: str, what: str) -> str:
@@ -151,7 +99,7 @@ class ESC50Source(_DecodingSource):
             raise ValueError("ESC50Source: folds must name at least one fold")
         paths, labels, all_folds, max_target = [], [], set(), -1
         for number, row in _read_csv(csv_path, ("filename", "fold", "target")):
-            where = f"CSV file {csv_path!r} row {number}"
+            where = csv_files.where(csv_path, number)
             if "/" in row["filename"] or "\\" in row["filename"]:
                 raise ValueError(f"{where}: filename {row['filename']!r} must be a plain file name inside audio/")
             path = resolve_inside(os.path.join(root, "audio"), row["filename"], where)
@@ -182,7 +130,7 @@ def read_class_index(path: str) -> tuple[dict[str, int], list[str]]:
     """AudioSet ``class_labels_indices.csv`` → ``({mid: index}, display names in index order)``."""
     mids, names = {}, {}
     for number, row in _read_csv(path, ("index", "mid")):
-        where = f"CSV file {path!r} row {number}"
+        where = csv_files.where(path, number)
         index = _parse_int(row["index"], where, "index")
         if row["mid"] in mids:
             raise ValueError(f"{where}: duplicate mid {row['mid']!r}")
@@ -272,7 +220,7 @@ def _read_segments(path: str) -> Iterator[tuple[int, list[str]]]:
     """Rows of an AudioSet segments CSV with their line numbers, skipping ``#`` comment and blank lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"AudioSet segments CSV {path!r} not found")
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # as csv_files.read_csv: a BOM is dropped
         for number, line in enumerate(f, start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -289,10 +237,10 @@ def _read_segments(path: str) -> Iterator[tuple[int, list[str]]]:
 class FolderCsvSource(_DecodingSource):
     """Any folder of audio files listed in a ``path,label`` CSV (header required; extra columns are ignored).
 
-    Paths are relative to ``root``. Labels: integers are used as given (``num_classes = max + 1``); otherwise the
-    sorted distinct strings become the classes (``classes``). Pass ``classes`` (string labels) or ``num_classes``
-    (integer labels) from the train split when building the other splits, so every split shares one mapping; a
-    label outside it raises ``ValueError`` naming the file and row.
+    Paths are relative to ``root``; labels follow ``csv_files.labels_from_rows`` (integers as given, else the sorted
+    class names). Pass ``classes`` (string labels) or ``num_classes`` (integer labels) from the train split when
+    building the other splits, so every split shares one mapping; a label outside it raises ``ValueError`` naming
+    the file and row.
     """
 
     def __init__(
@@ -312,30 +260,10 @@ class FolderCsvSource(_DecodingSource):
         rows = [(number, row) for number, row in _read_csv(csv_path, ("path", "label"))]
         if not rows:
             raise ValueError(f"CSV file {csv_path!r} has a header but no rows")
-        self._paths = [resolve_inside(root, row["path"], f"CSV file {csv_path!r} row {n}") for n, row in rows]
-        if classes is None and num_classes is None:
-            integer = all(_INT.match(row["label"]) for _, row in rows)
-            classes = None if integer else sorted({row["label"] for _, row in rows})
-        labels = []
-        if classes is not None:
-            classes = [str(c) for c in classes]
-            lookup = {c: i for i, c in enumerate(classes)}
-            for number, row in rows:
-                if row["label"] not in lookup:
-                    shown = ", ".join(repr(c) for c in classes[:10]) + (", ..." if len(classes) > 10 else "")
-                    raise ValueError(
-                        f"CSV file {csv_path!r} row {number}: unknown label {row['label']!r} (classes: {shown})"
-                    )
-                labels.append(lookup[row["label"]])
-            num_classes = len(classes)
-        else:
-            for number, row in rows:
-                where = f"CSV file {csv_path!r} row {number}"
-                label = _parse_int(row["label"], where, "label")
-                if num_classes is not None and label >= num_classes:
-                    raise ValueError(f"{where}: label {label} is out of range (expected 0..{num_classes - 1})")
-                labels.append(label)
-            num_classes = num_classes if num_classes is not None else max(labels) + 1
+        self._paths = [resolve_inside(root, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
+        labels, classes, num_classes = csv_files.labels_from_rows(
+            csv_path, [(n, row["label"]) for n, row in rows], classes=classes, num_classes=num_classes
+        )
         self.classes = classes
         self.num_classes = int(num_classes)
         self.labels = np.asarray(labels, np.int32)

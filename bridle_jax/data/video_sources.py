@@ -7,12 +7,14 @@ decodes only the clips it owns and only the frames it samples. Sources are built
   and finds each clip as ``root/{youtube_id}_{time_start:06d}_{time_end:06d}.{mp4,webm,mkv,avi}`` — a **flat**
   folder per split, the naming of the common K400 downloaders (cvdfoundation/kinetics-dataset gives
   ``k400/annotations/{train,val,test}.csv`` and ``k400/{train,val,test}/*.mp4``; pass ``root=k400/train``).
-* :class:`FolderCsvSource` reads a generic ``path,label[,split]`` CSV, paths relative to ``root``.
+* :class:`FolderCsvSource` reads a generic ``path,label[,split]`` CSV, paths relative to ``root``, labels integers or
+  class names.
 
 Missing clips are counted and reported at construction ("N of M clips present, K missing"), never fatal; a source
-with no clip present at all is an error. A malformed row (wrong field count, bad integer, unknown label, a path that
-leaves the root) raises ValueError naming the CSV file and its line number: annotation files are small and fixable,
-and silently dropping rows would change the label set or the split without anyone noticing.
+with no clip present at all is an error. CSVs are read by the reader every modality shares (``csv_files``: BOM, any
+line ending, quoted commas): a malformed row (wrong field count, bad integer, unknown label, a path that leaves the
+root) raises ValueError naming the CSV file and its row, since annotation files are small and fixable and silently
+dropping rows would change the label set or the split without anyone noticing.
 
 Security: CSV paths are data, so they must stay inside the root — absolute paths and ``..`` components are rejected
 (checked lexically, so a dataset root that is itself a symlink still works). Nothing is unpickled or executed.
@@ -31,7 +33,7 @@ import uuid
 import numpy as np
 from PIL import Image
 
-from bridle_jax.data import video
+from bridle_jax.data import csv_files, video
 
 logger = logging.getLogger(__name__)
 
@@ -47,51 +49,10 @@ MOVING_DIGITS_TEST_FRACTION = 0.2
 
 # ------------------------------------------------------------------------------------------------- CSV helpers
 
-
-def _read_csv(csv_path: str, required: tuple[str, ...], optional: tuple[str, ...] = ()):
-    """Yields (line number, {column: value}) for the data rows; checks the header first."""
-    csv_path = os.fspath(csv_path)
-    if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"annotation CSV {csv_path} does not exist")
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{csv_path}: empty file, expected a header with columns {list(required)}")
-        header = [h.strip() for h in header]
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ValueError(f"{csv_path}: header {header} lacks column(s) {missing}; expected {list(required)}")
-        columns = {c: header.index(c) for c in (*required, *optional) if c in header}
-        for row in reader:
-            if not row or all(not v.strip() for v in row):
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{csv_path} line {reader.line_num}: expected {len(header)} fields {header}, got {len(row)}: {row}"
-                )
-            yield reader.line_num, {c: row[i].strip() for c, i in columns.items()}
-
-
-def _int_field(csv_path: str, line: int, field: str, value: str, minimum: int = 0) -> int:
-    try:
-        out = int(value)
-    except ValueError:
-        raise ValueError(f"{csv_path} line {line}: {field} must be an integer >= {minimum}, got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{csv_path} line {line}: {field} must be an integer >= {minimum}, got {value!r}")
-    return out
-
-
-def safe_join(root: str, relpath: str, where: str) -> str:
-    """``root/relpath``, refusing absolute paths and ``..`` components (``where`` names the CSV row in the error)."""
-    normalized = relpath.replace("\\", "/")
-    parts = normalized.split("/")
-    if not relpath or os.path.isabs(relpath) or normalized.startswith("/") or re.match(r"^[A-Za-z]:", relpath):
-        raise ValueError(f"{where}: path {relpath!r} must be relative to the dataset root {root}")
-    if ".." in parts:
-        raise ValueError(f"{where}: path {relpath!r} leaves the dataset root {root} ('..' is not allowed)")
-    return os.path.join(root, *[p for p in parts if p not in ("", ".")])
+# One CSV reader and one path check for every modality (csv_files: BOM, any line ending, quoted commas, integer or
+# class-name labels; errors name the file and row).
+_read_csv = csv_files.read_csv
+safe_join = csv_files.resolve_inside
 
 
 def _report(kind: str, csv_path: str, present: int, total: int, examples: list[str]) -> str:
@@ -131,13 +92,14 @@ def read_k400_rows(csv_path) -> list[tuple[int, str, str, int, int]]:
     """Parsed rows ``(line, label, youtube_id, time_start, time_end)`` of an official Kinetics CSV."""
     csv_path = os.fspath(csv_path)
     rows = []
-    for line, row in _read_csv(csv_path, K400_COLUMNS, ("split",)):
+    for line, row in _read_csv(csv_path, K400_COLUMNS):
+        where = csv_files.where(csv_path, line)
         if not row["label"]:
-            raise ValueError(f"{csv_path} line {line}: empty label")
+            raise ValueError(f"{where}: empty label")
         if not _YOUTUBE_ID.match(row["youtube_id"]):
-            raise ValueError(f"{csv_path} line {line}: youtube_id must match [A-Za-z0-9_-]+, got {row['youtube_id']!r}")
-        start = _int_field(csv_path, line, "time_start", row["time_start"])
-        end = _int_field(csv_path, line, "time_end", row["time_end"])
+            raise ValueError(f"{where}: youtube_id must match [A-Za-z0-9_-]+, got {row['youtube_id']!r}")
+        start = csv_files.parse_int(row["time_start"], where, "time_start")
+        end = csv_files.parse_int(row["time_end"], where, "time_end")
         rows.append((line, row["label"], row["youtube_id"], start, end))
     return rows
 
@@ -172,7 +134,9 @@ class Kinetics400Source(_PathLabelSource):
         paths, labels, missing = [], [], []
         for line, label, youtube_id, start, end in rows:
             if label not in index:
-                raise ValueError(f"{csv_path} line {line}: label {label!r} is not one of the {len(index)} classes")
+                raise ValueError(
+                    f"{csv_files.where(csv_path, line)}: label {label!r} is not one of the {len(index)} classes"
+                )
             stem = k400_clip_stem(youtube_id, start, end)
             if stem in on_disk:
                 paths.append(os.path.join(root, on_disk[stem][0]))
@@ -195,43 +159,72 @@ class Kinetics400Source(_PathLabelSource):
 # ------------------------------------------------------------------------------------------------- generic CSV
 
 
-class FolderCsvSource(_PathLabelSource):
-    """Clips listed in a ``path,label[,split]`` CSV; paths relative to ``root``, labels non-negative integers.
+def _folder_rows(csv_path: str, split: str | None) -> list[tuple[int, dict]]:
+    """The ``path,label[,split]`` rows of ``split`` (every row when ``split`` is None or there is no split column)."""
+    rows, splits = [], set()
+    for line, row in _read_csv(csv_path, ("path", "label")):
+        if "split" in row:
+            splits.add(row["split"])
+            if split is not None and row["split"] != split:
+                continue
+        rows.append((line, row))
+    if not rows:
+        found = f"; its split column holds {sorted(splits)}" if splits else ""
+        raise ValueError(f"CSV file {csv_path!r}: no rows for split {split!r}{found}")
+    return rows
 
-    With ``split`` given and a ``split`` column present, only that split's rows are kept (one CSV can hold every
-    split); without a ``split`` column every row is used.
+
+def folder_classes(csv_path, split: str | None = "train") -> tuple[list[str] | None, int]:
+    """``(classes, num_classes)`` of a ``path,label[,split]`` CSV's ``split``: what the other splits must share."""
+    csv_path = os.fspath(csv_path)
+    rows = _folder_rows(csv_path, split)
+    _, classes, num_classes = csv_files.labels_from_rows(csv_path, [(n, row["label"]) for n, row in rows])
+    return classes, num_classes
+
+
+class FolderCsvSource(_PathLabelSource):
+    """Clips listed in a ``path,label[,split]`` CSV; paths relative to ``root``.
+
+    Labels follow ``csv_files.labels_from_rows``, the rule of every modality: integers ``>= 0`` as given, else the
+    sorted class names (``classes``). Pass the train split's ``classes`` / ``num_classes`` (:func:`folder_classes`)
+    when building another split so every split shares one mapping. With ``split`` given and a ``split`` column
+    present, only that split's rows are kept (one CSV can hold every split); without a ``split`` column every row is
+    used. The mapping is taken from the rows, before missing clips are left out, so it never depends on which clips
+    happen to be on disk.
     """
 
-    def __init__(self, root, csv_path, split: str | None = None):
+    def __init__(
+        self,
+        root,
+        csv_path,
+        split: str | None = None,
+        *,
+        classes: tuple[str, ...] | list[str] | None = None,
+        num_classes: int | None = None,
+    ):
         root, csv_path = os.path.abspath(os.fspath(root)), os.fspath(csv_path)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"dataset root {root} does not exist")
-        paths, labels, missing, rows, splits = [], [], [], 0, set()
-        for line, row in _read_csv(csv_path, ("path", "label"), ("split",)):
-            where = f"{csv_path} line {line}"
-            path = safe_join(root, row["path"], where)
-            label = _int_field(csv_path, line, "label", row["label"])
-            if "split" in row:
-                splits.add(row["split"])
-                if split is not None and row["split"] != split:
-                    continue
-            rows += 1
+        rows = _folder_rows(csv_path, split)
+        all_paths = [safe_join(root, row["path"], csv_files.where(csv_path, line)) for line, row in rows]
+        all_labels, self.classes, self._num_classes = csv_files.labels_from_rows(
+            csv_path, [(line, row["label"]) for line, row in rows], classes=classes, num_classes=num_classes
+        )
+        paths, labels, missing = [], [], []
+        for path, label in zip(all_paths, all_labels):
             if os.path.isfile(path):
                 paths.append(path)
                 labels.append(label)
             else:
                 missing.append(path)
-        if rows == 0:
-            found = f"; its split column holds {sorted(splits)}" if splits else ""
-            raise ValueError(f"{csv_path}: no rows for split {split!r}{found}")
         self.root, self.csv_path, self.split = root, csv_path, split
         self.paths, self.labels = paths, np.asarray(labels, np.int32)
-        self.num_rows, self.num_missing = rows, len(missing)
-        self.report = _report("Video CSV", csv_path, len(paths), rows, missing)
+        self.num_rows, self.num_missing = len(rows), len(missing)
+        self.report = _report("Video CSV", csv_path, len(paths), len(rows), missing)
 
     @property
     def num_classes(self) -> int:
-        return int(self.labels.max()) + 1
+        return int(self._num_classes)
 
     def __repr__(self) -> str:
         return f"FolderCsvSource({self.csv_path!r}, split={self.split!r}, len={len(self)}, missing={self.num_missing})"
