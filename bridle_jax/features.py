@@ -24,21 +24,33 @@ class Encoder:
         self.module = self.models.encoder
         self._mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
 
-    def embed(self, inputs, batch_size: int = 256) -> np.ndarray:
+    def embed(self, inputs, batch_size: int = 256, value_range=None) -> np.ndarray:
         """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]; audio and video: see the
-        pipeline's `preprocess_eval`) -> features [B, width], pooled over the non-padded patches."""
-        arrays = pipeline.preprocess_eval(self.config.data, inputs)
+        pipeline's `preprocess_eval`) -> features [B, width], pooled over the non-padded patches.
+
+        Float pixels (images, video frames) are 0..1 unless ``value_range=(low, high)`` states their range, e.g.
+        ``(0, 255)``: the scale is a rule of the call, never inferred from the batch, so an image's features do not
+        depend on the others. Audio float waveforms are [-1, 1] (int16 arrays are scaled by 1/32768)."""
+        arrays = pipeline.preprocess_eval(self.config.data, inputs, value_range=value_range)
         return linear_probe.pooled_features(self.models, self.params, arrays, mesh=self._mesh, batch_size=batch_size)
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
     """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
-    config = ckpt_lib.read_config(workdir)
     available = ckpt_lib.saved_iterations(workdir)
+    # bool is an int subclass and 1.0 == 1: both would silently pick an iteration, so only true ints are accepted.
+    is_int = isinstance(iteration, (int, np.integer)) and not isinstance(iteration, (bool, np.bool_))
+    if iteration is not None and not is_int:
+        raise ValueError(
+            f"iteration: expected an int (an encoder iteration saved in {workdir}: {available}) or None (the "
+            f"latest), got {iteration!r}"
+        )
+    config = ckpt_lib.read_config(workdir)
     if not available:
         raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*); has training started?")
     if iteration is None:
         iteration = available[-1]
+    iteration = int(iteration)
     if iteration not in available:
         raise ValueError(f"{workdir}: no encoder for iteration {iteration}; available: {available}")
     module = bridle.encoder_from_config(config)

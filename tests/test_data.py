@@ -172,7 +172,8 @@ def test_preprocess_eval_accepts_natural_forms():
   ref = prep(u8)
   assert ref.shape == (4, 16, 16, 3) and ref.dtype == np.float32
   np.testing.assert_array_equal(prep(u8.astype(np.float32) / 255.0), ref)
-  np.testing.assert_array_equal(prep(u8.astype(np.float64)), ref)
+  as_255 = pipeline.preprocess_eval(cfg, u8.astype(np.float64), value_range=(0, 255))["input"]  # floats: stated
+  np.testing.assert_array_equal(as_255, ref)
   np.testing.assert_array_equal(prep(u8.astype(np.int64)), ref)
   grey = u8[..., :1]
   np.testing.assert_array_equal(prep(grey), prep(np.repeat(grey, 3, -1)))

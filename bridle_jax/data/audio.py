@@ -30,6 +30,12 @@ SAMPLE_RATE = 16000
 _WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _STREAMING_PLACEHOLDERS = (0, 0xFFFFFFFF)
 
+# Float samples are on the [-1, 1] full scale (SPEC §1.2: torchaudio.load's scale, no x2^15). Real float audio can
+# exceed it a little (resampling ringing, lossy decoding, float masters above 0 dBFS) and is kept unchanged, as
+# torchaudio.load keeps it; a peak above 2 (+6 dB) is not a level but a scale mistake: int16-scale samples 32768x too
+# loud, whose features would be meaningless. Any real int16-scale signal peaks far above 2 (2 is one int16 step).
+MAX_FLOAT_PEAK = 2.0
+
 
 class AudioDecodeError(ValueError):
     """A file that cannot be turned into a usable waveform (missing, corrupt, truncated, empty, non-finite)."""
@@ -37,6 +43,17 @@ class AudioDecodeError(ValueError):
 
 class AudioFileNotFoundError(AudioDecodeError, FileNotFoundError):
     """A missing audio file: both an :class:`AudioDecodeError` (skip-and-count) and a ``FileNotFoundError``."""
+
+
+def float_scale_problem(samples: np.ndarray) -> str | None:
+    """Why float ``samples`` are not on the [-1, 1] scale (peak above ``MAX_FLOAT_PEAK``), or None when they are."""
+    peak = float(np.max(np.abs(samples))) if np.size(samples) else 0.0
+    if peak <= MAX_FLOAT_PEAK:
+        return None
+    return (
+        f"float samples peak at {peak:g}, expected the [-1, 1] scale (peaks up to {MAX_FLOAT_PEAK:g} are accepted); "
+        "int16-scale samples must be divided by 32768"
+    )
 
 
 def _check_rate(name: str, rate) -> int:
@@ -66,8 +83,9 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
 
     Samples are on soundfile's [-1, 1] float scale (as ``torchaudio.load``; no ×2^15). Channels are averaged.
     Raises :class:`AudioDecodeError` (:class:`AudioFileNotFoundError` for a missing file) naming the file and why:
-    undecodable or corrupt bytes, a truncated file (fewer frames than its header declares), zero samples, or
-    NaN/Inf samples (a float WAV can hold them). A silent clip is valid.
+    undecodable or corrupt bytes, a truncated file (fewer frames than its header declares), zero samples, NaN/Inf
+    samples, or a float file at int16 scale (peak above ``MAX_FLOAT_PEAK``; integer PCM is always within [-1, 1]).
+    A silent clip is valid.
     """
     target_sr = _check_rate("target_sr", target_sr)
     path = os.fspath(path)
@@ -94,6 +112,9 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise AudioDecodeError(f"audio file {path!r}: {bad} NaN/Inf samples (expected finite samples)")
+    problem = float_scale_problem(data)
+    if problem:
+        raise AudioDecodeError(f"audio file {path!r}: {problem} (rescale the file)")
     mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1, dtype=np.float64).astype(np.float32)
     return resample(mono, sample_rate, target_sr)
 

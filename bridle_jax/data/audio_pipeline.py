@@ -480,6 +480,9 @@ def _raw_waveform(item, index: int, rate: int) -> np.ndarray:
         raise ValueError(f"raw[{index}]: expected float samples in [-1, 1] or int16, got dtype {wav.dtype}")
     if not np.all(np.isfinite(wav)):
         raise ValueError(f"raw[{index}]: waveform has NaN/Inf samples")
+    problem = audio.float_scale_problem(wav)
+    if problem:  # never rescaled silently: the scale is the caller's rule, not inferred from the clip
+        raise ValueError(f"raw[{index}]: {problem} (or pass the int16 array itself)")
     return wav.astype(np.float32)
 
 
@@ -487,8 +490,10 @@ def preprocess_eval(data_config, raw) -> dict:
     """Eval preprocessing of raw user audio → ``{"input": float32 [B, S], "length": int32 [B]}``.
 
     ``raw`` is a list of clips, each a file path (decoded and resampled like the dataset) or a mono waveform at
-    ``config.data.sample_rate`` (float in [-1, 1], or int16), or a 2-D float array ``[B, n]`` of equal-length
-    waveforms. Clips are cropped to their first ``S`` samples or zero-padded, as in :func:`eval_arrays`.
+    ``config.data.sample_rate`` (float in [-1, 1], or int16, scaled by 1/32768), or a 2-D float array ``[B, n]`` of
+    equal-length waveforms. A float clip peaking above ``audio.MAX_FLOAT_PEAK`` (int16 scale) is refused, never
+    rescaled; a smaller overshoot is kept, as from a file. Clips are cropped to their first ``S`` samples or
+    zero-padded, as in :func:`eval_arrays`.
     """
     spec = data_spec(data_config)
     if isinstance(raw, (str, os.PathLike)):

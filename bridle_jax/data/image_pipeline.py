@@ -18,6 +18,7 @@ exactly the single-process global batch, rows in the same order (augmentations i
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import grain
 import ml_collections
@@ -215,11 +216,36 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
   return {"input": images, "length": np.full((n,), size, np.int32), "label": labels}
 
 
-def to_uint8_images(images) -> np.ndarray:
+# Float pixels may overshoot their stated range by this fraction of its span (a bicubic or Lanczos resize rings by a
+# few percent at sharp edges); such values are clipped, with a warning once they would change a uint8 value. Beyond
+# it the range itself is wrong (0..255 floats read as 0..1), so the batch is refused with the fix named.
+FLOAT_RANGE_TOLERANCE = 0.1
+
+
+def check_value_range(value_range) -> tuple[float, float]:
+  """``value_range``: None (floats are 0..1) or ``(low, high)``, two finite numbers with low < high."""
+  if value_range is None:
+    return 0.0, 1.0
+  try:
+    low, high = (float(v) for v in value_range)
+    ok = np.isfinite(low) and np.isfinite(high) and low < high and not isinstance(value_range, (str, bytes))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(
+        f"value_range: expected None (floats are 0..1) or (low, high) with low < high, e.g. (0, 255); got "
+        f"{value_range!r}")
+  return low, high
+
+
+def to_uint8_images(images, value_range=None) -> np.ndarray:
   """Raw ``[B, H, W, C]`` images (C in {1, 3}) → uint8 RGB, the form the train pipeline reads.
 
-  Integers must lie in 0..255. Floats are taken as 0..1 when the batch's max is <= 1, else as 0..255; they are
-  rounded to uint8 so eval preprocessing is identical to what the stored (uint8) dataset images get.
+  Integers must lie in 0..255. Floats are 0..1, or the ``value_range=(low, high)`` the caller states (e.g.
+  ``(0, 255)``): the scale is a rule of the call, never inferred from the data, so one image's pixels never change
+  how another image of the batch is read. Floats are rounded to uint8 so eval preprocessing is identical to what
+  the stored (uint8) dataset images get. Values outside the range by at most ``FLOAT_RANGE_TOLERANCE`` of its span
+  are clipped (with a warning when that changes a pixel); further out, the batch is refused with the fix named.
   """
   images = np.asarray(images)
   if images.ndim != 4:
@@ -228,18 +254,37 @@ def to_uint8_images(images) -> np.ndarray:
     raise ValueError(f"images must have 1 (grey) or 3 (RGB) channels in the last axis, got shape {images.shape}")
   if images.shape[0] == 0 or min(images.shape[1:3]) < 1:
     raise ValueError(f"images must be non-empty, got shape {images.shape}")
+  is_float = np.issubdtype(images.dtype, np.floating)
+  if value_range is not None and not is_float:
+    low, high = check_value_range(value_range)
+    if (low, high) != (0.0, 255.0):
+      raise ValueError(
+          f"value_range={value_range!r} applies to float images; {images.dtype} images are always 0..255 (pass "
+          "floats, or leave value_range unset)")
   if images.dtype == np.uint8:
     out = images
   elif np.issubdtype(images.dtype, np.integer):
     if images.min() < 0 or images.max() > 255:
       raise ValueError(f"integer images must lie in 0..255, got [{images.min()}, {images.max()}]")
     out = images.astype(np.uint8)
-  elif np.issubdtype(images.dtype, np.floating):
+  elif is_float:
+    low, high = check_value_range(value_range)
     lo, hi = float(np.min(images)), float(np.max(images))
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi > 255:
-      raise ValueError(f"float images must be finite and in [0, 1] or [0, 255], got [{lo}, {hi}]")
-    scaled = images.astype(np.float64) * (255.0 if hi <= 1.0 else 1.0)
-    out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    slack = FLOAT_RANGE_TOLERANCE * (high - low)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < low - slack or hi > high + slack:
+      stated = "value_range=None: 0..1" if value_range is None else f"value_range={value_range!r}"
+      fix = ("; for 0..255 floats pass value_range=(0, 255) (or convert to uint8)" if value_range is None and hi > 1
+             else "; state the images' range with value_range=(low, high)")
+      raise ValueError(
+          f"float images must be finite and within {stated} (tolerance {FLOAT_RANGE_TOLERANCE:g} of the span), "
+          f"got [{lo}, {hi}]{fix}")
+    scaled = np.rint((images.astype(np.float64) - low) * (255.0 / (high - low)))
+    clipped = int(np.count_nonzero((scaled < 0) | (scaled > 255)))
+    if clipped:
+      warnings.warn(
+          f"{clipped} float pixel value(s) outside {(low, high)} (up to [{lo}, {hi}]) were clipped to the range",
+          stacklevel=2)
+    out = np.clip(scaled, 0, 255).astype(np.uint8)
   else:
     raise ValueError(f"images must be uint8, integer or float, got dtype {images.dtype}")
   if out.shape[-1] == 1:
@@ -247,12 +292,12 @@ def to_uint8_images(images) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
-def preprocess_eval(data_config, images) -> dict:
+def preprocess_eval(data_config, images, value_range=None) -> dict:
   """Eval preprocessing of raw images in their natural form: ``[B, H, W, C]`` → ``{"input": float32 [B, S, S, 3],
-  "length"}``."""
+  "length"}``. Floats are 0..1 unless ``value_range`` states otherwise (see :func:`to_uint8_images`)."""
   spec = data_spec(data_config)
   resize, normalize = eval_transforms(spec)
-  batch = to_uint8_images(images)
+  batch = to_uint8_images(images, value_range)
   out = np.empty((batch.shape[0], spec.image_size, spec.image_size, 3), np.float32)
   for i, image in enumerate(batch):
     out[i] = normalize.map(resize.map({"image": image}))["image"]

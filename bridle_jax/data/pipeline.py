@@ -9,7 +9,9 @@ the probe and `load_encoder` never branch on the modality:
       {"input": float32 [b, ...], "length": int32 [b], "label": ...}; infinite, reshuffled per epoch, augmented,
       sharded by process after augmentation (the process shards together are the 1-process global batch)
   eval_arrays(d, split, max_examples) -> {"input", "length", "label"} NumPy arrays, stored order
-  preprocess_eval(d, raw) -> {"input", "length"} for raw user inputs
+  preprocess_eval(d, raw, [value_range]) -> {"input", "length"} for raw user inputs; image and video take
+      value_range=(low, high) for float pixels (default 0..1, never inferred from the batch); audio floats are
+      always [-1, 1]
   skipped_count() -> unreadable records skipped so far in this process (they are replaced, never fatal alone)
 "length" counts the real (unpadded) steps along the input's first axis: audio samples, video frames, image rows.
 The model side (`BridleModels.model_input`) turns it into a per-patch validity mask.
@@ -103,8 +105,17 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
     return module_for(data_config).eval_arrays(data_config, split, max_examples)
 
 
-def preprocess_eval(data_config, raw) -> dict:
-    return module_for(data_config).preprocess_eval(data_config, raw)
+def preprocess_eval(data_config, raw, value_range=None) -> dict:
+    """Eval preprocessing of raw user inputs; ``value_range`` states the scale of float pixels (images, video)."""
+    module = module_for(data_config)
+    if value_range is None:
+        return module.preprocess_eval(data_config, raw)
+    if modality_of(data_config.name) == "audio":
+        raise ValueError(
+            f"value_range={value_range!r}: applies to image and video pixels; audio float waveforms are always "
+            "[-1, 1] (divide int16-scale samples by 32768, or pass int16 arrays)"
+        )
+    return module.preprocess_eval(data_config, raw, value_range=value_range)
 
 
 def skipped_count(data_config) -> int:

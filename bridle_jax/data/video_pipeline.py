@@ -258,7 +258,9 @@ def make_source(spec: VideoDataSpec, split: str):
         # Class indices always come from the train CSV, so every split agrees on them.
         classes = video_sources.k400_classes(_under(root, spec.train_csv))
         return video_sources.Kinetics400Source(clip_root, csv_path, classes=classes)
-    return video_sources.FolderCsvSource(clip_root, csv_path, split=split)
+    # As for Kinetics (and audio_folder): the train split's label mapping, so integer or class-name labels agree.
+    classes, num_classes = video_sources.folder_classes(_under(root, spec.train_csv), "train")
+    return video_sources.FolderCsvSource(clip_root, csv_path, split=split, classes=classes, num_classes=num_classes)
 
 
 # -------------------------------------------------------------------------------------------- skipped records
@@ -433,24 +435,27 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
     return out
 
 
-def to_uint8_clip(clip, where: str) -> np.ndarray:
-    """A raw clip ``[n, H, W, C]`` (C in {1, 3}) → uint8 RGB; floats are 0..1 if the clip's max is <= 1, else 0..255.
+def to_uint8_clip(clip, where: str, value_range=None) -> np.ndarray:
+    """A raw clip ``[n, H, W, C]`` (C in {1, 3}) → uint8 RGB; floats are 0..1 unless ``value_range`` states otherwise.
 
-    The frames of a clip follow the rules of a batch of raw images (`image_pipeline.to_uint8_images`)."""
+    The frames of a clip follow the rules of a batch of raw images (`image_pipeline.to_uint8_images`): the scale is
+    never inferred from the frames, so one bright frame or clip never rescales the others."""
     try:
-        return image_pipeline.to_uint8_images(clip)
+        return image_pipeline.to_uint8_images(clip, value_range)
     except ValueError as e:
         raise ValueError(f"{where}: {str(e).replace('images', 'frames')}") from None
 
 
-def preprocess_eval(data_config, raw) -> dict:
+def preprocess_eval(data_config, raw, value_range=None) -> dict:
     """Eval preprocessing of raw clips: ``{"input": float32 [B, T, S, S, 3], "length": int32 [B]}``.
 
     ``raw`` is a list of clips, each a video file path (str / PathLike; decoded here, errors raise
-    VideoDecodeError) or frames ``[n, H, W, C]`` (uint8, or floats in [0, 1] or [0, 255]); or one array
-    ``[B, n, H, W, C]``. Each clip gets the eval sampling (centre, ``num_frames`` x ``sampling_rate``) and geometry.
+    VideoDecodeError) or frames ``[n, H, W, C]`` (uint8, or floats in [0, 1], or in the ``value_range=(low, high)``
+    stated for every float clip of the call, e.g. ``(0, 255)``); or one array ``[B, n, H, W, C]``. Each clip gets
+    the eval sampling (centre, ``num_frames`` x ``sampling_rate``) and geometry.
     """
     spec = data_spec(data_config)
+    image_pipeline.check_value_range(value_range)
     if isinstance(raw, (str, os.PathLike)):
         raise ValueError("preprocess_eval: raw must be a list of clips (paths or frame arrays), not one path")  # noqa: TRY004
     if isinstance(raw, np.ndarray) and raw.ndim != 5:
@@ -468,7 +473,7 @@ def preprocess_eval(data_config, raw) -> dict:
         if isinstance(clip, (str, os.PathLike)):
             frames = load(os.fspath(clip), None)
         else:
-            frames = to_uint8_clip(clip, f"preprocess_eval clip {i}")
+            frames = to_uint8_clip(clip, f"preprocess_eval clip {i}", value_range)
             idx = video.sample_indices(frames.shape[0], spec.num_frames, spec.sampling_rate, None, spec.short_clip)
             frames = frames[idx]
         record = {"input": frames}
