@@ -43,6 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
             tubelet_size=2,  # video: frames per tubelet (SPEC 1.8)
             dtype="float32",  # compute dtype: "float32" | "bfloat16"; params and optimizer stay float32
             remat=False,  # rematerialise each transformer block (saves activation memory)
+            # Switches that reproduce the authors' released code where this project deliberately differs (README
+            # "Parity with the authors' code"); the defaults are the project's behaviour.
+            pos_layout="grid",  # "transposed": AudioMAE's (freq, time) sin-cos table for audio grids (SPEC A10)
+            input_proj_bias=True,  # False: VideoMAE's bias-free encoder_to_decoder into D and TE (video)
+            decoder_block_ln_eps=1e-6,  # local decoder blocks' norm1/norm2; the authors' Swin block uses 1e-5
+            video_tokenizer_masked_only=False,  # encoder phase: T sees only the masked tokens (authors' video)
         )
     )
 
@@ -57,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
             renormalize=False,  # A2: no re-normalisation after the EMA for RQ (True = VQ/BEATs)
             kmeans_iters=10,
             restart_min_count=1.0,  # one-shot dead-code restart at a tokenizer phase's first step (A4)
+            # tokenizer phase: each level's EMA runs before its look-up, so q_m, z_q and the codebook loss use the
+            # updated codes (the authors' train-mode order); False: look-up on the step's codebooks, EMA after
+            lookup_after_ema=False,
         )
     )
 

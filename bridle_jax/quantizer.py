@@ -70,6 +70,8 @@ __all__ = [
     "kmeans_init",
     "restart_unused",
     "usage_stats",
+    "quantize_with_ema",
+    "ema_update_vqvae",
 ]
 
 _F32 = jnp.float32
@@ -376,6 +378,113 @@ def ema_update(
     if renormalize:
         new = _l2(new)
     return state.replace(codes=new, cluster_size=lam * state.cluster_size + (1.0 - lam) * counts)
+
+
+def _level_ema(book, size, acc, u, k, rows, lam, axis_name):
+    """One level's EMA: (codebook [K, D], cluster_size [K], accumulator [K, D] or None) -> updated. Without an
+    accumulator the project's convex update (:func:`ema_update`); with one the VQ-VAE update (:func:`ema_update_vqvae`)."""
+    k_size = book.shape[0]
+    counts, sums = _batch_stats(u, k, rows, k_size, axis_name)
+    size = lam * size + (1.0 - lam) * counts
+    if acc is None:
+        mean = _l2(sums / jnp.maximum(counts, 1.0)[:, None])
+        return jnp.where((counts > 0)[:, None], lam * book + (1.0 - lam) * mean, book), size, None
+    acc = lam * acc + (1.0 - lam) * sums
+    n = jnp.sum(size)
+    return acc / (n * (size + _VQVAE_EPS) / (n + k_size * _VQVAE_EPS))[:, None], size, acc
+
+
+_VQVAE_EPS = 1e-5  # the authors' VQEmbedding eps (Laplace smoothing of the counts)
+
+
+def quantize_with_ema(
+    state: CodebookState,
+    z: jax.Array,
+    *,
+    decay: float = 0.99,
+    normalize_stage_inputs: bool = True,
+    commitment_weight: float = 0.25,
+    mask: jax.Array | None = None,
+    axis_name=None,
+    embed_ema: jax.Array | None = None,
+):
+    """The authors' train-mode order (config.quantizer.lookup_after_ema; see "Ordering" above): per level, the
+    nearest code on the step's codebook, *then that level's EMA*, then the look-up of q_m from the updated codebook,
+    so the residual passed on, z_q and the loss use post-EMA codes. Returns (output, updated state, embed_ema).
+
+    The update is :func:`ema_update`'s (the same statistics, so ``ema_update(state, out.stage_inputs, out.codes)``
+    gives the same codebooks); with an ``embed_ema`` accumulator [M, K, D] it is instead the authors' video VQ-VAE
+    EMA of :func:`ema_update_vqvae`, and the updated accumulator is returned."""
+    _check_state(state)
+    _check_features("z", z, state.dim)
+    z32, lead = _flatten(z)
+    keep = _flat_mask(mask, lead)
+    weight = None if keep is None else keep.astype(_F32) / jnp.maximum(jnp.sum(keep, dtype=_F32), 1.0)
+    lam = jnp.asarray(decay, _F32)
+    old = lax.stop_gradient(state.codes.astype(_F32))
+    k_size = state.codebook_size
+    r = z32
+    books, sizes, accs, codes, inputs, mses, norms = [], [], [], [], [], [], []
+    valid = None
+    for m in range(state.num_levels):
+        u, n2 = _stage_input(lax.stop_gradient(r), normalize_stage_inputs, need_norm=valid is None)
+        if valid is None:
+            valid = jnp.isfinite(n2)
+        k = _nearest(u, old[m], jnp.sum(old[m] * old[m], axis=-1))
+        rows = _row_valid(u, k, k_size) if keep is None else _row_valid(u, k, k_size) & keep[:, 0]
+        acc = None if embed_ema is None else embed_ema[m].astype(_F32)
+        book, size, acc = _level_ema(old[m], state.cluster_size[m], acc, u, k, rows, lam, axis_name)
+        books.append(book)
+        sizes.append(size)
+        accs.append(acc)
+        q = jnp.take(book, k, axis=0)
+        r = r - q
+        codes.append(k)
+        inputs.append(u)
+        mses.append(jnp.mean(r * r) if weight is None else jnp.sum(weight * r * r) / state.dim)
+        norms.append(jnp.sqrt(jnp.sum(q * q, axis=-1)))
+    mse = jnp.stack(mses)
+    commit = commitment_weight * jnp.mean(mse)
+    z_q = (z32 - lax.stop_gradient(r)).astype(z.dtype)
+    out = QuantizeOutput(
+        z_q=z_q.reshape(z.shape),
+        codes=jnp.stack(codes, axis=-1).reshape(*lead, -1),
+        stage_inputs=jnp.stack(inputs, axis=-2).reshape(*lead, state.num_levels, state.dim),
+        commit_loss=commit,
+        loss=commit + lax.stop_gradient(jnp.mean(mse)),
+        level_mse=lax.stop_gradient(mse),
+        code_norms=jnp.stack(norms, axis=-1).reshape(*lead, -1),
+        valid=valid.reshape(lead),
+    )
+    new_state = state.replace(codes=jnp.stack(books), cluster_size=jnp.stack(sizes))
+    return out, new_state, None if embed_ema is None else jnp.stack(accs)
+
+
+def ema_update_vqvae(
+    state: CodebookState,
+    embed_ema: jax.Array,
+    stage_inputs: jax.Array,
+    codes: jax.Array,
+    *,
+    decay: float = 0.99,
+) -> tuple[CodebookState, jax.Array]:
+    """The classic VQ-VAE EMA of the authors' *video* RQ (README "Parity"): an accumulator ``embed_ema`` [M, K, D]
+    of per-code sums, and ``C = embed_ema / (n·(cs + eps)/(n + K·eps))`` with ``n = Σ cs`` (Laplace-smoothed
+    counts); no ℓ2 of the mean, and every code moves (also unused ones, through n). Only for reproducing that
+    code: the project's EMA is :func:`ema_update`. Returns (state, embed_ema)."""
+    m, k, d = _check_stats_inputs(state, stage_inputs, codes)
+    u = stage_inputs.reshape(-1, m, d).astype(_F32)
+    c = codes.reshape(-1, m).astype(jnp.int32)
+    lam = jnp.asarray(decay, _F32)
+    out = [
+        _level_ema(
+            state.codes[i].astype(_F32), state.cluster_size[i], embed_ema[i].astype(_F32), u[:, i], c[:, i],
+            _row_valid(u[:, i], c[:, i], k), lam, None,
+        )
+        for i in range(m)
+    ]
+    new = state.replace(codes=jnp.stack([o[0] for o in out]), cluster_size=jnp.stack([o[1] for o in out]))
+    return new, jnp.stack([o[2] for o in out])
 
 
 def _kmeans_level(u, valid, key, k, iters, spherical, axis_name):

@@ -46,7 +46,16 @@ def teacher_features(models: BridleModels, params, x):
     return inter["patches"]
 
 
-def _quantize(codebooks, z, q: ml_collections.ConfigDict, valid=None):
+def _quantize(codebooks, z, q: ml_collections.ConfigDict, valid=None, *, after_ema: bool = False):
+    if after_ema:  # config.quantizer.lookup_after_ema: the authors' order; the EMA itself is applied by the step
+        return quantizer.quantize_with_ema(
+            codebooks,
+            z,
+            decay=q.decay,
+            normalize_stage_inputs=q.normalize_stage_inputs,
+            commitment_weight=q.commitment_weight,
+            mask=valid,
+        )[0]
     return quantizer.quantize(
         codebooks,
         z,
@@ -119,7 +128,7 @@ def tokenizer_loss(params, models: BridleModels, codebooks, q: ml_collections.Co
     """T+TE's distillation loss through the RQ bottleneck on one (micro-)batch `mb` = {"x", "valid"}; the function
     the tokenizer step differentiates in `params` (= params["tokenizer"]). Returns (loss, (cos, quantizer output))."""
     z = models.tokenizer.apply({"params": params["tokenizer"]}, mb["x"])
-    out = _quantize(codebooks, z, q, mb["valid"])
+    out = _quantize(codebooks, z, q, mb["valid"], after_ema=q.get("lookup_after_ema", False))
     pred = models.estimator.apply({"params": params["estimator"]}, out.z_q, models.patch_grid)
     cos = losses.cosine_distance(pred, target, valid=mb["valid"])
     return cos + out.loss, (cos, out)

@@ -102,6 +102,18 @@ def _vit_fields(config: ml_collections.ConfigDict, variant: str) -> dict:
         remat=config.model.remat,
         cls_token=config.model.cls_token,
         tubelet_size=config.model.tubelet_size,
+        pos_layout=config.model.get("pos_layout", "grid"),
+    )
+
+
+def _official_switches(config: ml_collections.ConfigDict) -> dict:
+    """The model switches for the authors' behaviour (config.model, README "Parity"), with the project's defaults
+    for configs saved before they existed."""
+    m = config.model
+    return dict(
+        pos_layout=m.get("pos_layout", "grid"),
+        input_proj_bias=m.get("input_proj_bias", True),
+        decoder_block_ln_eps=m.get("decoder_block_ln_eps", 1e-6),
     )
 
 
@@ -157,11 +169,18 @@ def _label_predictor(config: ml_collections.ConfigDict):
         remat=m.remat,
         cls_token=m.cls_token,
     )
+    sw = _official_switches(config)
     if m.decoder_kind == "local":
         from bridle_jax.models import local_decoder
 
-        return local_decoder.LocalLabelPredictor(**common, window=tuple(m.decoder_window), shift=tuple(m.decoder_shift))
-    return decoder_lib.LabelPredictor(**common)
+        return local_decoder.LocalLabelPredictor(
+            **common,
+            window=tuple(m.decoder_window),
+            shift=tuple(m.decoder_shift),
+            block_ln_eps=sw["decoder_block_ln_eps"],
+            pos_layout=sw["pos_layout"],
+        )
+    return decoder_lib.LabelPredictor(**common, pos_layout=sw["pos_layout"], embed_bias=sw["input_proj_bias"])
 
 
 def build_models(config: ml_collections.ConfigDict) -> BridleModels:
@@ -187,6 +206,8 @@ def build_models(config: ml_collections.ConfigDict) -> BridleModels:
             out_dim=encoder.width,
             dtype=dtype,
             remat=remat,
+            pos_layout=_official_switches(config)["pos_layout"],
+            embed_bias=_official_switches(config)["input_proj_bias"],
         ),
         cold_start=tokenizer_lib.ColdStartTokenizer(
             width=encoder.width,
@@ -194,6 +215,7 @@ def build_models(config: ml_collections.ConfigDict) -> BridleModels:
             code_dim=q.dim,
             stem=config.modality,
             tubelet_size=config.model.tubelet_size,
+            pos_layout=_official_switches(config)["pos_layout"],
         ),
         input_shape=input_shape(config),
         patch_grid=patch_grid(config),

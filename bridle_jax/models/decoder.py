@@ -53,6 +53,8 @@ class LabelPredictor(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     cls_token: bool = True  # whether `encoded` starts with E's cls token
+    pos_layout: str = "grid"  # see vit.position_table
+    embed_bias: bool = True  # False: VideoMAE's bias-free `encoder_to_decoder` (config.model.input_proj_bias)
 
     @nn.compact
     def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
@@ -66,13 +68,18 @@ class LabelPredictor(nn.Module):
         if encoded.shape[0] != b:
             raise ValueError(f"LabelPredictor: batch of encoded ({encoded.shape[0]}) != batch of restore_idx ({b})")
         embed_init = logical(dense_init, ("features", "embed"))
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=embed_init, name="embed")(
-            encoded.astype(self.dtype)
-        )
+        x = nn.Dense(
+            self.width,
+            use_bias=self.embed_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=embed_init,
+            name="embed",
+        )(encoded.astype(self.dtype))
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
         c = 1 if self.cls_token else 0
         patches = unshuffle(x[:, c:], mask_token, restore_idx)
-        patches = patches + jnp.asarray(position_table(patch_grid, self.width), self.dtype)
+        patches = patches + jnp.asarray(position_table(patch_grid, self.width, self.pos_layout), self.dtype)
         x = jnp.concatenate([x[:, :c], patches], axis=1)
         x = Transformer(
             self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"

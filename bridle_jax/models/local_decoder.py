@@ -37,7 +37,7 @@ import numpy as np
 
 from bridle_jax.models.decoder import unshuffle
 from bridle_jax.models.patch_embed import Dtype
-from bridle_jax.models.vit import dense_init, sincos_2d, token_init
+from bridle_jax.models.vit import dense_init, position_table, token_init
 from bridle_jax.sharding import logical
 
 VARIANTS = ("audiomae", "swinv2")
@@ -255,6 +255,10 @@ class LocalLabelPredictor(nn.Module):
     cls_token: bool = True  # whether `encoded` starts with E's cls token (dropped here, as the authors do)
     variant: str = "audiomae"  # "audiomae" (timm v2_cr, what the authors run) or "swinv2" (official SwinV2 attention)
     ln_eps: float = 1e-6
+    # the blocks' norm1/norm2 eps (None = ln_eps); the authors' released block builds them with torch's default 1e-5
+    # (config.model.decoder_block_ln_eps)
+    block_ln_eps: float | None = None
+    pos_layout: str = "grid"  # see vit.position_table
 
     @nn.compact
     def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, int]) -> jax.Array:
@@ -279,7 +283,7 @@ class LocalLabelPredictor(nn.Module):
         )
         mask_token = self.param("mask_token", token_init, (1, 1, self.width), jnp.float32)
         x = unshuffle(x, mask_token, restore_idx)
-        x = x + jnp.asarray(sincos_2d((h, w), self.width), self.dtype)
+        x = x + jnp.asarray(position_table((h, w), self.width, self.pos_layout), self.dtype)
         x = x.reshape(b, h, w, self.width)
 
         block = nn.remat(SwinBlock) if self.remat else SwinBlock
@@ -293,7 +297,7 @@ class LocalLabelPredictor(nn.Module):
                 tuple(self.shift) if i % 2 else (0, 0),
                 self.cpb_hidden,
                 self.variant,
-                self.ln_eps,
+                self.ln_eps if self.block_ln_eps is None else self.block_ln_eps,
                 self.dtype,
                 name=f"block_{i}",
             )(x)

@@ -34,10 +34,13 @@ class Tokenizer(nn.Module):
     remat: bool = False
     cls_token: bool = True
     tubelet_size: int = 2
+    pos_layout: str = "grid"  # see vit.position_table
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: the unmasked input (any stem's) -> z `[B, N, code_dim]` float32."""
+    def __call__(self, x: jax.Array, keep_idx: jax.Array | None = None) -> jax.Array:
+        """x: the unmasked input (any stem's) -> z `[B, N, code_dim]` float32. `keep_idx` `[B, n]`: only those
+        patches go through the ViT (the authors' video tokenizer in the encoder phase sees the masked tokens only,
+        config.model.video_tokenizer_masked_only) -> z `[B, n, code_dim]`."""
         _, inter = ViTEncoder(
             self.width,
             self.depth,
@@ -49,8 +52,9 @@ class Tokenizer(nn.Module):
             self.remat,
             self.cls_token,
             self.tubelet_size,
+            pos_layout=self.pos_layout,
             name="vit",
-        )(x)
+        )(x, keep_idx)
         dense = dict(dtype=jnp.float32, param_dtype=jnp.float32)
         z = nn.Dense(self.width, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="head_in")(
             inter["patches"].astype(jnp.float32)
@@ -72,13 +76,14 @@ class ColdStartTokenizer(nn.Module):
     code_dim: int = 256
     stem: str = "image"
     tubelet_size: int = 2
+    pos_layout: str = "grid"  # see vit.position_table
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: the input (any stem's) -> z `[B, N, code_dim]` float32."""
         stem = make_stem(self.stem, self.width, self.patch_size, jnp.float32, self.tubelet_size)
         patches, grid = stem(x.astype(jnp.float32))
-        patches = patches + jnp.asarray(position_table(grid, self.width))
+        patches = patches + jnp.asarray(position_table(grid, self.width, self.pos_layout))
         return nn.Dense(
             self.code_dim,
             use_bias=False,
@@ -103,6 +108,8 @@ class Estimator(nn.Module):
     out_dim: int = 768
     dtype: Dtype = jnp.float32
     remat: bool = False
+    pos_layout: str = "grid"  # see vit.position_table
+    embed_bias: bool = True  # False: VideoMAE's bias-free `encoder_to_decoder` (config.model.input_proj_bias)
 
     @nn.compact
     def __call__(self, z_q: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
@@ -112,10 +119,15 @@ class Estimator(nn.Module):
                 f"Estimator: patch_grid {patch_grid} has {math.prod(patch_grid)} patches but z_q has {z_q.shape[1]}"
             )
         embed_init = logical(dense_init, ("code", "embed"))
-        x = nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=embed_init, name="embed")(
-            z_q.astype(self.dtype)
-        )
-        x = x + jnp.asarray(position_table(patch_grid, self.width), self.dtype)
+        x = nn.Dense(
+            self.width,
+            use_bias=self.embed_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=embed_init,
+            name="embed",
+        )(z_q.astype(self.dtype))
+        x = x + jnp.asarray(position_table(patch_grid, self.width, self.pos_layout), self.dtype)
         x = Transformer(
             self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
         )(x)

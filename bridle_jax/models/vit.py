@@ -20,6 +20,7 @@ from bridle_jax.sharding import RESIDUAL, logical
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     # name: (width, depth, num_heads, mlp_dim)
     "mu": (64, 2, 4, 128),  # micro model for tests and the CPU demo
+    "pico": (32, 2, 4, 128),  # the parity tests' size (the authors' models at tiny sizes, README "Parity")
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -79,11 +80,20 @@ def sinusoid_1d(num_positions: int, width: int) -> np.ndarray:
     return np.where(i % 2 == 0, np.sin(angle), np.cos(angle)).astype(np.float32)
 
 
-def position_table(grid: tuple[int, ...], width: int) -> np.ndarray:
+POS_LAYOUTS = ("grid", "transposed")
+
+
+def position_table(grid: tuple[int, ...], width: int, layout: str = "grid") -> np.ndarray:
     """The fixed position embedding of a patch grid: 2-D sin-cos for (rows, cols) grids (image, audio), VideoMAE's 1-D
-    sinusoid over the flattened tokens for (time, rows, cols) grids (SPEC 1.8)."""
+    sinusoid over the flattened tokens for (time, rows, cols) grids (SPEC 1.8).
+
+    `layout="transposed"` (config.model.pos_layout) is AudioMAE's table for a 2-D grid (h, w): the table of the
+    (w, h) grid read row-major over the h*w tokens (SPEC A10), which the authors' audio models use; "grid" is the
+    correct table and the default."""
+    if layout not in POS_LAYOUTS:
+        raise ValueError(f"position_table: layout {layout!r} is not one of {POS_LAYOUTS}")
     if len(grid) == 2:
-        return sincos_2d(tuple(grid), width)
+        return sincos_2d(tuple(grid)[::-1] if layout == "transposed" else tuple(grid), width)
     if len(grid) == 3:
         return sinusoid_1d(int(np.prod(grid)), width)
     raise ValueError(f"position_table: expected a 2-D or 3-D patch grid, got {grid}")
@@ -248,6 +258,7 @@ class ViTEncoder(nn.Module):
     cls_token: bool = True
     tubelet_size: int = 2  # video only: frames per tubelet
     drop_path: float = 0.0  # stochastic depth (fine-tuning only; active when called with deterministic=False)
+    pos_layout: str = "grid"  # see position_table
 
     @nn.compact
     def __call__(
@@ -263,7 +274,7 @@ class ViTEncoder(nn.Module):
           LayerNorm (fine-tuning pools these: MAE's global pool replaces that norm by its fc_norm, SPEC 4).
         """
         patches, grid = make_stem(self.stem, self.width, self.patch_size, self.dtype, self.tubelet_size)(x)
-        tokens = patches + jnp.asarray(position_table(grid, self.width), self.dtype)
+        tokens = patches + jnp.asarray(position_table(grid, self.width, self.pos_layout), self.dtype)
         if keep_idx is not None:
             if keep_idx.ndim != 2 or keep_idx.shape[0] != tokens.shape[0]:
                 raise ValueError(f"keep_idx must be [B={tokens.shape[0]}, n_keep], got shape {keep_idx.shape}")
