@@ -33,11 +33,26 @@ from bridle_jax.models.bridle import BridleModels
 from bridle_jax.state import TrainState
 
 
-def tokenizer_features(models: BridleModels, params, x, *, cold_start: bool):
-    """z [B, N, D] of the current tokenizer: the cold-start projection (iteration 1) or T's ViT + head."""
+def tokenizer_features(models: BridleModels, params, x, *, cold_start: bool, token_idx=None):
+    """z [B, N, D] of the current tokenizer: the cold-start projection (iteration 1) or T's ViT + head; with
+    `token_idx` [B, n], T's ViT sees only those tokens and z is [B, n, D] (the cold start is per token: no effect)."""
     if cold_start:
-        return models.cold_start.apply({"params": params["cold_start"]}, x)
-    return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
+        z = models.cold_start.apply({"params": params["cold_start"]}, x)
+        return z if token_idx is None else jnp.take_along_axis(z, token_idx[..., None], axis=1)
+    return models.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x, token_idx)
+
+
+def _masked_only_codes(models, params, codebooks, x, keep_idx, q, cold_start: bool):
+    """config.model.video_tokenizer_masked_only: the authors' video tokenizer, in the encoder phase, runs on the
+    masked tokens only (in increasing index order); their codes are scattered back to [B, N, M] (0 at visible
+    tokens, which are never targets)."""
+    b, n = x.shape[0], models.num_patches
+    visible = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], keep_idx].set(True)
+    idx = jnp.argsort(visible, axis=1, stable=True)[:, : n - keep_idx.shape[1]].astype(jnp.int32)
+    z = jax.lax.stop_gradient(tokenizer_features(models, params, x, cold_start=cold_start, token_idx=idx))
+    codes = _quantize(codebooks, z, q).codes
+    full = jnp.zeros((b, n, codes.shape[-1]), codes.dtype)
+    return full.at[jnp.arange(b)[:, None], idx].set(codes)
 
 
 def teacher_features(models: BridleModels, params, x):
@@ -246,8 +261,15 @@ def encoder_step(
     total = jnp.maximum(jnp.sum(targets, dtype=jnp.float32), 1.0)
 
     def micro_fn(mb):
-        z = tokenizer_features(models, state.params, mb["x"], cold_start=cold_start)
-        codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
+        if config.model.get("video_tokenizer_masked_only", False) and models.modality == "video":
+            codes = jax.lax.stop_gradient(
+                _masked_only_codes(
+                    models, state.params, state.codebooks, mb["x"], mb["keep_idx"], config.quantizer, cold_start
+                )
+            )
+        else:
+            z = tokenizer_features(models, state.params, mb["x"], cold_start=cold_start)
+            codes = jax.lax.stop_gradient(_quantize(state.codebooks, jax.lax.stop_gradient(z), config.quantizer).codes)
         share = 1.0 if acc == 1 else _share(mb["targets"], total)
 
         def loss_fn(params):

@@ -143,8 +143,13 @@ def run_encoder_case(golden, models, case: str) -> dict:
     keep, restore, masked = masks(golden, case)
     cold = "cold" in case
     cfg = official_config(mod)
-    z = steps.tokenizer_features(m, params, x, cold_start=cold)
-    codes = steps._quantize(codebooks, z, cfg.quantizer).codes
+    if cfg.model.video_tokenizer_masked_only:  # the step's path: T on the masked tokens only, codes scattered back
+        idx = np.stack([np.flatnonzero(row) for row in masked])
+        z = steps.tokenizer_features(m, params, x, cold_start=cold, token_idx=jnp.asarray(idx, jnp.int32))
+        codes = steps._masked_only_codes(m, params, codebooks, x, jnp.asarray(keep), cfg.quantizer, cold)
+    else:
+        z = steps.tokenizer_features(m, params, x, cold_start=cold)
+        codes = steps._quantize(codebooks, z, cfg.quantizer).codes
     mb = {"x": x, "keep_idx": jnp.asarray(keep), "restore_idx": jnp.asarray(restore), "targets": jnp.asarray(masked)}
     (loss, _), grads = jax.value_and_grad(steps.encoder_loss, has_aux=True)(params["encoder"], m, mb, codes)
     encoded, _ = m.encoder.apply({"params": params["encoder"]["encoder"]}, x, keep_idx=mb["keep_idx"])
@@ -153,8 +158,7 @@ def run_encoder_case(golden, models, case: str) -> dict:
 
     z_ref, codes_ref = golden[f"{case}/z"], golden[f"{case}/codes"]
     z_cmp, codes_cmp = np.asarray(z), np.asarray(codes)
-    if z_ref.shape[1] != z_cmp.shape[1]:  # video: the official tokenizer quantises the masked tokens only
-        z_cmp = z_cmp[masked].reshape(z_ref.shape)
+    if z_ref.shape[1] != codes_cmp.shape[1]:  # video: the official tokenizer quantises the masked tokens only
         codes_cmp = codes_cmp[masked].reshape(codes_ref.shape)
     np.testing.assert_allclose(z_cmp, z_ref, atol=ACT_ATOL, err_msg=f"{case} z")
     np.testing.assert_array_equal(codes_cmp, codes_ref, err_msg=f"{case} codes")
@@ -182,3 +186,71 @@ def run_encoder_case(golden, models, case: str) -> dict:
 @pytest.mark.parametrize("case", [c for c in CASES if "enc" in c])
 def test_encoder_phase(golden, models, case):
     REPORT[case] = run_encoder_case(golden, models, case)
+
+
+def run_tokenizer_case(golden, models, case: str) -> dict:
+    mod = MODALITY[case[:3]]
+    m = models[mod]
+    cfg = official_config(mod)
+    params, codebooks, extras = convert.from_official(state_dict(golden, case), m)
+    x = model_input(golden, mod)
+    teacher = steps.teacher_features(m, params, x)
+    video = mod == "video"
+    embed_ema = jnp.asarray(extras["embed_ema"]) if video else None
+
+    def loss_fn(p):
+        if not video:  # the project's own step code, with config.quantizer.lookup_after_ema
+            loss, (cos, out) = steps.tokenizer_loss(p, m, codebooks, cfg.quantizer, {"x": x, "valid": None}, teacher)
+            return loss, (cos, out, None)
+        # video: the authors' VQ-VAE EMA (quantizer.ema_update_vqvae) inside the same loss as steps.tokenizer_loss
+        z = m.tokenizer.apply({"params": p["tokenizer"]}, x)
+        out, _, _ = quantizer.quantize_with_ema(codebooks, z, embed_ema=embed_ema)
+        pred = m.estimator.apply({"params": p["estimator"]}, out.z_q, m.patch_grid)
+        cos = losses.cosine_distance(pred, teacher)
+        return cos + out.loss, (cos, out, pred)
+
+    (loss, (cos, out, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["tokenizer"])
+    z = m.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
+    if video:
+        new, _ = quantizer.ema_update_vqvae(codebooks, embed_ema, out.stage_inputs, out.codes)
+    else:  # what tokenizer_step applies after the forward
+        new = quantizer.ema_update(codebooks, out.stage_inputs, out.codes, decay=cfg.quantizer.decay)
+        pred = m.estimator.apply({"params": params["tokenizer"]["estimator"]}, out.z_q, m.patch_grid)
+    t_ref = golden[f"{case}/teacher"]
+    t_ref = t_ref if video else t_ref[:, 1:]
+    np.testing.assert_allclose(teacher, t_ref, atol=ACT_ATOL, err_msg=f"{case} teacher")
+    np.testing.assert_allclose(z, golden[f"{case}/z"], atol=ACT_ATOL, err_msg=f"{case} z")
+    np.testing.assert_array_equal(out.codes, golden[f"{case}/codes"], err_msg=f"{case} codes")
+    np.testing.assert_allclose(out.z_q, golden[f"{case}/z_q"], atol=ACT_ATOL, err_msg=f"{case} z_q")
+    np.testing.assert_allclose(pred, golden[f"{case}/estimator_out"], atol=ACT_ATOL, err_msg=f"{case} estimator")
+    for name, got in (("loss", loss), ("loss_cos", cos), ("loss_rq", out.loss)):
+        np.testing.assert_allclose(float(got), float(golden[f"{case}/{name}"]), rtol=LOSS_RTOL, err_msg=f"{case} {name}")
+    np.testing.assert_allclose(out.level_mse, golden[f"{case}/rq/level_mse"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(new.codes, golden[f"{case}/rq/codebook_after"], atol=BOOK_ATOL, err_msg=f"{case} EMA")
+    np.testing.assert_allclose(new.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"], atol=BOOK_ATOL)
+    g_abs, g_rel = check_grads(convert.to_official({"tokenizer": grads}, m), golden, case)
+    return {
+        "loss": max(rel(loss, golden[f"{case}/loss"]), rel(cos, golden[f"{case}/loss_cos"])),
+        "teacher/z_q/estimator": max(
+            absdiff(teacher, t_ref), absdiff(out.z_q, golden[f"{case}/z_q"]), absdiff(pred, golden[f"{case}/estimator_out"])
+        ),
+        "z": absdiff(z, golden[f"{case}/z"]),
+        "codes": int((np.asarray(out.codes) != golden[f"{case}/codes"]).sum()),
+        "codebook": max(
+            absdiff(new.codes, golden[f"{case}/rq/codebook_after"]),
+            absdiff(new.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"]),
+        ),
+        "grad_abs": g_abs,
+        "grad_rel": g_rel,
+    }
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if "tok" in c])
+def test_tokenizer_phase(golden, models, case):
+    REPORT[case] = run_tokenizer_case(golden, models, case)
+
+
+def test_report():
+    """The measured differences of every case (run with -s to see the table; README "Parity")."""
+    assert sorted(REPORT) == sorted(CASES), f"run the whole module: cases missing {sorted(set(CASES) - set(REPORT))}"
+    print("\n" + json.dumps(REPORT, indent=1))
