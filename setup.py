@@ -39,7 +39,12 @@ setup(
             "nbformat>=5.10,<6",
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
+            "safetensors>=0.4,<1",  # tests/test_export.py: the timm export
         ],
+        # python -m bridle_jax.export --format=timm writes safetensors (--format=npz needs nothing)
+        "export": ["safetensors>=0.4,<1"],
+        # python -m bridle_jax.convert on an official .pth (torch.load); .safetensors/.npz checkpoints need no torch
+        "convert": ["torch>=2.1", "safetensors>=0.4,<1"],
         # gs:// workdirs: etils.epath reads/writes through gcsfs, tensorboardX through google-cloud-storage.
         "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2023.1", "google-cloud-storage>=2.10,<4"],
         "gpu": ["jax[cuda12]>=0.10.2,<0.11"],

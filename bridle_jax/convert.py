@@ -305,3 +305,82 @@ def to_official(tree: dict, models: BridleModels) -> dict:
 
 def _num_values(tree) -> int:
     return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict:
+    """An official checkpoint file -> {PyTorch name: array}. `.npz` and `.safetensors` load without pickle. A `.pth`
+    (torch.save) is a pickle: it is read only with `allow_pickle` (it can run code: only for files you trust), and
+    needs torch (`pip install bridle_jax[convert]`)."""
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    if not allow_pickle:
+        raise ValueError(
+            f"{path}: a PyTorch checkpoint is a pickle, which can run code when loaded; pass --allow_pickle to load "
+            "it (only for files you trust), or convert it to .safetensors / .npz first"
+        )
+    import torch  # the optional `convert` extra; only this command imports it
+
+    print(f"WARNING: {path}: loading a pickle with torch.load (--allow_pickle): only do this for files you trust")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = obj.get("model", obj) if isinstance(obj, dict) else obj
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def convert_checkpoint(config, state_dict: Mapping, workdir: str, *, iteration: int = 1) -> dict:
+    """Writes `workdir` from an official state_dict: `config.json` and the encoder as `encoders/iteration_{k}`
+    (what fine-tuning, probes, `features.load_encoder` and `bridle_jax.export` read), plus `official_import/`:
+    all parameters and the codebooks (Orbax). Returns {"params", "codebooks", "extras"}."""
+    import orbax.checkpoint as ocp
+
+    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax.config import validate
+    from bridle_jax.models.bridle import build_models
+
+    validate(config)
+    models = build_models(config)
+    params, codebooks, extras = from_official(state_dict, models)
+    root = ckpt_lib.workdir_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))  # what read_config reads
+    ckpt_lib.save_encoder(workdir, iteration, params["encoder"]["encoder"])
+    path = ckpt_lib.workdir_path(workdir) / "official_import"
+    if not path.exists():
+        saver = ocp.StandardCheckpointer()
+        saver.save(path, {"params": params, "codebooks": codebooks})
+        saver.wait_until_finished()
+    return {"params": params, "codebooks": codebooks, "extras": extras}
+
+
+def main(argv=None) -> None:
+    """python -m bridle_jax.convert --config=RECIPE.py --checkpoint=official.pth --workdir=W [--iteration=1]
+    [--allow_pickle]: an official BRIDLE checkpoint -> a workdir. The recipe must describe the checkpoint's sizes
+    and the authors'-behaviour switches it needs (README "Parity")."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "The recipe (sizes) of the official checkpoint.")
+    flags.DEFINE_string("checkpoint", None, "Official checkpoint: .pth (needs --allow_pickle), .safetensors or .npz.")
+    flags.DEFINE_string("workdir", None, "The workdir to write.")
+    flags.DEFINE_integer("iteration", 1, "The encoder iteration to store it as (encoders/iteration_k).")
+    flags.DEFINE_bool("allow_pickle", False, "Allow torch.load (pickle: it can run code) for a .pth checkpoint.")
+    flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+
+    def run(_):
+        f = flags.FLAGS
+        sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
+        out = convert_checkpoint(f.config, sd, f.workdir, iteration=f.iteration)
+        print(f"{f.workdir}: encoders/iteration_{f.iteration} and official_import/ ({_num_values(out['params'])} values)")
+
+    app.run(run, argv)
+
+
+if __name__ == "__main__":
+    main()

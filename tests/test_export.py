@@ -1,0 +1,100 @@
+"""Weights in and out (README "Parity with the authors' code"): the golden timm ViT imported into the project's ViT
+(forward_features and pooled output), exported back key by key; the convert command's workdir exported with
+`python -m bridle_jax.export` (safetensors and npz) against the official encoder's tensors; pickle refused by default.
+
+Tolerances: features and pooled output atol 1e-5 (float32, two blocks, a different summation order); weights exact
+(the conversions are transposes and copies)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bridle_jax import convert, export
+from bridle_jax.models import patch_embed, vit
+from tests.test_parity import GOLDEN, official_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not GOLDEN.is_file():
+        pytest.fail(f"golden file missing: {GOLDEN} (shared/ must sit beside the repository checkout)")
+    with np.load(GOLDEN, allow_pickle=False) as g:
+        return {k: g[k] for k in g.files}
+
+
+def timm_state(golden):
+    return {k.split("/state/", 1)[1]: v for k, v in golden.items() if k.startswith("timm_vit/state/")}
+
+
+class _TimmLike(nn.Module):
+    """The project's ViT pieces (stem, Transformer, LayerNorm) with a given position table: timm's is learned."""
+
+    @nn.compact
+    def __call__(self, x, pos):
+        patches, _ = patch_embed.make_stem("image", 64, 8, jnp.float32)(x)
+        cls = self.param("cls", nn.initializers.zeros, (1, 1, 64))
+        tokens = jnp.concatenate([jnp.broadcast_to(cls + pos[:, :1], (x.shape[0], 1, 64)), patches + pos[:, 1:]], 1)
+        feats = vit.Transformer(2, 64, 4, 256, name="transformer")(tokens)
+        pooled = nn.LayerNorm(epsilon=1e-6, name="norm")(jnp.mean(feats[:, 1:], axis=1))
+        return feats, pooled
+
+
+def test_timm_import_forward_and_export_round_trip(golden):
+    state = timm_state(golden)
+    params, pos = export.from_timm(state)
+    x = jnp.asarray(np.moveaxis(golden["timm_vit/x"], 1, -1))
+    feats, pooled = _TimmLike().apply({"params": params}, x, jnp.asarray(pos))
+    np.testing.assert_allclose(feats, golden["timm_vit/features"], atol=1e-5)
+    np.testing.assert_allclose(pooled, golden["timm_vit/pooled"], atol=1e-5)
+    out = export.to_timm(params, official_config("image"), pos_embed=pos)
+    want = {k: v for k, v in state.items() if not k.startswith("head.")}  # the head is not exported
+    assert sorted(out) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(out[k], v, err_msg=k)
+
+
+def test_convert_then_export_commands(golden, tmp_path):
+    """convert_checkpoint on the official image model -> workdir -> the export command -> the official encoder's
+    tensors under timm names (E's final norm as fc_norm), and the JSON of the timm constructor."""
+    sd = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("image/model0/")}
+    src = tmp_path / "official.npz"
+    np.savez(src, **sd)
+    workdir = str(tmp_path / "wd")
+    convert.convert_checkpoint(official_config("image"), convert.load_state_dict(str(src)), workdir, iteration=1)
+    out = tmp_path / "encoder.safetensors"
+    cmd = [sys.executable, "-m", "bridle_jax.export", f"--workdir={workdir}", "--format=timm", f"--out={out}"]
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    from safetensors.numpy import load_file
+
+    got = load_file(str(out))
+    meta = json.loads((tmp_path / "encoder.json").read_text())
+    assert meta["class"] == "timm.models.vision_transformer.VisionTransformer" and meta["iteration"] == 1
+    assert meta["kwargs"]["embed_dim"] == 32 and meta["kwargs"]["global_pool"] == "avg"
+    prefix = "encoder_decoder."
+    want = {
+        k[len(prefix) :].replace("norm.", "fc_norm.") if k == f"{prefix}norm.weight" or k == f"{prefix}norm.bias"
+        else k[len(prefix) :]: v
+        for k, v in sd.items()
+        if k.startswith(prefix) and not k[len(prefix) :].startswith(("decoder", "mask_token"))
+    }
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-7 if k == "pos_embed" else 0, err_msg=k)
+    npz = export.export_encoder(workdir, str(tmp_path / "encoder.npz"), fmt="npz")
+    with np.load(tmp_path / "encoder.npz") as f:
+        assert sorted(f.files) == sorted(npz) == sorted(got)
+
+
+def test_pth_needs_allow_pickle(tmp_path):
+    path = tmp_path / "official.pth"
+    path.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        convert.load_state_dict(str(path))
