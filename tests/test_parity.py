@@ -131,7 +131,9 @@ def check_grads(grads_official: dict, golden, case: str) -> tuple[float, float]:
         d = absdiff(g, ref)
         scale = float(np.abs(ref).max())
         assert d <= GRAD_RTOL * scale + GRAD_ATOL, f"{case} grad {name}: max diff {d:.3g}, scale {scale:.3g}"
-        worst_abs, worst_rel = max(worst_abs, d), max(worst_rel, d / max(scale, 1e-30))
+        worst_abs = max(worst_abs, d)
+        if scale > 1e-5:  # relative figures only where the gradient is not ~0 (e.g. a k bias, cancelling terms)
+            worst_rel = max(worst_rel, d / scale)
     return worst_abs, worst_rel
 
 
@@ -143,17 +145,23 @@ def run_encoder_case(golden, models, case: str) -> dict:
     keep, restore, masked = masks(golden, case)
     cold = "cold" in case
     cfg = official_config(mod)
-    if cfg.model.video_tokenizer_masked_only:  # the step's path: T on the masked tokens only, codes scattered back
-        idx = np.stack([np.flatnonzero(row) for row in masked])
-        z = steps.tokenizer_features(m, params, x, cold_start=cold, token_idx=jnp.asarray(idx, jnp.int32))
-        codes = steps._masked_only_codes(m, params, codebooks, x, jnp.asarray(keep), cfg.quantizer, cold)
-    else:
-        z = steps.tokenizer_features(m, params, x, cold_start=cold)
-        codes = steps._quantize(codebooks, z, cfg.quantizer).codes
     mb = {"x": x, "keep_idx": jnp.asarray(keep), "restore_idx": jnp.asarray(restore), "targets": jnp.asarray(masked)}
-    (loss, _), grads = jax.value_and_grad(steps.encoder_loss, has_aux=True)(params["encoder"], m, mb, codes)
-    encoded, _ = m.encoder.apply({"params": params["encoder"]["encoder"]}, x, keep_idx=mb["keep_idx"])
-    logits = m.decoder.apply({"params": params["encoder"]["decoder"]}, encoded, mb["restore_idx"], m.patch_grid)
+    idx = jnp.asarray(np.stack([np.flatnonzero(row) for row in masked]), jnp.int32)
+
+    @jax.jit  # one compilation per case: ~4x faster than op-by-op here
+    def compute(params, codebooks, mb, idx):
+        if cfg.model.video_tokenizer_masked_only:  # the step's path: T on the masked tokens only, codes scattered
+            z = steps.tokenizer_features(m, params, mb["x"], cold_start=cold, token_idx=idx)
+            codes = steps._masked_only_codes(m, params, codebooks, mb["x"], mb["keep_idx"], cfg.quantizer, cold)
+        else:
+            z = steps.tokenizer_features(m, params, mb["x"], cold_start=cold)
+            codes = steps._quantize(codebooks, z, cfg.quantizer).codes
+        (loss, _), grads = jax.value_and_grad(steps.encoder_loss, has_aux=True)(params["encoder"], m, mb, codes)
+        encoded, _ = m.encoder.apply({"params": params["encoder"]["encoder"]}, mb["x"], keep_idx=mb["keep_idx"])
+        logits = m.decoder.apply({"params": params["encoder"]["decoder"]}, encoded, mb["restore_idx"], m.patch_grid)
+        return z, codes, loss, grads, logits
+
+    z, codes, loss, grads, logits = compute(params, codebooks, mb, idx)
     logits = np.asarray(logits).reshape(*masked.shape, -1)[masked]
 
     z_ref, codes_ref = golden[f"{case}/z"], golden[f"{case}/codes"]
@@ -194,7 +202,7 @@ def run_tokenizer_case(golden, models, case: str) -> dict:
     cfg = official_config(mod)
     params, codebooks, extras = convert.from_official(state_dict(golden, case), m)
     x = model_input(golden, mod)
-    teacher = steps.teacher_features(m, params, x)
+    teacher = jax.jit(lambda p: steps.teacher_features(m, p, x))(params)
     video = mod == "video"
     embed_ema = jnp.asarray(extras["embed_ema"]) if video else None
 
@@ -209,13 +217,18 @@ def run_tokenizer_case(golden, models, case: str) -> dict:
         cos = losses.cosine_distance(pred, teacher)
         return cos + out.loss, (cos, out, pred)
 
-    (loss, (cos, out, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["tokenizer"])
-    z = m.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
-    if video:
-        new, _ = quantizer.ema_update_vqvae(codebooks, embed_ema, out.stage_inputs, out.codes)
-    else:  # what tokenizer_step applies after the forward
-        new = quantizer.ema_update(codebooks, out.stage_inputs, out.codes, decay=cfg.quantizer.decay)
-        pred = m.estimator.apply({"params": params["tokenizer"]["estimator"]}, out.z_q, m.patch_grid)
+    @jax.jit  # one compilation per case
+    def compute(params):
+        (loss, (cos, out, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["tokenizer"])
+        z = m.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
+        if video:
+            new, _ = quantizer.ema_update_vqvae(codebooks, embed_ema, out.stage_inputs, out.codes)
+        else:  # what tokenizer_step applies after the forward
+            new = quantizer.ema_update(codebooks, out.stage_inputs, out.codes, decay=cfg.quantizer.decay)
+            pred = m.estimator.apply({"params": params["tokenizer"]["estimator"]}, out.z_q, m.patch_grid)
+        return loss, cos, out, pred, grads, z, new
+
+    loss, cos, out, pred, grads, z, new = compute(params)
     t_ref = golden[f"{case}/teacher"]
     t_ref = t_ref if video else t_ref[:, 1:]
     np.testing.assert_allclose(teacher, t_ref, atol=ACT_ATOL, err_msg=f"{case} teacher")
