@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,3 +99,26 @@ def test_pth_needs_allow_pickle(tmp_path):
     path.write_bytes(b"not read")
     with pytest.raises(ValueError, match="allow_pickle"):
         convert.load_state_dict(str(path))
+
+
+@pytest.mark.parametrize("mod", ["audio", "video"])
+def test_export_audio_video_encoders_match_official_tensors(golden, mod):
+    """The official audio / video encoder, converted in and exported out, is the official tensors under timm (audio)
+    or VideoMAE (video) names; audio's pos_embed is the checkpoint's (AudioMAE) table via config.model.pos_layout."""
+    from bridle_jax.models.bridle import build_models
+
+    cfg = official_config(mod)
+    sd = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith(f"{mod}/model0/")}
+    params, _, _ = convert.from_official(sd, build_models(cfg))
+    got = export.to_timm(jax.tree.map(np.asarray, params["encoder"]["encoder"]), cfg)
+    prefix = "encoder_decoder.encoder." if mod == "video" else "encoder_decoder."
+    want = {}
+    for k, v in sd.items():
+        name = k[len(prefix) :]
+        if not k.startswith(prefix) or name.startswith(("decoder", "mask_token", "encoder.", "encoder_to_decoder")):
+            continue
+        want["fc_norm." + name.split(".", 1)[1] if name.startswith("norm.") else name] = v
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(got[k], v, atol=1e-7 if k == "pos_embed" else 0, err_msg=k)
+    assert export.timm_args(cfg)["kwargs"]["embed_dim"] == 32
