@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
             # tokenizer phase: each level's EMA runs before its look-up, so q_m, z_q and the codebook loss use the
             # updated codes (the authors' train-mode order); False: look-up on the step's codebooks, EMA after
             lookup_after_ema=False,
+            # "normalized": C <- λC + (1-λ)ℓ2(mean) for used codes (SPEC §2.4); "vqvae": the authors' video RQ, the
+            # classic VQ-VAE EMA with Laplace-smoothed counts and no ℓ2 (its accumulator is recovered from C and
+            # cluster_size, quantizer.vqvae_accumulator)
+            ema_kind="normalized",
         )
     )
 
@@ -204,6 +208,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("quantizer.dim", ">= 1", q.dim)
     if not 0.0 < q.decay < 1.0:
         _fail("quantizer.decay", "a value in (0, 1)", q.decay)
+    if q.get("ema_kind", "normalized") not in ("normalized", "vqvae"):
+        _fail("quantizer.ema_kind", "'normalized' or 'vqvae'", q.ema_kind)
     if q.kmeans_iters < 1:
         _fail("quantizer.kmeans_iters", ">= 1", q.kmeans_iters)
     if q.commitment_weight < 0:

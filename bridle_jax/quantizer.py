@@ -72,6 +72,7 @@ __all__ = [
     "usage_stats",
     "quantize_with_ema",
     "ema_update_vqvae",
+    "vqvae_accumulator",
 ]
 
 _F32 = jnp.float32
@@ -460,26 +461,50 @@ def quantize_with_ema(
     return out, new_state, None if embed_ema is None else jnp.stack(accs)
 
 
+def vqvae_accumulator(state: CodebookState) -> jax.Array:
+    """The VQ-VAE EMA's ``embed_ema`` [M, K, D] recovered from the state: the update sets ``C = embed_ema /
+    normalised(cs)``, so ``embed_ema = C · normalised(cs)`` (to float rounding) and no extra state is needed.
+    After k-means this is ``means · normalised(counts)``; the authors' code instead keeps the random values the
+    accumulator was built with (README "Parity")."""
+    cs = state.cluster_size.astype(_F32)
+    n = jnp.sum(cs, axis=-1, keepdims=True)
+    return state.codes.astype(_F32) * (n * (cs + _VQVAE_EPS) / (n + state.codebook_size * _VQVAE_EPS))[..., None]
+
+
 def ema_update_vqvae(
     state: CodebookState,
-    embed_ema: jax.Array,
+    embed_ema: jax.Array | None,
     stage_inputs: jax.Array,
     codes: jax.Array,
     *,
     decay: float = 0.99,
+    mask: jax.Array | None = None,
 ) -> tuple[CodebookState, jax.Array]:
-    """The classic VQ-VAE EMA of the authors' *video* RQ (README "Parity"): an accumulator ``embed_ema`` [M, K, D]
-    of per-code sums, and ``C = embed_ema / (n·(cs + eps)/(n + K·eps))`` with ``n = Σ cs`` (Laplace-smoothed
-    counts); no ℓ2 of the mean, and every code moves (also unused ones, through n). Only for reproducing that
-    code: the project's EMA is :func:`ema_update`. Returns (state, embed_ema)."""
+    """The classic VQ-VAE EMA of the authors' *video* RQ (config.quantizer.ema_kind="vqvae", README "Parity"): an
+    accumulator ``embed_ema`` [M, K, D] of per-code sums, and ``C = embed_ema / (n·(cs + eps)/(n + K·eps))`` with
+    ``n = Σ cs`` (Laplace-smoothed counts); no ℓ2 of the mean, and every code moves (also unused ones, through n).
+    ``embed_ema=None`` recovers it from the state (:func:`vqvae_accumulator`). Returns (state, embed_ema)."""
     m, k, d = _check_stats_inputs(state, stage_inputs, codes)
+    keep = _flat_mask(mask, codes.shape[:-1])
+    embed_ema = vqvae_accumulator(state) if embed_ema is None else embed_ema
     u = stage_inputs.reshape(-1, m, d).astype(_F32)
     c = codes.reshape(-1, m).astype(jnp.int32)
     lam = jnp.asarray(decay, _F32)
+
+    def rows(i):
+        valid = _row_valid(u[:, i], c[:, i], k)
+        return valid if keep is None else valid & keep[:, 0]
+
     out = [
         _level_ema(
-            state.codes[i].astype(_F32), state.cluster_size[i], embed_ema[i].astype(_F32), u[:, i], c[:, i],
-            _row_valid(u[:, i], c[:, i], k), lam, None,
+            state.codes[i].astype(_F32),
+            state.cluster_size[i],
+            embed_ema[i].astype(_F32),
+            u[:, i],
+            c[:, i],
+            rows(i),
+            lam,
+            None,
         )
         for i in range(m)
     ]

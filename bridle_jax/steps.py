@@ -70,6 +70,7 @@ def _quantize(codebooks, z, q: ml_collections.ConfigDict, valid=None, *, after_e
             normalize_stage_inputs=q.normalize_stage_inputs,
             commitment_weight=q.commitment_weight,
             mask=valid,
+            embed_ema=quantizer.vqvae_accumulator(codebooks) if q.get("ema_kind", "normalized") == "vqvae" else None,
         )[0]
     return quantizer.quantize(
         codebooks,
@@ -326,9 +327,12 @@ def tokenizer_step(
     (loss, cos, cb_loss, grads), (stage_inputs, codes) = _accumulate(micro_fn, {"x": x, "valid": valid}, acc)
     ok, grad_norm, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
     # one EMA step on the statistics of the whole batch (all micro-batches' stage inputs)
-    codebooks = quantizer.ema_update(
-        state.codebooks, stage_inputs, codes, decay=q.decay, renormalize=q.renormalize, mask=valid
-    )
+    if q.get("ema_kind", "normalized") == "vqvae":  # the authors' video EMA (README "Parity")
+        codebooks, _ = quantizer.ema_update_vqvae(state.codebooks, None, stage_inputs, codes, decay=q.decay, mask=valid)
+    else:
+        codebooks = quantizer.ema_update(
+            state.codebooks, stage_inputs, codes, decay=q.decay, renormalize=q.renormalize, mask=valid
+        )
     codebooks = _guarded(ok, codebooks, state.codebooks)
     metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, q.codebook_size, valid)
     metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": cb_loss})

@@ -71,6 +71,7 @@ def official_config(modality: str):
         c.model.input_proj_bias = False  # VideoMAE's encoder_to_decoder
         c.model.video_tokenizer_masked_only = True
         c.masking.kind, c.masking.ratio = "tube", 0.9
+        c.quantizer.ema_kind = "vqvae"  # the authors' video RQ EMA
     return c
 
 
@@ -206,29 +207,28 @@ def run_tokenizer_case(golden, models, case: str) -> dict:
     video = mod == "video"
     embed_ema = jnp.asarray(extras["embed_ema"]) if video else None
 
-    def loss_fn(p):
-        if not video:  # the project's own step code, with config.quantizer.lookup_after_ema
-            loss, (cos, out) = steps.tokenizer_loss(p, m, codebooks, cfg.quantizer, {"x": x, "valid": None}, teacher)
-            return loss, (cos, out, None)
-        # video: the authors' VQ-VAE EMA (quantizer.ema_update_vqvae) inside the same loss as steps.tokenizer_loss
-        z = m.tokenizer.apply({"params": p["tokenizer"]}, x)
-        out, _, _ = quantizer.quantize_with_ema(codebooks, z, embed_ema=embed_ema)
-        pred = m.estimator.apply({"params": p["estimator"]}, out.z_q, m.patch_grid)
-        cos = losses.cosine_distance(pred, teacher)
-        return cos + out.loss, (cos, out, pred)
+    def loss_fn(p):  # the project's own step code, with the config's switches
+        loss, (cos, out) = steps.tokenizer_loss(p, m, codebooks, cfg.quantizer, {"x": x, "valid": None}, teacher)
+        return loss, (cos, out)
 
     @jax.jit  # one compilation per case
     def compute(params):
-        (loss, (cos, out, pred)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["tokenizer"])
+        (loss, (cos, out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params["tokenizer"])
         z = m.tokenizer.apply({"params": params["tokenizer"]["tokenizer"]}, x)
-        if video:
-            new, _ = quantizer.ema_update_vqvae(codebooks, embed_ema, out.stage_inputs, out.codes)
-        else:  # what tokenizer_step applies after the forward
-            new = quantizer.ema_update(codebooks, out.stage_inputs, out.codes, decay=cfg.quantizer.decay)
-            pred = m.estimator.apply({"params": params["tokenizer"]["estimator"]}, out.z_q, m.patch_grid)
-        return loss, cos, out, pred, grads, z, new
+        pred = m.estimator.apply({"params": params["tokenizer"]["estimator"]}, out.z_q, m.patch_grid)
+        if video:  # what tokenizer_step applies after the forward (ema_kind "vqvae"), and with the explicit accumulator
+            new, _ = quantizer.ema_update_vqvae(codebooks, None, out.stage_inputs, out.codes)
+            explicit, acc = quantizer.ema_update_vqvae(codebooks, embed_ema, out.stage_inputs, out.codes)
+            return loss, cos, out, pred, grads, z, new, (explicit, acc, quantizer.vqvae_accumulator(codebooks))
+        new = quantizer.ema_update(codebooks, out.stage_inputs, out.codes, decay=cfg.quantizer.decay)
+        return loss, cos, out, pred, grads, z, new, None
 
-    loss, cos, out, pred, grads, z, new = compute(params)
+    loss, cos, out, pred, grads, z, new, vq = compute(params)
+    if video:
+        explicit, acc, recovered = vq
+        np.testing.assert_allclose(recovered, golden[f"{case}/rq/embed_ema_before"], atol=BOOK_ATOL)
+        np.testing.assert_allclose(acc, golden[f"{case}/rq/embed_ema_after"], atol=BOOK_ATOL)
+        np.testing.assert_allclose(explicit.codes, golden[f"{case}/rq/codebook_after"], atol=BOOK_ATOL)
     t_ref = golden[f"{case}/teacher"]
     t_ref = t_ref if video else t_ref[:, 1:]
     np.testing.assert_allclose(teacher, t_ref, atol=ACT_ATOL, err_msg=f"{case} teacher")
@@ -267,3 +267,25 @@ def test_report():
     """The measured differences of every case (run with -s to see the table; README "Parity")."""
     assert sorted(REPORT) == sorted(CASES), f"run the whole module: cases missing {sorted(set(CASES) - set(REPORT))}"
     print("\n" + json.dumps(REPORT, indent=1))
+
+
+@pytest.mark.parametrize("case", ["img_tok", "vid_tok"])
+def test_tokenizer_step_with_switches(golden, models, case):
+    """The jitted `steps.tokenizer_step` under the switches (lookup_after_ema; video: ema_kind "vqvae") reproduces
+    the recorded loss and the codebooks after the step's EMA."""
+    import functools
+
+    from bridle_jax import optim, schedule
+    from bridle_jax import state as state_lib
+
+    mod = MODALITY[case[:3]]
+    m, cfg = models[mod], official_config(mod)
+    params, codebooks, _ = convert.from_official(state_dict(golden, case), m)
+    phase = schedule.Phase(index=1, kind="tokenizer", cold_start=False, steps=1, iteration=1, start_step=0)
+    tx, lr = optim.make_optimizer(cfg.optim, "tokenizer", 1)
+    state = state_lib.create(m, cfg, tx, phase, 0).replace(params=params, codebooks=codebooks)
+    step = jax.jit(functools.partial(steps.tokenizer_step, models=m, config=cfg, tx=tx, lr_schedule=lr))
+    new, metrics = step(state, {"input": model_input(golden, mod)})
+    np.testing.assert_allclose(float(metrics["train/loss"]), float(golden[f"{case}/loss"]), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(new.codebooks.codes, golden[f"{case}/rq/codebook_after"], atol=BOOK_ATOL)
+    np.testing.assert_allclose(new.codebooks.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"], atol=BOOK_ATOL)
