@@ -58,6 +58,10 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint that another config wrote: never set aside, never resumed from."""
+
+
 class Checkpointer:
     @staticmethod
     def has_checkpoints(workdir) -> bool:
@@ -100,9 +104,6 @@ class Checkpointer:
         """JAX's preemption sync point (multi-process runs with the preemption service, e.g. TPU maintenance)."""
         return self._manager.reached_preemption(step)
 
-    def read_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores `step` into the abstract (sharded) state; the iterator is restored in place."""
         r = self._manager.restore(
@@ -122,9 +123,16 @@ class Checkpointer:
         state's structure depends on the phase). Unreadable steps are skipped, newest first, with a warning.
         """
         for step in reversed(self.all_steps()):
+            abstract = abstract_for_step(step)
             try:
-                return self.restore(step, abstract_for_step(step), data_iterator)
+                return self.restore(step, abstract, data_iterator)
             except Exception as e:  # pylint: disable=broad-except
+                mismatch = self._structure_mismatch(step, abstract)
+                if mismatch:
+                    raise CheckpointMismatch(
+                        f"checkpoint {step} in {self.directory} is readable but does not fit this run's state "
+                        f"({mismatch}); it was left in place. Resume with the config that wrote it."
+                    ) from e
                 logging.warning(
                     "checkpoint %d in %s cannot be restored (%s: %s); trying the previous one",
                     step,
@@ -134,6 +142,23 @@ class Checkpointer:
                 )
                 self._set_aside(step)
         return None
+
+    def _structure_mismatch(self, step: int, abstract) -> str | None:
+        """How a checkpoint whose metadata is readable differs from the restore target (leaf count or shapes), or
+        None: it matches, or its metadata cannot be read either (then it is damaged, not another run's)."""
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved_shapes = sorted(tuple(m.shape) for m in jax.tree.leaves(saved))
+        except Exception:  # pylint: disable=broad-except
+            return None
+        target_shapes = sorted(tuple(a.shape) for a in jax.tree.leaves(abstract))
+        if not saved_shapes or saved_shapes == target_shapes:  # nothing listed: a damaged item, not another run's
+            return None
+        if len(saved_shapes) != len(target_shapes):
+            return f"{len(saved_shapes)} arrays saved, {len(target_shapes)} expected"
+        return "array shapes differ: " + ", ".join(
+            f"{a} saved vs {b} expected" for a, b in zip(saved_shapes, target_shapes) if a != b
+        )[:300]
 
     def _set_aside(self, step: int) -> None:
         """Moves an unreadable step out of the way (kept for inspection, never deleted) so it can be re-saved."""
@@ -269,11 +294,20 @@ def trained_sequence(lines: list[dict]) -> list[tuple[int, str]]:
 
 
 def read_done(workdir) -> dict | None:
-    """The `DONE` marker's content ({"step", "time", ...}) once the whole plan has finished, else None."""
+    """The `DONE` marker's content ({"step", "time", ...}) once the whole plan has finished, else None. A damaged
+    marker (empty, not JSON, no step) is reported with a warning naming it and read as "not done": the run then
+    resumes from its checkpoints, and writes a sound marker when it finishes."""
     path = workdir_path(workdir) / DONE_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict) or not isinstance(done.get("step"), int):
+            raise ValueError("expected a JSON object with an integer 'step'")
+    except (OSError, ValueError) as e:
+        logging.warning("%s is damaged (%s); treating the run as not done and resuming from its checkpoints", path, e)
+        return None
+    return done
 
 
 def write_done(workdir, step: int) -> dict:
@@ -332,69 +366,6 @@ def load_encoder_params(workdir, iteration: int, abstract=None):
             f"{saved_iterations(workdir) or 'none (is this a bridle_jax workdir?)'}"
         )
     return ocp.StandardCheckpointer().restore(path, abstract)
-
-
-# The fields that shape the checkpointed state and the data stream: resuming a workdir under a config that changes
-# any of them would restore into the wrong structure or silently change the batches.
-STATE_FIELDS = ("modality", "seed", "batch_size", "data.name", "model", "quantizer", "masking")
-
-
-def _field(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
-def _flatten(value, prefix: str) -> dict:
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: list(value) if isinstance(value, tuple) else value}
-
-
-def prepare_workdir(workdir, config) -> None:
-    """Checks, before anything is written or compiled, that the workdir can be written and, when it already holds a
-    run, that `config` is that run's config in every field that shapes the state (`STATE_FIELDS`); a longer or
-    different plan, other learning rates or logging intervals are fine. Errors name the workdir and the fields."""
-    root = workdir_path(workdir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0 and not is_url(workdir):
-            probe = root / f".write_test_{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-    except OSError as e:
-        raise ValueError(f"workdir {workdir}: cannot create or write there ({type(e).__name__}: {e})") from e
-    path = root / "config.json"
-    if not path.exists():
-        return
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: the workdir's config.json cannot be read ({e}); use a new workdir") from e
-    current = json.loads(config.to_json_best_effort())
-    differ = []
-    for field in STATE_FIELDS:
-        old, new = _flatten(_field(previous, field), field), _flatten(_field(current, field), field)
-        differ += [
-            f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
-        ]
-    if differ and Checkpointer.has_checkpoints(workdir):
-        raise ValueError(
-            f"workdir {workdir} holds a run made with a different config; these fields shape the checkpointed state "
-            f"and differ: {'; '.join(differ)}. Resume with the run's own config (its config.json) or use a new workdir."
-        )
-
-
-def write_config(workdir, config) -> None:
-    if jax.process_index() == 0:
-        root = workdir_path(workdir)
-        root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(root / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir):

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.95,
             eps=1e-8,
             max_consecutive_nonfinite=5,  # non-finite steps are skipped; this many in a row stop the run
+            # a step whose update norm exceeds this x the weights' norm is refused like a non-finite one (an
+            # exploding lr); Adam's updates are ~lr per weight, orders of magnitude below this
+            max_update_ratio=1.0,
             # micro-batches per step: gradients summed over them inside the jitted step (same update as the whole
             # batch at once, activation memory of one micro-batch); batch_size must divide by it x batch shards
             accumulation_steps=1,
@@ -122,6 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
     )
 
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, max_to_keep=2, async_save=True))
+
+    # Resuming a workdir under a config that differs from its config.json in a field that shapes the state or the
+    # data stream is refused (bridle_jax/workdir.py). `allow_changes` names, comma-separated, the changes the user
+    # explicitly allows: "optim" (learning rates, weight decay, Adam's betas...) and "schedule.phases" (a plan
+    # whose phases up to the newest checkpoint's are unchanged: more phases, or a longer later phase).
+    c.resume = ml_collections.ConfigDict(dict(allow_changes=""))
     c.log_every_steps = 50
     return c
 
@@ -133,6 +142,44 @@ def _fail(field: str, expected: str, got) -> None:
     raise ValueError(f"config.{field}: expected {expected}, got {got!r}")
 
 
+def _check_finite_numbers(tree, prefix: str = "") -> None:
+    """Every float field (at any depth, in tuples too) is finite: a NaN or inf lr, decay or crop scale passes every
+    ordered comparison check below (`nan <= 0` is False) and then silently breaks the run."""
+    for key, value in tree.items():
+        field = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite_numbers(value, f"{field}.")
+            continue
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                _fail(field, "a finite number", value)
+
+
+def _patch_grid(c, patch: int) -> tuple[int, ...]:
+    """The encoder's patch grid for this config (rows, cols) or (time, rows, cols), from the data sizes."""
+    if c.modality == "audio":
+        return (c.data.target_frames // patch, c.data.num_mel_bins // patch)
+    side = c.data.image_size // patch
+    if c.modality == "video":
+        return (c.data.num_frames // c.model.tubelet_size, side, side)
+    return (side, side)
+
+
+def _check_masking_trains(c, patch: int, masking) -> None:
+    """An encoder phase needs at least one masked patch (its prediction targets) and one visible patch per sample:
+    `masking.ratio=0` would train nothing (loss and gradients 0 at every step) and still finish "DONE"."""
+    grid = _patch_grid(c, patch)
+    n = grid[1] * grid[2] if c.masking.kind == "tube" else math.prod(grid)
+    kept = masking.num_kept(n, c.masking.ratio)
+    if kept >= n:
+        _fail(
+            "masking.ratio",
+            f"a ratio that masks at least one of the {n} patches{' per frame slot' if c.masking.kind == 'tube' else ''}"
+            f" (it keeps {kept}: the encoder phases would have no prediction targets)",
+            c.masking.ratio,
+        )
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is compiled; every error names the field and what was expected."""
     # Imported here: the config module must stay importable without the models (configs import it).
@@ -140,6 +187,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from bridle_jax.data import pipeline
     from bridle_jax.models import vit
 
+    _check_finite_numbers(c)
     if c.modality not in MODALITIES:
         _fail("modality", f"one of {MODALITIES}", c.modality)
     if c.data.name not in pipeline.DATASETS:
@@ -216,6 +264,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("quantizer.commitment_weight", ">= 0", q.commitment_weight)
     if not 0.0 <= c.masking.ratio < 1.0:
         _fail("masking.ratio", "a value in [0, 1)", c.masking.ratio)
+    _check_masking_trains(c, patch, masking)
 
     try:
         schedule.parse_plan(c.schedule.phases)
@@ -232,6 +281,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(f"optim.{side}.warmup_fraction", "a value in [0, 1)", o.warmup_fraction)
         if o.weight_decay < 0:
             _fail(f"optim.{side}.weight_decay", ">= 0", o.weight_decay)
+    if c.optim.max_update_ratio <= 0:
+        _fail("optim.max_update_ratio", "> 0", c.optim.max_update_ratio)
+    if c.optim.b1 < 0 or c.optim.b1 >= 1 or c.optim.b2 < 0 or c.optim.b2 >= 1:
+        _fail("optim.b1/b2", "values in [0, 1)", (c.optim.b1, c.optim.b2))
+    if c.optim.eps <= 0:
+        _fail("optim.eps", "> 0", c.optim.eps)
     if c.optim.max_consecutive_nonfinite < 1:
         _fail("optim.max_consecutive_nonfinite", ">= 1", c.optim.max_consecutive_nonfinite)
     acc = c.optim.get("accumulation_steps", 1)
@@ -254,3 +309,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("checkpoint.max_to_keep", ">= 1", c.checkpoint.max_to_keep)
     if c.log_every_steps < 1:
         _fail("log_every_steps", ">= 1", c.log_every_steps)
+    from bridle_jax import workdir
+
+    workdir.check_allowed_changes(c.resume.allow_changes)

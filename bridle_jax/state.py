@@ -25,7 +25,7 @@ class TrainState:
     codebooks: quantizer.CodebookState
     opt_state: Any  # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
     rng: jax.Array  # uint32[2]; every step folds in its step number
-    nonfinite: jax.Array  # int32[2]: (skipped steps in total, skipped steps in a row)
+    nonfinite: jax.Array  # int32[2]: (refused steps in the run, refused steps in a row), across phases
 
 
 def trained_side(phase: Phase) -> str:
@@ -117,8 +117,7 @@ def hand_over(
         params=params,
         codebooks=codebooks,
         opt_state=tx.init(params[trained_side(phase)]),
-        nonfinite=jnp.zeros((2,), jnp.int32),
-    )
+    )  # `nonfinite` carries over: refused steps in a row are counted across the hand-over too
 
 
 def hand_over_sharded(state, models, config, tx, phase, mesh) -> TrainState:

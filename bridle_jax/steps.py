@@ -6,8 +6,9 @@ RQ bottleneck, then the codebooks take one EMA step. `prepare_codebooks` runs on
 whose codebooks are fresh: k-means on that batch, then (tokenizer phases) the one-shot dead-code restart.
 
 Every step maps (state, batch) -> (state, metrics) and folds its step number into the state's rng, so a resumed
-run draws the same masks. A step whose loss or gradients are not finite changes nothing but the step counter and
-the non-finite counters (the caller stops the run after too many in a row).
+run draws the same masks. A step whose loss, gradients or update are not finite, or whose update is out of all
+proportion to the weights (`config.optim.max_update_ratio`), changes nothing but the step counter and the non-finite
+counters (the caller stops the run after too many in a row).
 
 Gradient accumulation (`config.optim.accumulation_steps` = A > 1) splits the global batch into A micro-batches inside
 the jitted step and sums their gradients in a `lax.scan`: only one micro-batch's activations are alive at a time.
@@ -187,32 +188,46 @@ def _applied_lr(state: TrainState, lr_schedule):
     return lr_schedule(count)
 
 
-def _apply_update(state: TrainState, side: str, grads, tx, loss):
-    """Optimizer step on one side's params, guarded against non-finite loss/gradients.
+def _apply_update(state: TrainState, side: str, grads, tx, loss, max_update_ratio: float):
+    """Optimizer step on one side's params, guarded twice; returns (ok, grad_norm, update_norm, params, opt_state).
 
-    The guard is one scalar: the global gradient norm is finite iff every gradient is (a norm that overflows counts
-    as non-finite too). A per-leaf `all(isfinite)` chain instead gets copied by XLA into every update fusion, which
-    made the compiled step ~100x larger. The update itself runs under one `lax.cond` on that scalar rather than a
+    1. The loss and gradients are finite. One scalar decides: the global gradient norm is finite iff every gradient
+       is (a norm that overflows counts as non-finite too). A per-leaf `all(isfinite)` chain instead gets copied by
+       XLA into every update fusion, which made the compiled step ~100x larger.
+    2. The *update* is sane: finite, and its norm at most `max_update_ratio` x the parameters' norm. A step can have
+       a finite loss and gradients and still break the weights (a learning rate of 1e30, or one that overflows to
+       inf): that update is refused here, so exploding or non-finite weights never reach the state, hence never a
+       checkpoint. Adam's updates are ~lr per weight, a few orders of magnitude below the weights' own norm.
+    A refused step changes neither the params nor the optimizer state (its count too, so the lr schedule does not
+    advance); the caller counts it as non-finite. The update runs under a `lax.cond` on (1) rather than a
     `where(ok, new, old)` per leaf: with the `where`s, XLA recomputed the new Adam moments inside each parameter's
     update fusion while another fusion overwrote the (donated) moment buffers in place, so it copied every moment
-    first (~0.6 GB per step for the encoder phase); under the `cond` both moments and parameters update in place.
+    first (~0.6 GB per step for the encoder phase). Guard (2) needs the old params and moments until the new ones
+    are judged, which costs one transient copy of the trained side's params and moments.
     """
     grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(operands):
         grads, side_params, opt_state = operands
-        updates, opt_state = tx.update(grads, opt_state, side_params)
-        return optax.apply_updates(side_params, updates), opt_state
+        updates, new_opt_state = tx.update(grads, opt_state, side_params)
+        new_params = optax.apply_updates(side_params, updates)
+        update_norm = optax.tree.norm(updates)
+        sane = jnp.isfinite(update_norm) & jnp.isfinite(optax.tree.norm(new_params))
+        sane &= update_norm <= max_update_ratio * optax.tree.norm(side_params)
+        kept = jax.lax.cond(sane, lambda: (new_params, new_opt_state), lambda: (side_params, opt_state))
+        return sane, update_norm, *kept
 
     def skip(operands):
         _, side_params, opt_state = operands
-        return side_params, opt_state
+        return jnp.asarray(False), jnp.asarray(jnp.nan, jnp.float32), side_params, opt_state
 
-    new_side, opt_state = jax.lax.cond(ok, update, skip, (grads, state.params[side], state.opt_state))
+    ok, update_norm, new_side, opt_state = jax.lax.cond(
+        grads_ok, update, skip, (grads, state.params[side], state.opt_state)
+    )
     params = dict(state.params)
     params[side] = new_side
-    return ok, grad_norm, params, opt_state
+    return ok, grad_norm, update_norm, params, opt_state
 
 
 def prepare_codebooks(
@@ -282,8 +297,11 @@ def encoder_step(
 
     inputs = {"x": x, "keep_idx": mask.keep_idx, "restore_idx": mask.restore_idx, "targets": targets}
     (loss, (per_level, accuracy), grads), codes = _accumulate(micro_fn, inputs, acc)
-    ok, grad_norm, params, opt_state = _apply_update(state, "encoder", grads, tx, loss)
+    ok, grad_norm, update_norm, params, opt_state = _apply_update(
+        state, "encoder", grads, tx, loss, config.optim.max_update_ratio
+    )
     metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size, valid)
+    metrics["train/update_norm"] = update_norm
     for m in range(per_level.shape[0]):
         metrics[f"train/encoder/ce_level{m}"] = per_level[m]
         metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
@@ -325,7 +343,9 @@ def tokenizer_step(
         return (loss, cos, cb_loss, grads), (stage_inputs, codes)
 
     (loss, cos, cb_loss, grads), (stage_inputs, codes) = _accumulate(micro_fn, {"x": x, "valid": valid}, acc)
-    ok, grad_norm, params, opt_state = _apply_update(state, "tokenizer", grads, tx, loss)
+    ok, grad_norm, update_norm, params, opt_state = _apply_update(
+        state, "tokenizer", grads, tx, loss, config.optim.max_update_ratio
+    )
     # one EMA step on the statistics of the whole batch (all micro-batches' stage inputs)
     if q.get("ema_kind", "normalized") == "vqvae":  # the authors' video EMA (README "Parity")
         codebooks, _ = quantizer.ema_update_vqvae(state.codebooks, None, stage_inputs, codes, decay=q.decay, mask=valid)
@@ -335,7 +355,7 @@ def tokenizer_step(
         )
     codebooks = _guarded(ok, codebooks, state.codebooks)
     metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, q.codebook_size, valid)
-    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": cb_loss})
+    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": cb_loss, "train/update_norm": update_norm})
     new_state = state.replace(
         step=state.step + 1,
         params=params,

@@ -10,9 +10,11 @@ whether any process was signalled and, if so, checkpoints the current step, wait
 access goes through etils.epath.
 """
 
+import contextlib
 import json
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -25,6 +27,7 @@ from bridle_jax import schedule
 from bridle_jax import sharding
 from bridle_jax import state as state_lib
 from bridle_jax import steps
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
 from bridle_jax.models.bridle import build_models
@@ -33,23 +36,78 @@ PROBE_FILE = "linear_probe.json"
 
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps with a non-finite loss or gradient."""
+    """Too many consecutive refused steps (non-finite loss, gradient or update, or an exploding update)."""
 
 
-def _check_nonfinite(state, config, step: int, writer=None, phase_name: str = "") -> dict:
-    """Stops the run after too many non-finite steps in a row (after logging the counters, when given a writer);
-    returns the counters for the log."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, no permission...); the message says which one is the last
+    good checkpoint."""
+
+
+def _last_good(ckpt) -> str:
+    step = ckpt.latest_step()
+    if step is None:
+        return "There is no checkpoint yet"
+    return f"The newest checkpoint, step {step} ({ckpt.directory / str(step)}), is the last good one"
+
+
+def _check_nonfinite(state, config, step: int, ckpt, writer=None, phase_name: str = "") -> dict:
+    """Stops the run after too many refused steps in a row (after logging the counters, when given a writer),
+    before anything is saved; returns the counters for the log. The counters run over the whole run: a phase
+    hand-over does not reset them."""
     total, in_a_row = (int(v) for v in np.asarray(state.nonfinite))
     counters = {"train/nonfinite_skipped_total": total, "train/nonfinite_skipped_in_a_row": in_a_row}
     if in_a_row >= config.optim.max_consecutive_nonfinite:
         if writer is not None:
             writer.write(step, counters, phase=phase_name)
+        ckpt.wait()
         raise NonFiniteError(
-            f"step {step}: {in_a_row} consecutive steps had a non-finite loss or gradient ({total} in this phase); "
-            "stopping. The last good checkpoint is intact; lower the learning rate (config.optim.*.lr) or use "
-            "model.dtype=float32 and restart."
+            f"step {step}: {in_a_row} consecutive steps were refused: a non-finite loss, gradient or update, or an "
+            f"update larger than config.optim.max_update_ratio x the weights ({total} refused in this run); "
+            f"stopping without saving. {_last_good(ckpt)}: lower the learning rate "
+            "(config.optim.*.lr, with --config.resume.allow_changes=optim) or use model.dtype=float32, and re-run."
         )
     return counters
+
+
+@jax.jit
+def _all_finite(params, codebooks) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves((params, codebooks)) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _save(ckpt, lock, step: int, state, data_iter, meta: dict) -> None:
+    """Saves a checkpoint only from a state whose parameters and codebooks are all finite, and only while this run
+    holds the workdir; an OSError (disk full, permissions) becomes one clear message naming the last good one."""
+    if not bool(_all_finite(state.params, state.codebooks)):
+        ckpt.wait()
+        raise NonFiniteError(
+            f"step {step}: the parameters or codebooks are not finite; not saving them. {_last_good(ckpt)}."
+        )
+    if lock is not None and lock.lost:
+        raise CheckpointWriteError(f"step {step}: another run took over this workdir's lock; not saving")
+    with _explained_write_errors(ckpt, step):
+        ckpt.save(step, state, data_iter, meta)
+
+
+@contextlib.contextmanager
+def _explained_write_errors(ckpt, step: int | None):
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, CheckpointWriteError):
+            raise
+        what = f"checkpoint step {step}" if step is not None else "a checkpoint"
+        line = (
+            f"cannot write {what} in {ckpt.directory}: {type(e).__name__}: {e}. The checkpoints already written are "
+            "intact. "
+        )
+        try:
+            line += f"{_last_good(ckpt)}. Free space or fix permissions, then re-run the same command to resume."
+        except Exception:  # pylint: disable=broad-except
+            line += "The newest one listed in the folder is the last good one."
+        metrics_lib.log_line(line)
+        raise CheckpointWriteError(line) from e
 
 
 def _skipped_records(data_config) -> int:
@@ -114,7 +172,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     # ---------------------------------------------------------------- set-up
     config_lib.validate(config)
     workdir = ckpt_lib.resolve_workdir(workdir)  # URLs are kept as they are
-    ckpt_lib.prepare_workdir(workdir, config)  # writable, and not a run of another config
+    workdir_lib.workdir_exists_or_make(workdir)  # writable, or an error naming it
+    lock = workdir_lib.lock_for_run(workdir)  # one run per workdir, before anything in it is touched
+    try:
+        return _run(config, workdir, lock, stop_at_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
+    changes = workdir_lib.check_resume(workdir, config)  # refused (nothing touched) or exact
     plan = schedule.parse_plan(config.schedule.phases)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
@@ -128,7 +196,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     ckpt = ckpt_lib.Checkpointer(
         workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
     )
-    ckpt_lib.write_config(workdir, config)
+    workdir_lib.record_start(workdir, config, changes)
+    for field, (old, new) in changes.items():
+        metrics_lib.log_line(f"Resuming with an allowed change (config.resume.allow_changes): {field}: {old!r} -> {new!r}")
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(schedule.total_steps(plan))
     probe_data = _ProbeData(config) if config.evals.linear_probe.enabled else None
@@ -136,6 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     data_log = ckpt_lib.DataLog(workdir)  # off unless BRIDLE_JAX_DATA_LOG=1
     watch = ckpt_lib.PreemptionWatch(ckpt)  # SIGTERM/SIGINT handlers until `finally`
     preempted = False
+    done = False
+    state = None
 
     try:
         # ---------------------------------------------------------------- restore or create
@@ -169,10 +241,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
             if not watch.should_stop(step):
                 return False
             if step not in ckpt.all_steps():
-                _check_nonfinite(state, config, step)
+                _check_nonfinite(state, config, step, ckpt)
                 producer = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase whose step made `state`
-                ckpt.save(step, state, data_iter, {"step": step, "phase": producer.name, "phase_index": producer.index})
-            ckpt.wait()
+                meta = {"step": step, "phase": producer.name, "phase_index": producer.index}
+                _save(ckpt, lock, step, state, data_iter, meta)
+            with _explained_write_errors(ckpt, step):
+                ckpt.wait()
             metrics_lib.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
             preempted = True
             return True
@@ -211,7 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 step += 1
                 last = step == phase.end_step
                 if step % config.log_every_steps == 0 or last:
-                    skipped = _check_nonfinite(state, config, step, writer, phase.name)
+                    skipped = _check_nonfinite(state, config, step, ckpt, writer, phase.name)
                     rate, line = progress.update(step, phase.end_step, phase.name)
                     values = {**jax.device_get(metrics), **skipped, "perf/steps_per_sec": rate}
                     values["data/skipped_records"] = _skipped_records(config.data)
@@ -226,8 +300,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                         metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}")
                 stopping = step == stop_at_step
                 if step % config.checkpoint.every_steps == 0 or last or stopping:
-                    _check_nonfinite(state, config, step)
-                    ckpt.save(step, state, data_iter, {"step": step, "phase": phase.name, "phase_index": phase.index})
+                    _check_nonfinite(state, config, step, ckpt)
+                    meta = {"step": step, "phase": phase.name, "phase_index": phase.index}
+                    _save(ckpt, lock, step, state, data_iter, meta)
                 if stopping:
                     break
             if preempted:
@@ -239,7 +314,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
         # ---------------------------------------------------------------- done
         done = not preempted and step == schedule.total_steps(plan)
         if done:
-            ckpt.wait()  # the final checkpoint is complete before the marker says so
+            with _explained_write_errors(ckpt, step):
+                ckpt.wait()  # the final checkpoint is complete before the marker says so
             was_done = ckpt_lib.read_done(workdir)
             marker = ckpt_lib.write_done(workdir, step)
             if was_done is not None and restored is not None and int(restored[1]["step"]) == step:
@@ -248,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
                 metrics_lib.log_line(f"Plan finished at step {step}; wrote {ckpt_lib.DONE_FILE}.")
     finally:  # an error still finishes the pending (async) checkpoint and the metric files
         try:
-            ckpt.close()
+            with _explained_write_errors(ckpt, None):
+                ckpt.close()
             writer.close()
             data_log.close()
         finally:

@@ -127,7 +127,7 @@ def test_workdir_of_another_config_is_refused_and_left_intact(trained_workdir): 
     before = _tree_hash(workdir)
     other = tiny_config()
     other.quantizer.codebook_size = 32
-    with pytest.raises(ValueError, match=r"different config.*quantizer.codebook_size: 16 -> 32"):
+    with pytest.raises(ValueError, match=r"another config.*quantizer.codebook_size: 16 -> 32"):
         train.train_and_evaluate(other, str(workdir))
     assert _tree_hash(workdir) == before
 

@@ -447,11 +447,11 @@ def test_preempted_finetune_resumes_bit_identically(pretrained, tmp_path, monkey
 def test_audio_cross_validation_end_to_end_from_random_init(tmp_path):
     """The sounds recipe (mixup, SpecAugment, 2-D patch masking on device; padded frames; CE) on 2 folds, from a
     random-init encoder of an audio workdir's architecture (init_iteration=0 needs only its config.json)."""
-    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import workdir as workdir_lib
     from tests.test_train_modalities import audio_config
 
     pre = str(tmp_path / "audio_pretrain")
-    ckpt_lib.write_config(pre, audio_config())  # 160 frames: the 126 real ones leave padded patch rows
+    workdir_lib.record_start(pre, audio_config(), {})  # 160 frames: the 126 real ones leave padded patch rows
     c = tiny.load_config("sounds_finetune")
     c.init_from, c.init_iteration = pre, 0
     c.data.target_frames = 160
@@ -475,13 +475,13 @@ def test_audio_cross_validation_end_to_end_from_random_init(tmp_path):
 
 def test_video_finetune_streams_the_eval_split(tmp_path):
     """Video eval clips are decoded chunk by chunk at every evaluation; they equal the pipeline's eval arrays."""
-    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import workdir as workdir_lib
     from bridle_jax.data import pipeline
     from tests.test_train_modalities import video_config
 
     pre = str(tmp_path / "video_pretrain")
     pc = video_config()
-    ckpt_lib.write_config(pre, pc)
+    workdir_lib.record_start(pre, pc, {})
     c = finetune.base_config("video")
     c.data = pc.data
     c.data.flip, c.data.max_eval_examples = True, 20

@@ -314,7 +314,7 @@ def test_decoder_width_not_divisible_by_heads():
 def test_validate_accepts_reasonable_edits():
     c = load_recipe("digits")
     c.quantizer.num_levels, c.quantizer.codebook_size = 1, 1024      # the VQ baseline
-    c.masking.ratio = 0.0
+    c.masking.ratio = 0.5
     c.model.dtype = "bfloat16"
     c.model.tokenizer_variant = "mu/4"
     c.mesh.data, c.mesh.fsdp = 2, -1
