@@ -63,16 +63,25 @@ def test_timm_import_forward_and_export_round_trip(golden):
 
 
 def test_convert_then_export_commands(golden, tmp_path):
-    """convert_checkpoint on the official image model -> workdir -> the export command -> the official encoder's
+    """The convert command on the official image model (.pth refused without --allow_pickle) -> workdir -> the export
+    command -> the official encoder's
     tensors under timm names (E's final norm as fc_norm), and the JSON of the timm constructor."""
     sd = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("image/model0/")}
     src = tmp_path / "official.npz"
     np.savez(src, **sd)
     workdir = str(tmp_path / "wd")
-    convert.convert_checkpoint(official_config("image"), convert.load_state_dict(str(src)), workdir, iteration=1)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("from tests.test_parity import official_config\n\ndef get_config():\n    return official_config('image')\n")
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin", "PYTHONPATH": str(ROOT)}
+    convert_cmd = [sys.executable, "-m", "bridle_jax.convert", f"--config={recipe}", f"--workdir={workdir}"]
+    pth = tmp_path / "official.pth"
+    pth.write_bytes(b"never unpickled")
+    refused = subprocess.run(convert_cmd + [f"--checkpoint={pth}"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "--allow_pickle" in refused.stderr
+    subprocess.run(convert_cmd + [f"--checkpoint={src}"], check=True, cwd=ROOT, capture_output=True, env=env)
     out = tmp_path / "encoder.safetensors"
     cmd = [sys.executable, "-m", "bridle_jax.export", f"--workdir={workdir}", "--format=timm", f"--out={out}"]
-    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin"})
+    subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env=env)
     from safetensors.numpy import load_file
 
     got = load_file(str(out))
