@@ -9,8 +9,9 @@ The block is the one AudioMAE (and BRIDLE) actually run: timm's `swin_transforme
 AudioMAE's `timm_patch/swin_transformer.py`, built by `models_mae.py`:
 
 * post-norm residual: `x = x + LN(attn(x)); x = x + LN(mlp(x))`, MLP `mlp_dim` with exact GELU;
-* LayerNorm eps 1e-6: `models_mae.py` passes its `norm_layer = partial(nn.LayerNorm, eps=1e-6)` into every
-  `SwinTransformerBlock` (the torch default 1e-5 would only apply if no norm_layer were passed);
+* LayerNorm eps 1e-6 by default; the authors' released `encoder_decoder.py` passes no norm_layer to its
+  `SwinTransformerBlock`s, so their norm1/norm2 use torch's 1e-5 (`block_ln_eps`, config.model.decoder_block_ln_eps;
+  the parity tests pin it, README "Parity");
 * scaled cosine attention `cos(q, k) / max(tau, 0.01)` with a per-head `tau` initialised to 1, a bias on q, k and v
   (one fused `qkv` Linear), and a continuous relative-position bias from an MLP `2 -> cpb_hidden -> heads` (ReLU) on
   `sign(d) * ln(1 + |d|)` of the raw pairwise offsets `d = coord_i - coord_j` inside a window, added unsquashed;
