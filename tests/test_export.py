@@ -131,3 +131,23 @@ def test_export_audio_video_encoders_match_official_tensors(golden, mod):
     for k, v in want.items():
         np.testing.assert_allclose(got[k], v, atol=1e-7 if k == "pos_embed" else 0, err_msg=k)
     assert export.timm_args(cfg)["kwargs"]["embed_dim"] == 32
+
+
+def test_from_official_errors_name_the_tensor(golden):
+    """A transposed weight, an unknown tensor, a missing one and the wrong audio position table all fail loudly."""
+    from bridle_jax.models.bridle import build_models
+
+    m = build_models(official_config("image"))
+    sd = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("image/model0/")}
+    bad = dict(sd, **{"encoder_decoder.decoder_embed.weight": sd["encoder_decoder.decoder_embed.weight"].T})
+    with pytest.raises(ValueError, match="encoder_decoder.decoder_embed.weight"):
+        convert.from_official(bad, m)
+    with pytest.raises(ValueError, match="extra.weight"):
+        convert.from_official(dict(sd, **{"extra.weight": np.zeros(3)}), m)
+    with pytest.raises(KeyError, match="tokenizer.quantize_layer.0.bias"):
+        convert.from_official({k: v for k, v in sd.items() if k != "tokenizer.quantize_layer.0.bias"}, m)
+    audio = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("audio/model0/")}
+    cfg = official_config("audio")
+    cfg.model.pos_layout = "grid"
+    with pytest.raises(ValueError, match="pos_layout='transposed'"):
+        convert.from_official(audio, build_models(cfg))
