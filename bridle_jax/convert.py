@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +193,7 @@ def _strip(state_dict: Mapping) -> dict:
     """A checkpoint dict -> its state_dict (`{"model": ...}` as main_pretrain saves it), without a DDP `module.`."""
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
-    return {(k[len("module.") :] if k.startswith("module.") else k): np.asarray(v) for k, v in state_dict.items()}
+    return {(k.removeprefix("module.")): np.asarray(v) for k, v in state_dict.items()}
 
 
 def _check_tables(sd: dict, models: BridleModels) -> None:
@@ -243,7 +243,9 @@ def from_official(state_dict: Mapping, models: BridleModels, *, strict: bool = T
         value = _to_jax(entry.kind, value)
         want = _get(template, entry.path).shape
         if value.shape != tuple(want):
-            raise ValueError(f"{entry.torch}: shape {value.shape} after conversion, params{list(entry.path)} wants {want}")
+            raise ValueError(
+                f"{entry.torch}: shape {value.shape} after conversion, params{list(entry.path)} wants {want}"
+            )
         _set(params, entry.path, value)
     for path, qv in biases.items():
         q, v = qv["q_bias"], qv["v_bias"]
@@ -261,14 +263,18 @@ def from_official(state_dict: Mapping, models: BridleModels, *, strict: bool = T
         w = np.asarray(sd[f"{p}.weight"], np.float32)
         k = models.decoder.codebook_size
         if w.shape != (k + 1, models.tokenizer.code_dim):
-            raise ValueError(f"{p}.weight: shape {w.shape}, expected {(k + 1, models.tokenizer.code_dim)} (K + padding)")
+            raise ValueError(
+                f"{p}.weight: shape {w.shape}, expected {(k + 1, models.tokenizer.code_dim)} (K + padding)"
+            )
         books.append(w[:k])  # row K is the padding row: zero, never a code
         sizes.append(np.asarray(sd[f"{p}.cluster_size_ema"], np.float32))
         emas.append(np.asarray(sd[f"{p}.embed_ema"], np.float32) if f"{p}.embed_ema" in sd else None)
         init.append(bool(np.all(np.asarray(sd.get(f"{p}.initted", [1.0])) != 0)))
         used.update(n for n in (f"{p}.weight", f"{p}.cluster_size_ema", f"{p}.embed_ema", f"{p}.initted"))
     codebooks = quantizer.CodebookState(
-        codes=jnp.asarray(np.stack(books)), cluster_size=jnp.asarray(np.stack(sizes)), initialized=jnp.asarray(all(init))
+        codes=jnp.asarray(np.stack(books)),
+        cluster_size=jnp.asarray(np.stack(sizes)),
+        initialized=jnp.asarray(all(init)),
     )
     extras = {"embed_ema": None if any(e is None for e in emas) else np.stack(emas)}
     if strict:
@@ -377,7 +383,9 @@ def main(argv=None) -> None:
         f = flags.FLAGS
         sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
         out = convert_checkpoint(f.config, sd, f.workdir, iteration=f.iteration)
-        print(f"{f.workdir}: encoders/iteration_{f.iteration} and official_import/ ({_num_values(out['params'])} values)")
+        print(
+            f"{f.workdir}: encoders/iteration_{f.iteration} and official_import/ ({_num_values(out['params'])} values)"
+        )
 
     app.run(run, argv)
 

@@ -1,4 +1,4 @@
-"""A pretrained encoder E out to PyTorch: a timm `VisionTransformer` state_dict (README "Parity with the authors' code").
+"""A pretrained encoder E out to PyTorch, as a timm `VisionTransformer` state_dict (README "Parity").
 
     python -m bridle_jax.export --workdir=W [--iteration=k] --format=timm --out=encoder.safetensors
     python -m bridle_jax.export --workdir=W --format=npz --out=encoder.npz      # the same names, without safetensors
@@ -76,7 +76,9 @@ def to_timm(encoder_params, config, *, pos_embed: np.ndarray | None = None) -> d
     if pos_embed is None and not video:  # VideoMAE keeps its (identical) sinusoid table out of the state_dict
         from bridle_jax.models.bridle import patch_grid
 
-        table = vit.position_table(patch_grid(config), p["norm"]["scale"].shape[0], config.model.get("pos_layout", "grid"))
+        table = vit.position_table(
+            patch_grid(config), p["norm"]["scale"].shape[0], config.model.get("pos_layout", "grid")
+        )
         pos_embed = np.concatenate([np.zeros((int("cls" in p), table.shape[1]), np.float32), table])[None]
     if pos_embed is not None:
         out["pos_embed"] = np.asarray(pos_embed, np.float32)

@@ -383,7 +383,8 @@ def ema_update(
 
 def _level_ema(book, size, acc, u, k, rows, lam, axis_name):
     """One level's EMA: (codebook [K, D], cluster_size [K], accumulator [K, D] or None) -> updated. Without an
-    accumulator the project's convex update (:func:`ema_update`); with one the VQ-VAE update (:func:`ema_update_vqvae`)."""
+    accumulator the project's convex update (:func:`ema_update`); with one the VQ-VAE update
+    (:func:`ema_update_vqvae`)."""
     k_size = book.shape[0]
     counts, sums = _batch_stats(u, k, rows, k_size, axis_name)
     size = lam * size + (1.0 - lam) * counts

@@ -71,7 +71,9 @@ def test_convert_then_export_commands(golden, tmp_path):
     np.savez(src, **sd)
     workdir = str(tmp_path / "wd")
     recipe = tmp_path / "recipe.py"
-    recipe.write_text("from tests.test_parity import official_config\n\ndef get_config():\n    return official_config('image')\n")
+    recipe.write_text(
+        "from tests.test_parity import official_config\n\ndef get_config():\n    return official_config('image')\n"
+    )
     env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin", "PYTHONPATH": str(ROOT)}
     convert_cmd = [sys.executable, "-m", "bridle_jax.convert", f"--config={recipe}", f"--workdir={workdir}"]
     pth = tmp_path / "official.pth"
@@ -90,7 +92,8 @@ def test_convert_then_export_commands(golden, tmp_path):
     assert meta["kwargs"]["embed_dim"] == 32 and meta["kwargs"]["global_pool"] == "avg"
     prefix = "encoder_decoder."
     want = {
-        k[len(prefix) :].replace("norm.", "fc_norm.") if k == f"{prefix}norm.weight" or k == f"{prefix}norm.bias"
+        k[len(prefix) :].replace("norm.", "fc_norm.")
+        if k == f"{prefix}norm.weight" or k == f"{prefix}norm.bias"
         else k[len(prefix) :]: v
         for k, v in sd.items()
         if k.startswith(prefix) and not k[len(prefix) :].startswith(("decoder", "mask_token"))

@@ -27,15 +27,21 @@ import numpy as np
 import pytest
 
 from bridle_jax import config as config_lib
-from bridle_jax import convert
-from bridle_jax import losses
-from bridle_jax import quantizer
-from bridle_jax import steps
+from bridle_jax import convert, quantizer, steps
 from bridle_jax.data import audio_pipeline, video_pipeline
 from bridle_jax.models.bridle import build_models
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden" / "official_bridle_tiny.npz"
-CASES = ("img_enc_cold", "img_enc_warm", "img_tok", "aud_enc_cold", "aud_enc_warm", "aud_tok", "vid_enc_cold", "vid_tok")
+CASES = (
+    "img_enc_cold",
+    "img_enc_warm",
+    "img_tok",
+    "aud_enc_cold",
+    "aud_enc_warm",
+    "aud_tok",
+    "vid_enc_cold",
+    "vid_tok",
+)
 MODALITY = {"img": "image", "aud": "audio", "vid": "video"}
 
 LOSS_RTOL = 1e-5
@@ -124,7 +130,7 @@ def check_grads(grads_official: dict, golden, case: str) -> tuple[float, float]:
     want = {k.split("/grad/", 1)[1]: v for k, v in golden.items() if k.startswith(f"{case}/grad/")}
     none = [str(n) for n in np.atleast_1d(golden[f"{case}/grad_none"]) if str(n)]
     got = {k: v for k, v in grads_official.items() if k not in none}
-    assert sorted(got) == sorted(want), (sorted(set(got) ^ set(want)))
+    assert sorted(got) == sorted(want), sorted(set(got) ^ set(want))
     worst_abs, worst_rel = 0.0, 0.0
     for name, ref in want.items():
         g = got[name]
@@ -237,7 +243,9 @@ def run_tokenizer_case(golden, models, case: str) -> dict:
     np.testing.assert_allclose(out.z_q, golden[f"{case}/z_q"], atol=ACT_ATOL, err_msg=f"{case} z_q")
     np.testing.assert_allclose(pred, golden[f"{case}/estimator_out"], atol=ACT_ATOL, err_msg=f"{case} estimator")
     for name, got in (("loss", loss), ("loss_cos", cos), ("loss_rq", out.loss)):
-        np.testing.assert_allclose(float(got), float(golden[f"{case}/{name}"]), rtol=LOSS_RTOL, err_msg=f"{case} {name}")
+        np.testing.assert_allclose(
+            float(got), float(golden[f"{case}/{name}"]), rtol=LOSS_RTOL, err_msg=f"{case} {name}"
+        )
     np.testing.assert_allclose(out.level_mse, golden[f"{case}/rq/level_mse"], rtol=LOSS_RTOL)
     np.testing.assert_allclose(new.codes, golden[f"{case}/rq/codebook_after"], atol=BOOK_ATOL, err_msg=f"{case} EMA")
     np.testing.assert_allclose(new.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"], atol=BOOK_ATOL)
@@ -245,7 +253,9 @@ def run_tokenizer_case(golden, models, case: str) -> dict:
     return {
         "loss": max(rel(loss, golden[f"{case}/loss"]), rel(cos, golden[f"{case}/loss_cos"])),
         "teacher/z_q/estimator": max(
-            absdiff(teacher, t_ref), absdiff(out.z_q, golden[f"{case}/z_q"]), absdiff(pred, golden[f"{case}/estimator_out"])
+            absdiff(teacher, t_ref),
+            absdiff(out.z_q, golden[f"{case}/z_q"]),
+            absdiff(pred, golden[f"{case}/estimator_out"]),
         ),
         "z": absdiff(z, golden[f"{case}/z"]),
         "codes": int((np.asarray(out.codes) != golden[f"{case}/codes"]).sum()),
