@@ -31,7 +31,8 @@ Choices and deviations (SPEC §7):
 * Ordering — ``quantize`` reads the codes *before* the step's EMA update.  In the authors' train-mode forward,
   level m's EMA update happens before q_m is read (a difference of order 1−λ in q_m and in the residual passed on).
   Splitting look-up from update keeps ``quantize`` pure, shares it between the tokenizer and encoder phases, and is
-  what the golden vectors (eval mode) pin.
+  what the golden vectors (eval mode) pin.  :func:`quantize_with_ema` (``config.quantizer.lookup_after_ema``) is the
+  authors' order, and :func:`ema_update_vqvae` (``ema_kind="vqvae"``) their video EMA (README "Parity").
 * Non-finite rows — a row of z with a NaN/Inf (or whose squared norm overflows float32) is *masked out* of every
   codebook statistic (EMA, k-means, restart, ``usage_stats`` with ``mask``) instead of raising, because values are
   not inspectable under ``jit``.  Such rows still get (meaningless) codes and a NaN ``z_q``/loss, so the training
