@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
             # classic VQ-VAE EMA with Laplace-smoothed counts and no ℓ2 (its accumulator is recovered from C and
             # cluster_size, quantizer.vqvae_accumulator)
             ema_kind="normalized",
+            # encoder phases: the frozen codebooks' cluster_size still takes an EMA of the code counts, as the authors'
+            # eval-mode forward does (a statistic only: codes and targets are unchanged)
+            encoder_cluster_size_ema=False,
         )
     )
 

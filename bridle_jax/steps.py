@@ -308,6 +308,15 @@ def encoder_step(
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite=_count_nonfinite(state.nonfinite, ok)
     )
+    q = config.quantizer
+    if q.get("encoder_cluster_size_ema", False):  # the authors' frozen codebooks still count their codes
+        seen = valid  # the tokens the tokenizer quantised: all valid ones, or the masked ones (video switch)
+        if config.model.get("video_tokenizer_masked_only", False) and models.modality == "video":
+            seen = mask.masked if valid is None else mask.masked & valid
+        counts = quantizer.usage_stats(codes, q.codebook_size, mask=seen)["counts"]
+        sizes = q.decay * state.codebooks.cluster_size + (1.0 - q.decay) * counts
+        sizes = jnp.where(ok, sizes, state.codebooks.cluster_size)
+        new_state = new_state.replace(codebooks=state.codebooks.replace(cluster_size=sizes))
     return new_state, metrics
 
 

@@ -299,3 +299,29 @@ def test_tokenizer_step_with_switches(golden, models, case):
     np.testing.assert_allclose(float(metrics["train/loss"]), float(golden[f"{case}/loss"]), rtol=LOSS_RTOL)
     np.testing.assert_allclose(new.codebooks.codes, golden[f"{case}/rq/codebook_after"], atol=BOOK_ATOL)
     np.testing.assert_allclose(new.codebooks.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"], atol=BOOK_ATOL)
+
+
+@pytest.mark.parametrize("case", ["vid_enc_cold"])
+def test_encoder_step_with_switches(golden, models, case, monkeypatch):
+    """The jitted `steps.encoder_step` on the recorded mask (make_mask replaced), under the video switches and
+    quantizer.encoder_cluster_size_ema: the recorded loss, and the cluster sizes the authors' eval-mode forward left."""
+    import functools
+
+    from bridle_jax import masking, optim, schedule
+    from bridle_jax import state as state_lib
+
+    mod = MODALITY[case[:3]]
+    m, cfg = models[mod], official_config(mod)
+    cfg.quantizer.encoder_cluster_size_ema = True
+    params, codebooks, _ = convert.from_official(state_dict(golden, case), m)
+    keep, restore, masked = masks(golden, case)
+    recorded = masking.Mask(jnp.asarray(keep, jnp.int32), jnp.asarray(restore, jnp.int32), jnp.asarray(masked))
+    monkeypatch.setattr(steps.masking, "make_mask", lambda *a, **k: recorded)
+    phase = schedule.Phase(index=0, kind="encoder", cold_start=True, steps=1, iteration=1, start_step=0)
+    tx, lr = optim.make_optimizer(cfg.optim, "encoder", 1)
+    state = state_lib.create(m, cfg, tx, phase, 0).replace(params=params, codebooks=codebooks)
+    step = jax.jit(functools.partial(steps.encoder_step, models=m, config=cfg, tx=tx, lr_schedule=lr, cold_start=True))
+    new, metrics = step(state, {"input": model_input(golden, mod)})
+    np.testing.assert_allclose(float(metrics["train/loss"]), float(golden[f"{case}/loss"]), rtol=LOSS_RTOL)
+    np.testing.assert_array_equal(new.codebooks.codes, golden[f"{case}/rq/codebook_after"])
+    np.testing.assert_allclose(new.codebooks.cluster_size, golden[f"{case}/rq/cluster_size_ema_after"], atol=BOOK_ATOL)
