@@ -330,7 +330,8 @@ def clear_done(workdir) -> None:
     """Removes a `DONE` marker (process 0): the plan grew since it was written, so the workdir is not done."""
     path = workdir_path(workdir) / DONE_FILE
     if jax.process_index() == 0 and path.exists():
-        logging.warning("%s marks a finished plan, but this plan has more steps: removing it", path)
+        if read_done(workdir) is not None:  # (a damaged marker is reported by read_done)
+            logging.warning("%s marks a finished plan, but this plan has more steps: removing it", path)
         path.unlink()
 
 

@@ -11,6 +11,10 @@ On several hosts it joins them through `jax.distributed` first (`initialize_dist
 """
 
 import os
+import sys
+import tempfile
+import time
+import traceback
 
 from absl import app
 from absl import flags
@@ -87,6 +91,27 @@ def initialize_distributed(
     return False
 
 
+def _report(error: BaseException, workdir: str) -> str:
+    """The message main exits with: the error in one line, and where its traceback was kept (under the workdir's
+    logs/ when it can be written there, e.g. not on a full disk; else the temporary folder)."""
+    text = "".join(traceback.format_exception(error))
+    name = f"error-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}.txt"
+    where = None
+    for folder in (os.path.join(workdir, "logs"), tempfile.gettempdir()):
+        try:
+            if "://" in folder:
+                continue
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+                f.write(text)
+            where = os.path.join(folder, name)
+            break
+        except OSError:
+            continue
+    kept = f" (traceback in {where})" if where else ""
+    return f"bridle_jax: {type(error).__name__}: {error}{kept}"
+
+
 def main(argv) -> None:
     del argv
     if _DISTRIBUTED.value == "auto":
@@ -95,7 +120,10 @@ def main(argv) -> None:
 
     from bridle_jax import train  # after distributed initialisation: importing may touch the backend
 
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train.RUN_ERRORS as e:  # the user's run cannot go on: one clear line, the traceback kept in a file
+        sys.exit(_report(e, _WORKDIR.value))
     if summary["preempted"]:  # "Preempted at step N: checkpoint saved; ..." is logged: exit 0, re-run resumes
         return
     if jax.process_index() != 0:  # one report, from process 0

@@ -44,6 +44,16 @@ class CheckpointWriteError(OSError):
     good checkpoint."""
 
 
+# The errors that stop a run for a reason the user can fix; `main` reports them in one line (traceback kept in a file).
+RUN_ERRORS = (
+    NonFiniteError,
+    CheckpointWriteError,
+    workdir_lib.WorkdirLocked,
+    workdir_lib.ResumeRefused,
+    ckpt_lib.CheckpointMismatch,
+)
+
+
 def _last_good(ckpt) -> str:
     step = ckpt.latest_step()
     if step is None:
@@ -77,8 +87,17 @@ def _all_finite(params, codebooks) -> jax.Array:
 
 
 def _save(ckpt, lock, step: int, state, data_iter, meta: dict) -> None:
-    """Saves a checkpoint only from a state whose parameters and codebooks are all finite, and only while this run
-    holds the workdir; an OSError (disk full, permissions) becomes one clear message naming the last good one."""
+    """Saves a checkpoint only from a state whose last step was applied and whose parameters and codebooks are all
+    finite, and only while this run holds the workdir; an OSError (disk full, permissions) becomes one clear message
+    naming the last good checkpoint.
+
+    After refused steps the save is left out (logged): the newest checkpoint stays the last one made by a good step,
+    so a run stopped by an exploding or non-finite lr never rotates its good checkpoints out (`max_to_keep`); a
+    resume from the older checkpoint re-runs the steps in between exactly."""
+    in_a_row = int(np.asarray(state.nonfinite)[1])
+    if in_a_row:
+        metrics_lib.log_line(f"Step {step}: not saving a checkpoint: the last {in_a_row} step(s) were refused")
+        return
     if not bool(_all_finite(state.params, state.codebooks)):
         ckpt.wait()
         raise NonFiniteError(
