@@ -81,6 +81,11 @@ def test_convert_then_export_commands(golden, tmp_path):
     refused = subprocess.run(convert_cmd + [f"--checkpoint={pth}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert refused.returncode != 0 and "--allow_pickle" in refused.stderr
     subprocess.run(convert_cmd + [f"--checkpoint={src}"], check=True, cwd=ROOT, capture_output=True, env=env)
+    from bridle_jax import features
+
+    loaded = features.load_encoder(workdir)  # what fine-tuning and probes start from
+    assert loaded.iteration == 1
+    np.testing.assert_array_equal(loaded.params["norm"]["scale"], sd["encoder_decoder.norm.weight"])
     out = tmp_path / "encoder.safetensors"
     cmd = [sys.executable, "-m", "bridle_jax.export", f"--workdir={workdir}", "--format=timm", f"--out={out}"]
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, env=env)
