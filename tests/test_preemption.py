@@ -94,7 +94,7 @@ def _checkpoint_dirs(workdir) -> tuple[list[int], list[str]]:
 class _Run:
     """`python -m bridle_jax.main` on the tiny plan, stdout/stderr in files (no pipe to fill up)."""
 
-    def __init__(self, workdir, logs, index: int):
+    def __init__(self, workdir, logs, index: int, extra: tuple = ()):
         self.stdout_path = os.path.join(logs, f"run{index}.out")
         self.stderr_path = os.path.join(logs, f"run{index}.err")
         env = dict(os.environ, BRIDLE_JAX_DATA_LOG="1", JAX_PLATFORMS="cpu")
@@ -109,6 +109,7 @@ class _Run:
             f"--workdir={workdir}",
             f"--config.checkpoint.every_steps={CHECKPOINT_EVERY}",
             "--config.evals.linear_probe.enabled=False",
+            *extra,
         ]
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -448,3 +449,65 @@ def test_kill_9_anywhere_then_rerun_equals_an_uninterrupted_run(reference, tmp_p
     assert final_step == TOTAL_STEPS and identical_state, stats
     assert stats["identical_batch_sequence"], stats
     assert not stats["leftover_tmp_dirs"], stats
+
+
+def _workdir_hash(workdir) -> str:
+    """Every file of the workdir but the lock file and main's error logs (a refused start may add one there)."""
+    import hashlib
+    import pathlib
+
+    h = hashlib.sha256()
+    root = pathlib.Path(workdir)
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if p.is_file() and rel.name != "LOCK" and rel.parts[0] != "logs":
+            h.update(str(rel).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stderr(run: "_Run") -> str:
+    with open(run.stderr_path, encoding="utf-8") as f:
+        return f.read()
+
+
+def test_kill_9_during_a_lock_take_over_and_a_refused_resume_leaves_the_workdir_resumable(reference, tmp_path):
+    """A run killed (its lock left behind) → a second run started meanwhile is refused while the first lives →
+    a refused resume (another config) killed -9 while it takes the stale lock over → a resume killed -9 right after
+    taking the lock over → the same command to the end: the state and batch sequence of an uninterrupted run."""
+    workdir = str(tmp_path / "locked")
+    first = _Run(workdir, tmp_path, 0)
+    assert first.poll_until(lambda: len(_checkpoint_dirs(workdir)[0]) >= 1), first.failure()
+    second = _Run(workdir, tmp_path, 1)  # a second start while the first one runs: refused, naming the holder
+    assert second.wait() == 1
+    assert f"in use by another run (host {os.uname().nodename}, pid {first.proc.pid}" in _stderr(second)
+    first.kill9()
+    assert json.loads(open(os.path.join(workdir, "LOCK"), encoding="utf-8").read())["pid"] == first.proc.pid
+    before = _workdir_hash(workdir)
+
+    refused = _Run(workdir, tmp_path, 2, extra=["--config.quantizer.codebook_size=32"])
+    took_over = lambda r: "took over the lock of a run that ended without releasing it" in _stderr(r)
+    if refused.poll_until(lambda: took_over(refused), poll_s=0.002) and refused.proc.poll() is None:
+        refused.kill9()
+    else:  # it was faster than the poll: it must then have been refused
+        assert refused.wait() == 1 and "ResumeRefused" in _stderr(refused), refused.failure()
+    assert _workdir_hash(workdir) == before  # a refused start changes nothing, killed or not
+
+    # the refused run released the lock cleanly unless the kill caught it: kill the resume at its own take-over,
+    # or (nothing stale to take over) right after it resumed, so the last run has a stale lock to take over
+    stale = bool(open(os.path.join(workdir, "LOCK"), encoding="utf-8").read())
+    resumed = _Run(workdir, tmp_path, 3)
+    kill_point = (lambda: took_over(resumed)) if stale else (lambda: "Resumed from step" in resumed.stdout())
+    assert resumed.poll_until(kill_point, poll_s=0.002), resumed.failure()
+    killed = resumed.proc.poll() is None
+    if killed:
+        resumed.kill9()
+
+    final = _Run(workdir, tmp_path, 4)
+    assert final.wait() == 0, final.failure()
+    assert "Resumed from step" in final.stdout() and (took_over(final) or not killed), final.failure()
+    assert ckpt_lib.read_done(workdir)["step"] == TOTAL_STEPS
+    _, state = _final_state(workdir)
+    _assert_same_state(state, reference["state"])
+    assert ckpt_lib.trained_sequence(_data_records(workdir)) == reference["sequence"]
+    assert open(os.path.join(workdir, "LOCK"), encoding="utf-8").read() == ""  # released at the end
