@@ -19,7 +19,8 @@ and `quantizer.CodebookState`, for every modality and both phases (README "Parit
 The fixed sin-cos tables (`pos_embed`, `decoder_pos_embed`, `estimator_pos_embed`) are not parameters here; they are
 checked against the tables the models build, so a checkpoint made with AudioMAE's transposed audio grid fails with a
 pointer to `config.model.pos_layout`. `to_official(tree, models)` maps a params-shaped tree (e.g. gradients) back to
-PyTorch names. The command `python -m bridle_jax.convert` (see `main`) turns an official checkpoint into a workdir.
+PyTorch names. The command `python -m bridle_jax.convert` (see `main`) turns an official checkpoint into a workdir
+that fine-tuning reads and `python -m bridle_jax.main` resumes (`convert_checkpoint`).
 """
 
 from __future__ import annotations
@@ -340,52 +341,172 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict:
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
-def convert_checkpoint(config, state_dict: Mapping, workdir: str, *, iteration: int = 1) -> dict:
-    """Writes `workdir` from an official state_dict: `config.json` and the encoder as `encoders/iteration_{k}`
-    (what fine-tuning, probes, `features.load_encoder` and `bridle_jax.export` read), plus `official_import/`:
-    all parameters and the codebooks (Orbax). Returns {"params", "codebooks", "extras"}."""
+def import_phase(plan, *, iteration: int | None = None, phase_end: int | None = None):
+    """The plan phase at whose end an official checkpoint stands, and the encoder iteration it holds.
+
+    The authors save one checkpoint per phase (SPEC 3.1): after an encoder phase it holds that phase's E and D with
+    the tokenizer and codebooks of the tokenizer phase before it (iteration 1: the cold-start tokenizer); after a
+    tokenizer phase, the new T, TE and codebooks with the previous iteration's frozen E and D. `phase_end` names the
+    plan phase; without it, the end of iteration `iteration`'s encoder phase (default 1, the cold start).
+    Returns (phase, encoder iteration)."""
+    if phase_end is None:
+        iteration = 1 if iteration is None else iteration
+        found = [p for p in plan if p.kind == "encoder" and p.iteration == iteration]
+        if not found:
+            raise ValueError(
+                f"--iteration={iteration}: the recipe's plan (config.schedule.phases) has no encoder phase of that "
+                f"iteration; its phases: {[p.name for p in plan]}"
+            )
+        return found[0], iteration
+    if not 0 <= phase_end < len(plan):
+        raise ValueError(f"--phase_end={phase_end}: expected a phase index of the plan, 0..{len(plan) - 1}")
+    phase = plan[phase_end]
+    held = phase.iteration if phase.kind == "encoder" else phase.iteration - 1  # a tokenizer phase's teacher E
+    if iteration is not None and iteration != held:
+        raise ValueError(
+            f"--iteration={iteration} and --phase_end={phase_end} disagree: the end of {phase.name} holds the "
+            f"encoder of iteration {held}"
+        )
+    return phase, held
+
+
+def convert_checkpoint(
+    config,
+    state_dict: Mapping,
+    workdir: str,
+    *,
+    iteration: int | None = None,
+    phase_end: int | None = None,
+    resumable: bool = True,
+) -> dict:
+    """Writes `workdir` from an official state_dict, as a run of `config` would stand at the end of the plan phase
+    the checkpoint ends (`import_phase`):
+
+    * `config.json` (+ `config_history/`), through the workdir's own `record_start`: resuming is accepted only
+      under exactly this config (the recipe and its overrides);
+    * `encoders/iteration_k`, the checkpoint's encoder (what fine-tuning, probes, `features.load_encoder` and
+      `bridle_jax.export` read), and `official_import/`: all parameters and the codebooks (Orbax);
+    * with `resumable`: a training checkpoint at the phase's last step (`checkpoints/<step>`): the parameters, the
+      codebooks, a fresh optimizer state, the seed's rng, and the data iterator at the start of the dataset order
+      (the one thing not carried over: the official run's data position has no meaning here). `python -m
+      bridle_jax.main` with the same config then restores it, hands over to the next phase and continues; and
+      `encoders/iteration_0` is this config's initial encoder for its seed (the official run's own initial weights
+      are not in its checkpoint). Building the data iterator needs the recipe's training data to be readable.
+
+    Refused (nothing written) into a workdir that holds checkpoints or another config. Returns {"params",
+    "codebooks", "extras", "phase", "iteration" (the encoder's), "step"} (step: the checkpoint's, or None)."""
     import orbax.checkpoint as ocp
 
     from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import optim, schedule, sharding
+    from bridle_jax import state as state_lib
+    from bridle_jax import workdir as workdir_lib
     from bridle_jax.config import validate
+    from bridle_jax.data import pipeline
     from bridle_jax.models.bridle import build_models
 
     validate(config)
+    plan = schedule.parse_plan(config.schedule.phases)
+    phase, enc_iteration = import_phase(plan, iteration=iteration, phase_end=phase_end)
     models = build_models(config)
     params, codebooks, extras = from_official(state_dict, models)
-    root = ckpt_lib.workdir_path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))  # what read_config reads
-    ckpt_lib.save_encoder(workdir, iteration, params["encoder"]["encoder"])
-    path = ckpt_lib.workdir_path(workdir) / "official_import"
-    if not path.exists():
-        saver = ocp.StandardCheckpointer()
-        saver.save(path, {"params": params, "codebooks": codebooks})
-        saver.wait_until_finished()
-    return {"params": params, "codebooks": codebooks, "extras": extras}
+    codebooks = codebooks.replace(initialized=jnp.asarray(True))  # trained or k-means'd: never re-initialised (A3b)
+    workdir = ckpt_lib.resolve_workdir(workdir)
+    workdir_lib.workdir_exists_or_make(workdir)
+    lock = workdir_lib.lock_for_run(workdir)  # no run may start in it while it is written
+    try:
+        workdir_lib.check_resume(workdir, config)  # a config.json of another config: refused
+        if ckpt_lib.Checkpointer.has_checkpoints(workdir):
+            raise ValueError(f"workdir {workdir} already holds training checkpoints; convert into a new workdir")
+        state = data_iter = None
+        if resumable:
+            mesh = sharding.make_mesh(config.mesh)
+            tx = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)[0]
+            template = jax.eval_shape(lambda: models.init_params(jax.random.key(0)))
+            params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)
+            state = state_lib.imported_sharded(models, config, tx, phase, config.seed, mesh, params, codebooks)
+            initial = jax.jit(lambda: state_lib.create(models, config, tx, phase, config.seed).params["encoder"]["encoder"])()
+            try:
+                data_iter = pipeline.train_iterator(
+                    config.data,
+                    local_batch_size=sharding.local_batch_size(config.batch_size, mesh),
+                    seed=config.seed,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                )
+            except Exception as e:  # pylint: disable=broad-except
+                raise ValueError(
+                    f"the recipe's training data (config.data.name={config.data.name!r}) cannot be read here "
+                    f"({type(e).__name__}: {e}); a resumable workdir records the data stream's start: convert where "
+                    "the data is readable, or pass --noresumable for a workdir to fine-tune from only"
+                ) from e
+        workdir_lib.record_start(workdir, config, {})
+        ckpt_lib.save_encoder(workdir, enc_iteration, params["encoder"]["encoder"])
+        path = ckpt_lib.workdir_path(workdir) / "official_import"
+        if not path.exists():
+            saver = ocp.StandardCheckpointer()
+            saver.save(path, {"params": params, "codebooks": codebooks})
+            saver.wait_until_finished()
+        if resumable:
+            ckpt_lib.save_encoder(workdir, 0, initial)
+            ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=False)
+            try:
+                meta = {"step": phase.end_step, "phase": phase.name, "phase_index": phase.index}
+                ckpt.save(phase.end_step, state, data_iter, meta)
+            finally:
+                ckpt.close()
+    finally:
+        if lock is not None:
+            lock.release()
+    return {
+        "params": params,
+        "codebooks": codebooks,
+        "extras": extras,
+        "phase": phase,
+        "iteration": enc_iteration,
+        "step": phase.end_step if resumable else None,
+    }
 
 
 def main(argv=None) -> None:
-    """python -m bridle_jax.convert --config=RECIPE.py --checkpoint=official.pth --workdir=W [--iteration=1]
-    [--allow_pickle]: an official BRIDLE checkpoint -> a workdir. The recipe must describe the checkpoint's sizes
-    and the authors'-behaviour switches it needs (README "Parity")."""
+    """python -m bridle_jax.convert --config=RECIPE.py [--config.x=v ...] --checkpoint=official.pth --workdir=W
+    [--iteration=k | --phase_end=K] [--allow_pickle] [--noresumable]: an official BRIDLE checkpoint -> a workdir that
+    `python -m bridle_jax.main` with the same --config and overrides resumes (`convert_checkpoint`). The recipe must
+    describe the checkpoint's sizes and the authors'-behaviour switches it needs (README "Parity")."""
     from absl import app, flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "The recipe (sizes) of the official checkpoint.")
     flags.DEFINE_string("checkpoint", None, "Official checkpoint: .pth (needs --allow_pickle), .safetensors or .npz.")
     flags.DEFINE_string("workdir", None, "The workdir to write.")
-    flags.DEFINE_integer("iteration", 1, "The encoder iteration to store it as (encoders/iteration_k).")
+    flags.DEFINE_integer(
+        "iteration", None, "The checkpoint is the end of this iteration's encoder phase (default 1: the cold start)."
+    )
+    flags.DEFINE_integer(
+        "phase_end", None, "Or: the checkpoint is the end of this plan phase (index into config.schedule.phases)."
+    )
     flags.DEFINE_bool("allow_pickle", False, "Allow torch.load (pickle: it can run code) for a .pth checkpoint.")
+    flags.DEFINE_bool(
+        "resumable", True, "Write the training checkpoint that bridle_jax.main resumes (needs the training data)."
+    )
     flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
     def run(_):
         f = flags.FLAGS
         sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
-        out = convert_checkpoint(f.config, sd, f.workdir, iteration=f.iteration)
-        print(
-            f"{f.workdir}: encoders/iteration_{f.iteration} and official_import/ ({_num_values(out['params'])} values)"
+        out = convert_checkpoint(
+            f.config, sd, f.workdir, iteration=f.iteration, phase_end=f.phase_end, resumable=f.resumable
         )
+        phase = out["phase"]
+        print(
+            f"{f.workdir}: the end of phase {phase.index} ({phase.name}): encoders/iteration_{out['iteration']} and "
+            f"official_import/ ({_num_values(out['params'])} values)"
+        )
+        if out["step"] is not None:
+            print(
+                f"checkpoints/{out['step']}: resume with python -m bridle_jax.main --workdir={f.workdir} and the same "
+                "--config and overrides; it continues with the next phase (the data stream restarts at its beginning)"
+            )
 
     app.run(run, argv)
 

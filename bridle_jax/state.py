@@ -83,6 +83,24 @@ def create_sharded(models, config, tx, phase, seed, mesh) -> TrainState:
     return jax.jit(init, out_shardings=shardings_for(models, config, tx, phase, mesh))()
 
 
+def imported_sharded(models, config, tx, phase, seed, mesh, params, codebooks) -> TrainState:
+    """The state a run checkpoints at the end of `phase`, made of given parameters and codebooks (an imported
+    official checkpoint, `bridle_jax.convert`): `create`'s rng for `seed` (so the next hand-over and steps draw
+    what a run of this seed draws), a fresh optimizer state of the phase's side (the next phase replaces it anyway,
+    SPEC 3.1), no refused steps, and the codebooks marked initialised (never k-means'd again, A3b)."""
+
+    def build(params, codebooks):
+        fresh = create(models, config, tx, phase, seed)  # only its rng and counters are kept (the rest is dead code)
+        return fresh.replace(
+            step=jnp.asarray(phase.end_step, jnp.int32),
+            params=params,
+            codebooks=codebooks.replace(initialized=jnp.asarray(True)),
+            opt_state=tx.init(params[trained_side(phase)]),
+        )
+
+    return jax.jit(build, out_shardings=shardings_for(models, config, tx, phase, mesh))(params, codebooks)
+
+
 def abstract_for(models, config, tx, phase, seed, mesh):
     """Shape/dtype/sharding tree of the state during `phase` (the restore target of its checkpoints)."""
     abstract = jax.eval_shape(lambda: create(models, config, tx, phase, seed))
