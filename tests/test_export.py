@@ -63,16 +63,17 @@ def test_timm_import_forward_and_export_round_trip(golden):
 
 
 def test_convert_then_export_commands(golden, tmp_path):
-    """The convert command on the official image model (.pth refused without --allow_pickle) -> workdir -> the export
-    command -> the official encoder's
-    tensors under timm names (E's final norm as fc_norm), and the JSON of the timm constructor."""
+    """The convert command on the official image model (.pth refused without --allow_pickle) -> a workdir with the
+    training checkpoint main resumes (tests/test_convert_resume.py resumes one) -> the export command -> the official
+    encoder's tensors under timm names (E's final norm as fc_norm), and the JSON of the timm constructor."""
     sd = {k.split("/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("image/model0/")}
     src = tmp_path / "official.npz"
     np.savez(src, **sd)
     workdir = str(tmp_path / "wd")
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(
-        "from tests.test_parity import official_config\n\ndef get_config():\n    return official_config('image')\n"
+    recipe.write_text(  # digits: training data readable here, so the command writes the resumable checkpoint too
+        "from tests.test_parity import official_config\n\ndef get_config():\n    c = official_config('image')\n"
+        "    c.data.name = 'digits'\n    c.batch_size = 64\n    return c\n"
     )
     env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin", "PYTHONPATH": str(ROOT)}
     convert_cmd = [sys.executable, "-m", "bridle_jax.convert", f"--config={recipe}", f"--workdir={workdir}"]
@@ -80,7 +81,9 @@ def test_convert_then_export_commands(golden, tmp_path):
     pth.write_bytes(b"never unpickled")
     refused = subprocess.run(convert_cmd + [f"--checkpoint={pth}"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert refused.returncode != 0 and "--allow_pickle" in refused.stderr
-    subprocess.run(convert_cmd + [f"--checkpoint={src}"], check=True, cwd=ROOT, capture_output=True, env=env)
+    done = subprocess.run(convert_cmd + [f"--checkpoint={src}"], check=True, cwd=ROOT, capture_output=True, env=env)
+    assert b"resume with python -m bridle_jax.main" in done.stdout
+    assert [p.name for p in (tmp_path / "wd" / "checkpoints").iterdir()] == ["1000"]  # the cold start's last step
     from bridle_jax import features
 
     loaded = features.load_encoder(workdir)  # what fine-tuning and probes start from
