@@ -341,6 +341,20 @@ def load_state_dict(path: str, *, allow_pickle: bool = False) -> dict:
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
+def _data_state_for(data_dir, num_processes: int) -> None:
+    """Grain stores one iterator state per process (`process_{i}-of-{n}.json`) and a restore on n processes reads
+    only those, so the resuming run's count needs its own files. The stream's start is the same state for every
+    process and count (the process's slice is part of the dataset, not of the state: README "Multi-host data
+    order"), so this process's file is copied."""
+    if jax.process_index() != 0:
+        return
+    text = (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").read_text()
+    for i in range(num_processes):
+        target = data_dir / f"process_{i}-of-{num_processes}.json"
+        if not target.exists():
+            target.write_text(text)
+
+
 def import_phase(plan, *, iteration: int | None = None, phase_end: int | None = None):
     """The plan phase at whose end an official checkpoint stands, and the encoder iteration it holds.
 
@@ -378,6 +392,7 @@ def convert_checkpoint(
     iteration: int | None = None,
     phase_end: int | None = None,
     resumable: bool = True,
+    num_processes: int = 1,
 ) -> dict:
     """Writes `workdir` from an official state_dict, as a run of `config` would stand at the end of the plan phase
     the checkpoint ends (`import_phase`):
@@ -392,6 +407,7 @@ def convert_checkpoint(
       bridle_jax.main` with the same config then restores it, hands over to the next phase and continues; and
       `encoders/iteration_0` is this config's initial encoder for its seed (the official run's own initial weights
       are not in its checkpoint). Building the data iterator needs the recipe's training data to be readable.
+      `num_processes`: the processes of the run that will resume it (the data item is stored per process count).
 
     Refused (nothing written) into a workdir that holds checkpoints or another config. Returns {"params",
     "codebooks", "extras", "phase", "iteration" (the encoder's), "step"} (step: the checkpoint's, or None)."""
@@ -408,6 +424,8 @@ def convert_checkpoint(
     validate(config)
     plan = schedule.parse_plan(config.schedule.phases)
     phase, enc_iteration = import_phase(plan, iteration=iteration, phase_end=phase_end)
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes: expected a positive int, got {num_processes!r}")
     models = build_models(config)
     params, codebooks, extras = from_official(state_dict, models)
     codebooks = codebooks.replace(initialized=jnp.asarray(True))  # trained or k-means'd: never re-initialised (A3b)
@@ -425,7 +443,8 @@ def convert_checkpoint(
             template = jax.eval_shape(lambda: models.init_params(jax.random.key(0)))
             params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)
             state = state_lib.imported_sharded(models, config, tx, phase, config.seed, mesh, params, codebooks)
-            initial = jax.jit(lambda: state_lib.create(models, config, tx, phase, config.seed).params["encoder"]["encoder"])()
+            fresh = lambda: state_lib.create(models, config, tx, phase, config.seed)
+            initial = jax.jit(lambda: fresh().params["encoder"]["encoder"])()  # iteration 0: this seed's init
             try:
                 data_iter = pipeline.train_iterator(
                     config.data,
@@ -455,6 +474,7 @@ def convert_checkpoint(
                 ckpt.save(phase.end_step, state, data_iter, meta)
             finally:
                 ckpt.close()
+            _data_state_for(ckpt.directory / str(phase.end_step) / "data", num_processes)
     finally:
         if lock is not None:
             lock.release()
@@ -470,9 +490,10 @@ def convert_checkpoint(
 
 def main(argv=None) -> None:
     """python -m bridle_jax.convert --config=RECIPE.py [--config.x=v ...] --checkpoint=official.pth --workdir=W
-    [--iteration=k | --phase_end=K] [--allow_pickle] [--noresumable]: an official BRIDLE checkpoint -> a workdir that
-    `python -m bridle_jax.main` with the same --config and overrides resumes (`convert_checkpoint`). The recipe must
-    describe the checkpoint's sizes and the authors'-behaviour switches it needs (README "Parity")."""
+    [--iteration=k | --phase_end=K] [--num_processes=n] [--allow_pickle] [--noresumable]: an official BRIDLE
+    checkpoint -> a workdir that `python -m bridle_jax.main` with the same --config and overrides resumes
+    (`convert_checkpoint`). The recipe must describe the checkpoint's sizes and the authors'-behaviour switches it
+    needs (README "Parity")."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -489,13 +510,20 @@ def main(argv=None) -> None:
     flags.DEFINE_bool(
         "resumable", True, "Write the training checkpoint that bridle_jax.main resumes (needs the training data)."
     )
+    flags.DEFINE_integer("num_processes", 1, "The processes (hosts) of the run that will resume the workdir.")
     flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
     def run(_):
         f = flags.FLAGS
         sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
         out = convert_checkpoint(
-            f.config, sd, f.workdir, iteration=f.iteration, phase_end=f.phase_end, resumable=f.resumable
+            f.config,
+            sd,
+            f.workdir,
+            iteration=f.iteration,
+            phase_end=f.phase_end,
+            resumable=f.resumable,
+            num_processes=f.num_processes,
         )
         phase = out["phase"]
         print(

@@ -16,6 +16,7 @@ import pytest
 
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import convert, schedule, train
+from bridle_jax.data import pipeline
 from bridle_jax.models.bridle import build_models
 from tests.tiny import tiny_config
 
@@ -58,13 +59,21 @@ def test_converted_workdir_resumes_training(tmp_path):
     plan = schedule.parse_plan(config.schedule.phases)
     models = build_models(config)
     workdir = str(tmp_path / "wd")
-    out = convert.convert_checkpoint(config, official_like_state_dict(models, config), workdir, phase_end=1)
+    sd = official_like_state_dict(models, config)
+    out = convert.convert_checkpoint(config, sd, workdir, phase_end=1, num_processes=2)
     end = plan[1].end_step
     assert out["step"] == end and out["iteration"] == 1
+    data = tmp_path / "wd" / "checkpoints" / str(end) / "data"  # the stream's start, for 1 and for 2 processes
+    states = {f.name: json.loads(f.read_text()) for f in data.glob("process_*.json")}
+    assert sorted(states) == ["process_0-of-1.json", "process_0-of-2.json", "process_1-of-2.json"]
+    second = pipeline.train_iterator(
+        config.data, local_batch_size=8, seed=config.seed, process_index=1, process_count=2
+    )
+    assert all(v == second.get_state() for v in states.values())  # what process 1 of 2 starts from
     assert ckpt_lib.saved_iterations(workdir) == [0, 1]  # 0: the seed's initial encoder; 1: the checkpoint's
     assert (tmp_path / "wd" / "config_history" / "0001.json").is_file()
     with pytest.raises(ValueError, match="already holds training checkpoints"):
-        convert.convert_checkpoint(config, official_like_state_dict(models, config), workdir, phase_end=1)
+        convert.convert_checkpoint(config, sd, workdir, phase_end=1)
 
     result = train.train_and_evaluate(config, workdir, stop_at_step=end + 2)
     state = result["final_state"]
