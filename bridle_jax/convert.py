@@ -403,7 +403,8 @@ def convert_checkpoint(
       `bridle_jax.export` read), and `official_import/`: all parameters and the codebooks (Orbax);
     * with `resumable`: a training checkpoint at the phase's last step (`checkpoints/<step>`): the parameters, the
       codebooks, a fresh optimizer state, the seed's rng, and the data iterator at the start of the dataset order
-      (the one thing not carried over: the official run's data position has no meaning here). `python -m
+      (not carried over: the official run's data position, which has no meaning here, and its optimizer moments,
+      which the next phase would restart anyway, SPEC 3.1). `python -m
       bridle_jax.main` with the same config then restores it, hands over to the next phase and continues; and
       `encoders/iteration_0` is this config's initial encoder for its seed (the official run's own initial weights
       are not in its checkpoint). Building the data iterator needs the recipe's training data to be readable.
