@@ -1,7 +1,8 @@
-"""MAE-style random masking and VideoMAE tube masking, with static shapes (SPEC 1.3, 3.4, A9).
+"""MAE-style random masking and VideoMAE tube masking, with static shapes.
 
-Masks are permutations, not boolean selections: every sample keeps exactly `num_kept(N, ratio)` patches, so the
-visible-token array has a static shape under jit. `keep_idx` feeds the encoder's gather, `restore_idx` the
+Masks are permutations, not boolean selections: every sample keeps exactly the same number of patches
+(`num_kept(N, ratio)` for random masks, `t * tube_num_kept(h * w, ratio)` for tube masks), so the visible-token array
+has a static shape under jit. `keep_idx` feeds the encoder's gather, `restore_idx` the
 decoder's unshuffle, `masked` the loss.
 """
 
@@ -20,13 +21,27 @@ class Mask(NamedTuple):
     masked: jax.Array  # [B, N] bool: True = masked = prediction target
 
 
-def num_kept(num_patches: int, ratio: float) -> int:
-    """Visible patches per sample: int(N * (1 - ratio)) as in MAE (196 patches at 0.8 keep 39), at least 1."""
+def _check(num_patches: int, ratio: float) -> None:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
     if num_patches < 1:
         raise ValueError(f"num_patches must be positive, got {num_patches}")
+
+
+def num_kept(num_patches: int, ratio: float) -> int:
+    """Visible patches per sample of a random mask: int(N * (1 - ratio)), as MAE's `random_masking` counts them
+    (196 patches at 0.8 keep 39, 512 keep 102), at least 1."""
+    _check(num_patches, ratio)
     return max(1, int(num_patches * (1.0 - ratio)))
+
+
+def tube_num_kept(num_spatial: int, ratio: float) -> int:
+    """Visible patches per frame slot of a tube mask: hw - int(ratio * hw). VideoMAE's generator counts the *masked*
+    tokens, int(ratio * hw), so 0.9 on 14x14 masks 176 and keeps 20 (160 per 8-slot clip); int(hw * (1 - ratio))
+    would give int(19.599...) = 19 in float arithmetic. At least 1 (ratio < 1); it masks nothing when
+    ratio * hw < 1."""
+    _check(num_spatial, ratio)
+    return num_spatial - int(ratio * num_spatial)
 
 
 def random_mask(key: jax.Array, batch_size: int, num_patches: int, ratio: float) -> Mask:
@@ -40,13 +55,13 @@ def random_mask(key: jax.Array, batch_size: int, num_patches: int, ratio: float)
 
 def tube_mask(key: jax.Array, batch_size: int, grid: tuple[int, int, int], ratio: float) -> Mask:
     """VideoMAE tube masking: one random spatial mask per sample, repeated in every temporal slot of the (t, h, w)
-    grid, so a masked patch cannot be copied from its neighbour in time. Keeps `t * num_kept(h * w, ratio)` patches
-    (0.9 on 8x14x14: 20 per slot, 160 in all), listed slot by slot."""
+    grid, so a masked patch cannot be copied from its neighbour in time. Keeps `t * tube_num_kept(h * w, ratio)`
+    patches (0.9 on 8x14x14: 20 per slot, 160 in all), listed slot by slot."""
     if len(grid) != 3:
         raise ValueError(f"tube masking needs a (time, height, width) patch grid, got {grid}")
     t, h, w = grid
     hw = h * w
-    n_keep = num_kept(hw, ratio)
+    n_keep = tube_num_kept(hw, ratio)
     noise = jax.random.uniform(key, (batch_size, hw))
     spatial = jnp.argsort(noise, axis=1).astype(jnp.int32)  # [B, hw]: kept positions first
     offsets = (jnp.arange(t, dtype=jnp.int32) * hw)[None, :, None]  # [1, t, 1]

@@ -1,6 +1,7 @@
 """Audio data: decoding, waveform transforms, sources in their native layouts, the demo set, the Grain pipeline."""
 
 import csv
+import json
 import logging
 import os
 import threading
@@ -189,29 +190,56 @@ def test_load_audio_bad_inputs_raise_audio_decode_error_naming_the_file(tmp_path
 # --------------------------------------------------------------------------------------------- wave transforms
 
 
-def test_roll_mag_aug_matches_numpy_reference_and_its_distribution():
+def test_roll_mag_aug_default_is_the_authors_gain_only_with_time_alignment_kept():
+    """As the authors' code runs it (their shift is drawn from len() of a [1, N] tensor, so always 0): output = one
+    scalar gain Beta(10, 10) + 0.5 in [0.5, 1.5] times the input, sample for sample; no roll."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal(777).astype(np.float32)
     out = audio.roll_mag_aug(x, np.random.default_rng(99))
+    gain = np.random.default_rng(99).beta(10.0, 10.0) + 0.5  # the only draw
+    np.testing.assert_allclose(out, x.astype(np.float64) * gain, rtol=1e-6)
+    assert out.dtype == np.float32 and out.shape == x.shape
+
+    gen = np.random.default_rng(5)
+    gains = []
+    for _ in range(300):
+        x = gen.standard_normal(int(gen.integers(50, 2000))).astype(np.float32)  # a fresh waveform every time
+        y = audio.roll_mag_aug(x, gen)
+        g = float(np.dot(y, x) / np.dot(x, x))
+        np.testing.assert_allclose(y, x * np.float32(g), rtol=1e-5, atol=1e-6)  # time alignment unchanged
+        assert best_roll(x, y)[0] == 0
+        gains.append(g)
+    gains = np.asarray(gains)
+    assert 0.5 < gains.min() and gains.max() < 1.5
+    assert abs(gains.mean() - 1.0) < 0.02 and abs(gains.std() - np.sqrt(1 / 84)) < 0.03  # Beta(10,10): sd 0.109
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        audio.roll_mag_aug(np.zeros((0,), np.float32), gen)
+
+
+def test_roll_mag_aug_roll_option_is_a_circular_shift_times_the_gain():
+    """roll=True (config.data.roll_shift, a deviation): a uniform circular shift in [0, n), then the same gain."""
+    x = np.random.default_rng(4).standard_normal(777).astype(np.float32)
+    out = audio.roll_mag_aug(x, np.random.default_rng(99), roll=True)
     ref_rng = np.random.default_rng(99)
     shift, magnitude = ref_rng.integers(0, x.size), ref_rng.beta(10.0, 10.0) + 0.5
     np.testing.assert_allclose(out, np.roll(x.astype(np.float64), shift) * magnitude, rtol=1e-6)
     assert out.dtype == np.float32 and out.shape == x.shape
 
     gen = np.random.default_rng(5)
-    ratios, shifts = [], []
+    gains, shifts = [], []
     for _ in range(300):
-        y = audio.roll_mag_aug(x, gen)
+        x = gen.standard_normal(777).astype(np.float32)  # a fresh waveform every time
+        y = audio.roll_mag_aug(x, gen, roll=True)
         shift, gain = best_roll(x, y)
         np.testing.assert_allclose(y, np.roll(x, shift) * gain, atol=1e-5)
         shifts.append(shift)
-        ratios.append(gain)
-    ratios = np.asarray(ratios)
-    assert 0.5 < ratios.min() and ratios.max() < 1.5
-    assert abs(ratios.mean() - 1.0) < 0.02 and abs(ratios.std() - np.sqrt(1 / 84)) < 0.03  # Beta(10,10): sd 0.109
+        gains.append(gain)
+    gains = np.asarray(gains)
+    assert 0.5 < gains.min() and gains.max() < 1.5
+    assert abs(gains.mean() - 1.0) < 0.02
     assert len(set(shifts)) > 200  # uniform shifts over 777 positions
     with pytest.raises(ValueError, match="non-empty 1-D"):
-        audio.roll_mag_aug(np.zeros((0,), np.float32), gen)
+        audio.roll_mag_aug(np.zeros((0,), np.float32), gen, roll=True)
 
 
 def test_crop_or_pad_lengths():
@@ -521,6 +549,8 @@ def test_default_config_and_spec():
         ("norm_std", 0.0, "config.data.norm_std"),
         ("norm_mean", float("nan"), "config.data.norm_mean"),
         ("roll_mag_aug", "yes", "config.data.roll_mag_aug: expected a bool"),
+        ("roll_shift", "yes", "config.data.roll_shift: expected None or a bool"),
+        ("roll_shift", 1, "config.data.roll_shift: expected None or a bool"),
         ("train_folds", (), "config.data.train_folds"),
         ("test_folds", (0,), "config.data.test_folds"),
         ("max_skipped", -1, "config.data.max_skipped"),
@@ -573,8 +603,11 @@ def test_train_batches_shapes_determinism_and_thread_independence(esc_root):
     assert len(set(lengths[:16].tolist())) == 16
 
 
-def test_train_records_are_roll_mag_augmented_eval_records_are_not(esc_root):
-    cfg = data_config(data_dir=esc_root)
+@pytest.mark.parametrize("roll_shift", [None, False, True])
+def test_train_records_are_roll_mag_augmented_eval_records_are_not(esc_root, roll_shift):
+    """Default (None/False): each real record is its decoded samples times one gain in (0.5, 1.5), time alignment
+    kept. roll_shift=True: a circular shift of the real samples, times the gain. Padding stays zero either way."""
+    cfg = data_config(data_dir=esc_root, roll_shift=roll_shift)
     plain = audio_pipeline.train_dataset(
         data_config(data_dir=esc_root, roll_mag_aug=False), local_batch_size=20, seed=3
     )
@@ -583,12 +616,42 @@ def test_train_records_are_roll_mag_augmented_eval_records_are_not(esc_root):
     np.testing.assert_array_equal(p["label"], q["label"])  # same shuffle
     source = audio_sources.ESC50Source(esc_root, (1, 2, 3, 4, 5))
     decoded = {tuple(audio.crop_or_pad(source[i]["waveform"], S)[0][:50]): i for i in range(len(source))}
+    shifts = []
     for x, y, n in zip(p["input"], q["input"], p["length"]):
         assert tuple(x[:50]) in decoded  # the un-augmented stream is exactly crop_or_pad(decode(file))
-        assert not np.any(y[n:])  # the roll stays inside the real samples
+        assert not np.any(y[n:])  # the augmentation stays inside the real samples
         shift, gain = best_roll(x[:n], y[:n])
         assert 0.5 < gain < 1.5
         np.testing.assert_allclose(y[:n], np.roll(x[:n].astype(np.float64), shift) * gain, atol=1e-5)
+        shifts.append(shift)
+    if roll_shift:
+        assert sum(s != 0 for s in shifts) >= 18  # rolled (a zero shift has probability 1/n per record)
+    else:
+        assert shifts == [0] * len(shifts)
+        for x, y in zip(p["input"], q["input"]):
+            g = float(np.dot(y, x) / np.dot(x, x))
+            np.testing.assert_allclose(y, x * np.float32(g), rtol=1e-5, atol=1e-6)  # one scalar gain, whole clip
+    again = audio_pipeline.train_dataset(cfg, local_batch_size=20, seed=3)[0]  # seeded per record
+    np.testing.assert_array_equal(again["input"], q["input"])
+
+
+def test_roll_shift_needs_roll_mag_aug_and_old_configs_without_it_still_validate_and_resume(esc_root):
+    from bridle_jax import workdir
+
+    expected = r"config\.data\.roll_shift: expected None or False when config\.data\.roll_mag_aug is False"
+    with pytest.raises(ValueError, match=expected):
+        audio_pipeline.validate_data_config(data_config(data_dir=esc_root, roll_mag_aug=False, roll_shift=True))
+    current = data_config(data_dir=esc_root)
+    assert current.roll_shift is None and audio_pipeline.data_spec(current).roll_shift is False
+    assert audio_pipeline.RollMagAug().roll_shift is False  # the transform's own default: the gain only
+    older = types.SimpleNamespace(**{k: v for k, v in current.to_dict().items() if k != "roll_shift"})
+    assert audio_pipeline.data_spec(older).roll_shift is False  # a config from before the field: no roll
+    # A workdir's config.json written before the field existed compares equal (a missing field reads as None).
+    as_json = lambda cfg: {"data": json.loads(cfg.to_json_best_effort())}
+    old_json = {"data": {k: v for k, v in as_json(current)["data"].items() if k != "roll_shift"}}
+    assert workdir.config_differences(old_json, as_json(current)) == {}
+    current.roll_shift = True  # turning the roll on is a change of the data stream: refused on resume
+    assert workdir.config_differences(old_json, as_json(current)) == {"data.roll_shift": (None, True)}
 
 
 def test_process_shards_union_is_the_global_batch(esc_root):

@@ -1,4 +1,5 @@
-"""MAE random masking: exact keep counts, consistent indices, per-sample and per-key randomness, static shapes."""
+"""MAE random and VideoMAE tube masking: exact keep counts, consistent indices, per-sample and per-key randomness,
+static shapes."""
 
 import jax
 import numpy as np
@@ -70,13 +71,13 @@ def test_jit_with_static_shapes():
 
 @pytest.mark.parametrize("grid, ratio", [((8, 14, 14), 0.9), ((4, 4, 4), 0.75), ((2, 3, 5), 0.5)])
 def test_tube_mask_repeats_one_spatial_mask_in_every_time_slot(grid, ratio):
-    from bridle_jax.masking import tube_mask
+    from bridle_jax.masking import tube_mask, tube_num_kept
 
     t, h, w = grid
     hw, b = h * w, 5
     mask = tube_mask(jax.random.PRNGKey(11), b, grid, ratio)
     keep, restore, masked = (np.asarray(a) for a in mask)
-    k = num_kept(hw, ratio)
+    k = tube_num_kept(hw, ratio)
     n = t * hw
     assert keep.shape == (b, t * k) and restore.shape == (b, n) and masked.shape == (b, n)
     np.testing.assert_array_equal(masked.sum(1), t * (hw - k))  # exact keep count, every sample
@@ -102,3 +103,54 @@ def test_make_mask_dispatches_and_rejects_unknown_kinds():
         make_mask("block", jax.random.PRNGKey(2), 3, (4, 8), 0.8)
     with pytest.raises(ValueError, match="time, height, width"):
         make_mask("tube", jax.random.PRNGKey(2), 3, (4, 8), 0.8)
+
+
+# ------------------------------------------------------------------------- kept counts: tube vs random (fidelity)
+
+
+def test_kinetics_recipe_tube_mask_keeps_160_tokens_per_clip():
+    """configs/kinetics400.py: 224 px, 16x16 patches (14x14 = 196 per slot), 16 frames in tubelets of 2 (8 slots),
+    ratio 0.9. VideoMAE masks int(0.9 * 196) = 176 per slot and keeps 20: 160 per clip (not 8 * 19 = 152)."""
+    from bridle_jax.masking import make_mask, tube_num_kept
+    from tests import tiny
+
+    c = tiny.load_config("kinetics400")
+    assert c.model.variant.endswith("/16")
+    side = c.data.image_size // 16
+    grid = (c.data.num_frames // c.model.tubelet_size, side, side)
+    assert grid == (8, 14, 14) and c.masking.kind == "tube" and c.masking.ratio == 0.9
+    assert tube_num_kept(196, 0.9) == 20
+    mask = make_mask(c.masking.kind, jax.random.PRNGKey(0), 2, grid, c.masking.ratio)
+    assert mask.keep_idx.shape == (2, 160)
+    np.testing.assert_array_equal(np.asarray(mask.masked).sum(1), [1568 - 160] * 2)
+    np.testing.assert_array_equal(np.asarray(mask.masked).reshape(2, 8, 196).sum(2), 176)  # 176 masked per slot
+
+
+@pytest.mark.parametrize(
+    "hw, ratio",
+    [(196, 0.9), (196, 0.75), (196, 0.8), (16, 0.75), (16, 0.9), (64, 0.9), (9, 0.9), (49, 0.6), (100, 0.7), (3, 0.5)],
+)
+def test_tube_kept_count_is_hw_minus_int_of_masked(hw, ratio):
+    """The VideoMAE rule, with the masked count computed the way its generator does (int of ratio * hw)."""
+    from bridle_jax.masking import tube_mask, tube_num_kept
+
+    masked_ref = int(np.float64(ratio) * np.int64(hw))  # VideoMAE's TubeMaskingGenerator: int(ratio * patches)
+    assert tube_num_kept(hw, ratio) == hw - masked_ref
+    side = int(np.sqrt(hw))
+    grid = (2, side, hw // side) if side * (hw // side) == hw else (2, 1, hw)
+    mask = tube_mask(jax.random.PRNGKey(hw), 3, grid, ratio)
+    assert mask.keep_idx.shape == (3, 2 * (hw - masked_ref))
+    np.testing.assert_array_equal(np.asarray(mask.masked).sum(1), 2 * masked_ref)
+
+
+@pytest.mark.parametrize("n, ratio", [(196, 0.8), (512, 0.8), (196, 0.9), (1568, 0.9), (64, 0.75), (49, 0.6)])
+def test_random_mask_count_is_unchanged_by_the_tube_rule(n, ratio):
+    """MAE's random_masking keeps int(N * (1 - ratio)) (196 at 0.8: 39; 512 at 0.8: 102), not N - int(ratio * N)."""
+    from bridle_jax.masking import make_mask
+
+    expected = max(1, int(np.int64(n) * (1.0 - np.float64(ratio))))
+    assert num_kept(n, ratio) == expected
+    mask = make_mask("random", jax.random.PRNGKey(n), 2, (n,), ratio)
+    assert mask.keep_idx.shape == (2, expected)
+    np.testing.assert_array_equal(np.asarray(mask.masked).sum(1), n - expected)
+    assert (num_kept(196, 0.8), num_kept(512, 0.8)) == (39, 102)

@@ -4,7 +4,8 @@ The log-mel front-end runs on device inside the training step (``fbank.py``), so
 file into a clean mono float32 waveform at 16 kHz, augment it, and cut/pad it to a static length:
 
   load_audio(path)          soundfile decode → mean over channels → polyphase resampling (``resample_poly``)
-  roll_mag_aug(wav, rng)    random circular roll, then × (Beta(10, 10) + 0.5) (AudioMAE/BRIDLE, on real samples)
+  roll_mag_aug(wav, rng)    × (Beta(10, 10) + 0.5), the gain AudioMAE/BRIDLE apply (their roll is a no-op); with
+                            roll=True a true random circular roll first (a deviation, off by default)
   crop_or_pad(wav, S)       keep the first S samples (AudioMAE keeps the first target frames) or zero-pad to S
 
 The waveform mean is *not* removed here: the front-end removes it over the real samples only, so padding never
@@ -119,17 +120,24 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     return resample(mono, sample_rate, target_sr)
 
 
-def roll_mag_aug(waveform: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """SPEC §1.2 ``roll_mag_aug``: circular roll by a uniform shift in ``[0, n)``, then × ``Beta(10, 10) + 0.5``.
+def roll_mag_aug(waveform: np.ndarray, rng: np.random.Generator, *, roll: bool = False) -> np.ndarray:
+    """``roll_mag_aug`` as the authors' code runs it: the waveform × ``Beta(10, 10) + 0.5`` (one scalar gain).
 
-    Apply it to the real samples only (before padding), so the roll never moves padding into the clip.
+    AudioMAE/BRIDLE's ``_roll_mag_aug`` means to roll first, but draws the shift as ``randint(len(waveform))`` on the
+    ``[1, N]`` tensor ``torchaudio.load`` returns, so the shift is always 0 and only the gain is applied: that is
+    what produced the published numbers, and the default here. ``roll=True`` (``config.data.roll_shift``) adds the
+    intended circular roll by a uniform shift in ``[0, n)`` before the gain, a deviation from the as-run recipe.
+    Draws from ``rng``: the gain only; with ``roll``, the shift and then the gain.
+
+    Apply it to the real samples only (before padding), so a roll never moves padding into the clip.
     """
     waveform = np.asarray(waveform, dtype=np.float32)
     if waveform.ndim != 1 or waveform.size == 0:
         raise ValueError(f"roll_mag_aug: expected a non-empty 1-D waveform, got shape {waveform.shape}")
-    shift = int(rng.integers(0, waveform.size))
+    if roll:
+        waveform = np.roll(waveform, int(rng.integers(0, waveform.size)))
     magnitude = rng.beta(10.0, 10.0) + 0.5
-    return (np.roll(waveform, shift) * np.float32(magnitude)).astype(np.float32)
+    return (waveform * np.float32(magnitude)).astype(np.float32)
 
 
 def crop_or_pad(

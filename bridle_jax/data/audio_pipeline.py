@@ -18,7 +18,8 @@ Datasets (``config.data.name`` → its splits; the probe tests on the split in `
 
 Order of the train stream:
   source (decode, unreadable → next readable) → shuffle(seed) → repeat (reshuffled per epoch)
-  → roll_mag_aug (real samples only) → crop_or_pad(S) → batch → [process_index::process_count]
+  → roll_mag_aug (real samples only: the gain; with roll_shift a roll first) → crop_or_pad(S) → batch
+  → [process_index::process_count]
 MapDataset is lazy, so a process decodes only the records it owns, while each record's augmentation is keyed by its
 global position: the process blocks of a global batch are exactly the single-process batch, in its row order.
 
@@ -70,7 +71,13 @@ def default_data_config() -> ml_collections.ConfigDict:
             "target_frames": 1024,  # 10.24 s; ESC-50 recipe 512
             "norm_mean": -4.4446096,  # AudioSet "new analytical stats"; ESC-50 -6.6268077
             "norm_std": 3.3216383,  # ESC-50 5.358466
-            "roll_mag_aug": True,  # SPEC §1.2: on in every audio pretrain/finetune script
+            # On in every one of the authors' audio pretrain/finetune scripts. As their code runs it, it is only a
+            # gain, waveform x (Beta(10, 10) + 0.5): the roll they meant is a no-op (shift drawn from len() of a
+            # [1, N] tensor, always 0).
+            "roll_mag_aug": True,
+            # True: a real random circular roll before the gain (a deviation from the as-run recipe). None (the
+            # default, so workdirs started before this field existed resume unchanged) or False: no roll.
+            "roll_shift": ml_collections.config_dict.placeholder(bool),
             # ESC-50 and the sounds demo: 5-fold CV, train on 4 folds, test on the 5th.
             "train_folds": (1, 2, 3, 4),
             "test_folds": (5,),
@@ -102,6 +109,7 @@ class AudioDataSpec:
     frontend: fbank.FrontendSpec
     num_samples: int
     roll_mag_aug: bool
+    roll_shift: bool
     train_folds: tuple[int, ...]
     test_folds: tuple[int, ...]
     audioset: dict
@@ -190,6 +198,12 @@ def data_spec(data_config) -> AudioDataSpec:
     roll = _get(data_config, "roll_mag_aug")
     if not isinstance(roll, (bool, np.bool_)):
         _fail("roll_mag_aug", "a bool", roll)
+    # An older config (or config.json) without the field reads as None: no roll, the authors' as-run behaviour.
+    shift = getattr(data_config, "roll_shift", None)
+    if shift is not None and not isinstance(shift, (bool, np.bool_)):
+        _fail("roll_shift", "None or a bool (True: a random circular roll before the roll_mag_aug gain)", shift)
+    if shift and not roll:
+        _fail("roll_shift", "None or False when config.data.roll_mag_aug is False (the roll is part of it)", shift)
     audioset, csv_files = {}, {}
     if name == "audioset":
         for field in ("train_csv", "eval_csv", "class_index_csv", "train_audio_dir", "eval_audio_dir"):
@@ -212,6 +226,7 @@ def data_spec(data_config) -> AudioDataSpec:
         frontend=spec,
         num_samples=int(num_samples),
         roll_mag_aug=bool(roll),
+        roll_shift=bool(shift),
         train_folds=_folds(data_config, "train_folds"),
         test_folds=_folds(data_config, "test_folds"),
         audioset=audioset,
@@ -383,10 +398,17 @@ class ReadableSource:
 
 
 class RollMagAug(grain.transforms.RandomMap):
-    """SPEC §1.2 ``roll_mag_aug`` on the record's (real, unpadded) waveform; rng from Grain's ``random_map``."""
+    """``audio.roll_mag_aug`` on the record's (real, unpadded) waveform; rng from Grain's ``random_map`` (seeded per
+    record). ``roll_shift=False``: the gain only, as the authors' code runs it; True: a circular roll first."""
+
+    def __init__(self, roll_shift: bool = False):
+        self.roll_shift = bool(roll_shift)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return {**element, "waveform": audio.roll_mag_aug(element["waveform"], rng)}
+        return {**element, "waveform": audio.roll_mag_aug(element["waveform"], rng, roll=self.roll_shift)}
+
+    def __repr__(self) -> str:
+        return f"RollMagAug(roll_shift={self.roll_shift})"
 
 
 class CropOrPad(grain.transforms.Map):
@@ -429,7 +451,7 @@ def train_dataset(
     ds = grain.MapDataset.source(ReadableSource(source, spec.max_skipped, replace=True))
     ds = ds.shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
     if spec.roll_mag_aug:
-        ds = ds.random_map(RollMagAug(), seed=aug_seed)
+        ds = ds.random_map(RollMagAug(spec.roll_shift), seed=aug_seed)
     ds = ds.map(CropOrPad(spec.num_samples))
     # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
     # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
