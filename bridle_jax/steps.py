@@ -302,9 +302,13 @@ def encoder_step(
     )
     metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size, valid)
     metrics["train/update_norm"] = update_norm
+    # the baseline of those accuracies: the most frequent code per (position, level) over the same targets of the
+    # whole batch (`codes` and `targets` are full-batch here, also under gradient accumulation)
+    position_only = losses.position_only_accuracy(codes, targets, config.quantizer.codebook_size)
     for m in range(per_level.shape[0]):
         metrics[f"train/encoder/ce_level{m}"] = per_level[m]
         metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
+        metrics[f"train/encoder/position_only_accuracy_level{m}"] = position_only[m]
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state, nonfinite=_count_nonfinite(state.nonfinite, ok)
     )

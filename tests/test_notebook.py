@@ -97,7 +97,8 @@ def test_every_cell_ran_without_error(executed):
     assert all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
     images = [o for c in code for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 5  # training curves, codebook curves and use, embedded digits, confusion matrices
+    # training curves, codebook curves, encoder accuracy, codebook use, embedded digits, confusion matrices
+    assert len(images) >= 6
     assert "Linear probe top-1 (encoder of iteration 2)" in _text(nb)
 
 
@@ -142,9 +143,53 @@ def test_codebook_health_and_figures_written(executed):
     for name in (
         "training_curves.png",
         "codebook_curves.png",
+        "encoder_accuracy.png",
         "codebook_usage.png",
         "embed_digits.png",
         "confusion_matrix.png",
         "codebook_usage_level0.png",
     ):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def _tensorboard_tags(workdir) -> set:
+    """Every scalar tag in the run's TensorBoard event files (TFRecord framing: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in (pathlib.Path(workdir) / "tensorboard").glob("events.out.tfevents.*"):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            tags.update(v.tag for v in event.summary.value)
+            pos += 12 + length + 4
+    return tags
+
+
+def test_encoder_accuracy_and_position_only_baseline(workdir, executed):
+    """Every logged step of an encoder phase has, per level, the masked-prediction accuracy and its position-only
+    baseline, in metrics.jsonl and TensorBoard; the notebook's table holds the last logged step of each phase."""
+    _, out = executed
+    levels = _config().quantizer.num_levels
+    keys = [f"train/encoder/{name}_level{m}" for name in ("accuracy", "position_only_accuracy") for m in range(levels)]
+    lines = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    encoder_lines = [r for r in lines if "encoder" in r["phase"] and "train/loss" in r]
+    assert {r["phase"] for r in encoder_lines} == {"iter1_encoder", "iter2_encoder"}
+    assert len(encoder_lines) == 6  # log_every_steps = 1, 3 steps per encoder phase
+    for r in encoder_lines:
+        for k in keys:
+            assert 0.0 <= r[k] <= 1.0, (r["step"], k)
+    assert not [k for r in lines if "tokenizer" in r["phase"] for k in r if "position_only" in k]
+    assert set(keys) <= _tensorboard_tags(workdir)
+    table = json.loads((out / "evaluate_summary.json").read_text())["encoder_accuracy"]
+    assert set(table) == {"iter1_encoder", "iter2_encoder"}
+    for phase, entry in table.items():
+        last = max((r for r in encoder_lines if r["phase"] == phase), key=lambda r: r["step"])
+        assert entry["step"] == last["step"]
+        assert entry["accuracy"] == [last[f"train/encoder/accuracy_level{m}"] for m in range(levels)]
+        assert entry["position_only_accuracy"] == [
+            last[f"train/encoder/position_only_accuracy_level{m}"] for m in range(levels)
+        ]
