@@ -121,7 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
                     steps=500,
                     lr=1e-2,
                     batch_size=256,
-                    max_examples=ml_collections.config_dict.placeholder(int),
+                    max_examples=ml_collections.config_dict.placeholder(int),  # the first N of each split
+                    max_test_examples=ml_collections.config_dict.placeholder(int),  # the test split's N, if other
                 )
             ),
         )
@@ -173,7 +174,7 @@ def _check_masking_trains(c, patch: int, masking) -> None:
     `masking.ratio=0` would train nothing (loss and gradients 0 at every step) and still finish "DONE"."""
     grid = _patch_grid(c, patch)
     n = grid[1] * grid[2] if c.masking.kind == "tube" else math.prod(grid)
-    kept = masking.num_kept(n, c.masking.ratio)
+    kept = (masking.tube_num_kept if c.masking.kind == "tube" else masking.num_kept)(n, c.masking.ratio)
     if kept >= n:
         _fail(
             "masking.ratio",

@@ -143,8 +143,9 @@ class _ProbeData:
 
     def __init__(self, config):
         p = config.evals.linear_probe
+        test_cap = p.get("max_test_examples", None) or p.max_examples
         self.train = pipeline.eval_arrays(config.data, p.train_split, p.max_examples)
-        self.test = pipeline.eval_arrays(config.data, p.test_split, p.max_examples)
+        self.test = pipeline.eval_arrays(config.data, p.test_split, test_cap)
 
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:

@@ -54,6 +54,7 @@ def module_for_modality(modality: str):
 # Every dataset name -> its modality (the module's DATASETS must list the same names; a test checks it).
 DATASETS = {
     "digits": "image",  # embedded demo: scikit-learn's handwritten digits
+    "fashion_mnist": "image",  # the real-data study: the four official IDX files (README "Does it learn?")
     "imagenet2012": "image",
     "sounds": "audio",  # embedded demo: synthesised sound classes in the ESC-50 layout
     "esc50": "audio",

@@ -1,4 +1,5 @@
-"""Random-access image sources for Grain: the embedded digits demo and ImageNet-1K (TFDS ArrayRecord).
+"""Random-access image sources for Grain: the embedded digits demo, Fashion-MNIST (IDX files) and ImageNet-1K
+(TFDS ArrayRecord).
 
 Every source here has ``__len__``/``__getitem__`` and yields ``{"image": uint8 [H, W, 3], "label": int32}`` so the
 transforms and the pipeline never need to know which dataset they read. Records are checked as they are read: a
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-DATASETS = ("digits", "imagenet2012")
+DATASETS = ("digits", "fashion_mnist", "imagenet2012")
 # The labelled held-out split each dataset is evaluated (probed) on.
-EVAL_SPLIT = {"digits": "test", "imagenet2012": "validation"}
+EVAL_SPLIT = {"digits": "test", "fashion_mnist": "test", "imagenet2012": "validation"}
 
 # The digits split is part of the demo's contract (the probe's accuracy is reported on it): a fixed seed and a
 # per-class split that depends only on NumPy's PCG64 stream, not on scikit-learn's splitter implementation.
@@ -127,11 +128,15 @@ def imagenet2012_source(split: str, data_dir: str | None):
 
 
 def make_source(data_config, split: str):
-  """The source named by ``config.data.name`` for ``split`` ("train" or the eval split: digits "test", ImageNet
-  "validation")."""
+  """The source named by ``config.data.name`` for ``split`` ("train" or the eval split: digits and Fashion-MNIST
+  "test", ImageNet "validation")."""
   name = data_config.name
   if name == "digits":
     return DigitsSource(split)
+  if name == "fashion_mnist":
+    from bridle_jax.data import fashion_mnist
+
+    return fashion_mnist.FashionMnistSource(split, getattr(data_config, "data_dir", None))
   if name == "imagenet2012":
     return imagenet2012_source(split, getattr(data_config, "data_dir", None))
   raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")

@@ -519,7 +519,7 @@ def _jit_predict(s: Setup, mesh):
 def known_num_classes(c) -> int | None:
     """The class count the dataset itself declares, where it does (None where only the labels tell)."""
     name = c.data.name
-    if name == "digits":
+    if name in ("digits", "fashion_mnist"):
         return 10
     if name == "imagenet2012":
         return 1000
@@ -649,7 +649,7 @@ def _weighted_audio_train_dataset(c, local_batch_size: int, seed: int, process_i
     ds = grain.MapDataset.source(audio_pipeline.ReadableSource(source, spec.max_skipped, replace=True))
     ds = WeightedSample(ds, weights, epoch_len, s_sample)
     if spec.roll_mag_aug:
-        ds = ds.random_map(audio_pipeline.RollMagAug(), seed=s_aug)
+        ds = ds.random_map(audio_pipeline.RollMagAug(spec.roll_shift), seed=s_aug)
     ds = ds.map(audio_pipeline.CropOrPad(spec.num_samples))
     return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]  # whole batches per process
 

@@ -20,6 +20,7 @@ from bridle_jax.sharding import RESIDUAL, logical
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
     # name: (width, depth, num_heads, mlp_dim)
     "mu": (64, 2, 4, 128),  # micro model for tests and the CPU demo
+    "nano": (128, 4, 4, 512),  # the Fashion-MNIST study's encoder (2 CPU cores)
     "pico": (32, 2, 4, 128),  # the parity tests' size (the authors' models at tiny sizes, README "Parity")
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
