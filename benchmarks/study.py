@@ -1,0 +1,236 @@
+"""The real-data study: does BRIDLE pretraining learn? Fashion-MNIST, RQ vs VQ vs baselines, several seeds.
+
+    apt-get install dataset-fashion-mnist      # the data (nothing is downloaded)
+    python benchmarks/study.py                 # or `make study`; about 90 minutes on 2 CPU cores
+    python benchmarks/study.py --seeds 0 --variants rq --out /tmp/study   # one row, one seed
+
+Rows, each over the same seeds and the same linear probe (the recipe's: SPEC 4's protocol, mean-pooled patch tokens
+-> LayerNorm -> linear head, AdamW, trained on the first `evals.linear_probe.max_examples` train images, top-1 on the
+whole 10,000-image test set):
+- raw pixels: the probe on the normalised 784 pixels (and, as an independent check, scikit-learn's logistic
+  regression on the same images);
+- random init: the encoder as initialised (iteration 0) of each BRIDLE-RQ seed;
+- BRIDLE-RQ: `configs/fashion_mnist.py` (RQ M x K), after every iteration;
+- BRIDLE-VQ: the BEATs-style baseline with the same code budget: 1 x M*K codes, re-normalised EMA (SPEC 2.7).
+An MAE-style pixel-target baseline is not offered: the framework has no pixel-regression head.
+
+Codebook usage: at the end of every tokenizer phase the run stops (a planned stop, resumed bit-identically), and
+`evaluators.codebook.codebook_health` counts, per level, the codes the tokenizer uses over the whole test set.
+
+Each (variant, seed) runs in its own subprocess and workdir under `--out`, and writes `<variant>_seed<s>.json`;
+a rerun skips what is done, so an interrupted study continues. The aggregate is `study.json` and `study.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("rq", "vq")
+
+
+def load_recipe(path: str):
+    spec = importlib.util.spec_from_file_location("recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def variant_config(args, variant: str, seed: int):
+    c = load_recipe(args.config)
+    c.seed = seed
+    if args.data_dir:
+        c.data.data_dir = args.data_dir
+    if variant == "vq":  # one codebook of the same budget, BEATs' re-normalised EMA (SPEC 2.7)
+        c.quantizer.codebook_size = c.quantizer.num_levels * c.quantizer.codebook_size
+        c.quantizer.num_levels = 1
+        c.quantizer.renormalize = True
+    return c
+
+
+# ------------------------------------------------------------------------------------------- one run (subprocess)
+
+
+def run_one(args, variant: str, seed: int) -> dict:
+    from bridle_jax import schedule, train
+    from bridle_jax.evaluators import codebook
+
+    c = variant_config(args, variant, seed)
+    workdir = os.path.join(args.out, f"{variant}_seed{seed}")
+    plan = schedule.parse_plan(c.schedule.phases)
+    tokenizer_ends = [p.end_step for p in plan if p.kind == "tokenizer"]
+    usage, health_seconds = {}, 0.0
+    start = time.time()
+    for end in tokenizer_ends:
+        train.train_and_evaluate(c, workdir, stop_at_step=end)
+        t = time.time()
+        report = codebook.codebook_health(workdir, step=end, max_examples=args.usage_examples, plots=False)
+        usage[f"iteration_{report['iteration']}"] = [level["utilisation"] for level in report["levels"]]
+        health_seconds += time.time() - t
+    result = train.train_and_evaluate(c, workdir)
+    wall = time.time() - start - health_seconds
+    probes = {k: v["top1_test"] for k, v in sorted(result["linear_probe"].items())}
+    return {"variant": variant, "seed": seed, "probe_top1": probes, "usage": usage, "train_seconds": wall,
+            "config": {"num_levels": c.quantizer.num_levels, "codebook_size": c.quantizer.codebook_size,
+                       "phases": list(c.schedule.phases)}}
+
+
+# ------------------------------------------------------------------------------------------- raw-pixel baselines
+
+
+def raw_pixel_rows(args) -> dict:
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    from bridle_jax.data import image_pipeline
+    from bridle_jax.evaluators import linear_probe
+
+    c = variant_config(args, "rq", 0)
+    p = c.evals.linear_probe
+    train = image_pipeline.eval_arrays(c.data, p.train_split, p.max_examples)
+    test = image_pipeline.eval_arrays(c.data, p.test_split, p.get("max_test_examples") or p.max_examples)
+    flat = lambda a: a["input"][..., 0].reshape(len(a["input"]), -1)  # grey: the 3 channels are equal
+    probe = [linear_probe.linear_probe(flat(train), train["label"], flat(test), test["label"], steps=p.steps,
+                                       lr=p.lr, batch_size=p.batch_size, seed=s)["top1_test"] for s in args.seeds]
+    t = time.time()
+    logreg = LogisticRegression(max_iter=1000).fit(flat(train), train["label"])
+    sk = float(np.mean(logreg.predict(flat(test)) == test["label"]))
+    return {"probe": probe, "sklearn_logreg": sk, "sklearn_seconds": time.time() - t,
+            "num_train": int(len(train["label"])), "num_test": int(len(test["label"]))}
+
+
+# ------------------------------------------------------------------------------------------- aggregate
+
+
+def mean_std(values) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def aggregate(runs: list[dict], raw: dict) -> dict:
+    rows = {"raw pixels (probe)": mean_std(raw["probe"])}
+    rq = [r for r in runs if r["variant"] == "rq"]
+    if rq:
+        rows["random init (iteration 0)"] = mean_std(r["probe_top1"]["iteration_0"] for r in rq)
+    usage = {}
+    for variant in VARIANTS:
+        mine = [r for r in runs if r["variant"] == variant]
+        if not mine:
+            continue
+        iterations = sorted({k for r in mine for k in r["probe_top1"] if k != "iteration_0"})
+        for it in iterations:
+            rows[f"BRIDLE-{variant.upper()} {it.replace('_', ' ')}"] = mean_std(r["probe_top1"][it] for r in mine)
+        for it in sorted({k for r in mine for k in r["usage"]}):
+            levels = list(zip(*(r["usage"][it] for r in mine)))
+            usage[f"{variant} {it}"] = [mean_std(level) for level in levels]
+    return {"rows": rows, "usage": usage, "sklearn_logreg": raw["sklearn_logreg"],
+            "train_seconds": {v: mean_std(r["train_seconds"] for r in runs if r["variant"] == v)
+                              for v in VARIANTS if any(r["variant"] == v for r in runs)}}
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    names = list(rows)
+    ax.barh(range(len(names)), [100 * rows[n]["mean"] for n in names],
+            xerr=[100 * rows[n]["std"] for n in names], color="tab:blue", alpha=0.8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    lo = min(100 * rows[n]["mean"] for n in names)
+    ax.set_xlim(max(0.0, lo - 5), 100)
+    ax.set_xlabel("linear-probe top-1 on the 10,000 test images (%), mean ± std over seeds")
+    for name, u in summary["usage"].items():
+        bx.errorbar(range(len(u)), [x["mean"] for x in u], yerr=[x["std"] for x in u], marker="o", label=name)
+    bx.axhline(0.9, color="grey", ls="--", lw=0.8)
+    bx.set_xlabel("RQ level")
+    bx.set_ylabel("codebook usage over the test set")
+    bx.set_ylim(0, 1.05)
+    bx.legend(fontsize=8)
+    fig.suptitle("BRIDLE on Fashion-MNIST (benchmarks/study.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| row | probe top-1 (%) | seeds |", "|---|---|---|"]
+    for name, r in summary["rows"].items():
+        lines.append(f"| {name} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {r['n']} |")
+    lines.append(f"| raw pixels, scikit-learn logistic regression | {100 * summary['sklearn_logreg']:.2f} | - |")
+    lines += ["", "| codebook usage at the end of the tokenizer phase | per level (mean ± std) |", "|---|---|"]
+    for name, u in summary["usage"].items():
+        lines.append(f"| {name} | " + ", ".join(f"{x['mean']:.3f} ± {x['std']:.3f}" for x in u) + " |")
+    lines += ["", "| training wall time per run | seconds (mean ± std) |", "|---|---|"]
+    for name, t in summary["train_seconds"].items():
+        lines.append(f"| {name} | {t['mean']:.0f} ± {t['std']:.0f} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(REPO, "configs", "fashion_mnist.py"))
+    p.add_argument("--data_dir", default=None, help="the IDX files' folder (default: the recipe's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--usage_examples", type=int, default=10_000, help="test images the usage is counted over")
+    p.add_argument("--out", default=os.path.join(REPO, "workdirs", "study"))
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "variant:seed", the subprocess's job
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.one:
+        variant, seed = args.one.split(":")
+        result = run_one(args, variant, int(seed))
+        with open(os.path.join(args.out, f"{variant}_seed{seed}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        return None
+    raw_path = os.path.join(args.out, "raw_pixels.json")
+    if not os.path.exists(raw_path):
+        with open(raw_path, "w") as f:
+            json.dump(raw_pixel_rows(args), f, indent=2)
+    runs = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            path = os.path.join(args.out, f"{variant}_seed{seed}.json")
+            if not os.path.exists(path):
+                cmd = [sys.executable, os.path.abspath(__file__), f"--one={variant}:{seed}", f"--out={args.out}",
+                       f"--config={args.config}", f"--usage_examples={args.usage_examples}"]
+                if args.data_dir:
+                    cmd.append(f"--data_dir={args.data_dir}")
+                print(f"[study] {variant} seed {seed} ...", flush=True)
+                subprocess.run(cmd, check=True, cwd=REPO)
+            with open(path) as f:
+                runs.append(json.load(f))
+    with open(raw_path) as f:
+        raw = json.load(f)
+    summary = aggregate(runs, raw)
+    summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    summary["raw"] = raw
+    with open(os.path.join(args.out, "study.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot(summary, os.path.join(args.out, "study.png"))
+    print(markdown(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
