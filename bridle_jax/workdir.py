@@ -160,35 +160,8 @@ def check_resume(workdir, config) -> dict[str, tuple]:
         needed = [a for a in ALLOWABLE if any(_under(k, (a,)) for k in refused)]
         hint = (
             f" To allow {' and '.join(needed)}, add --config.resume.allow_changes={','.join(needed)} (see the README's "
-            "section on reliability)."
+            "reliability section)."
             if needed
-            else ""
-        )
-        raise ResumeRefused(f"{path}: the workdir's config.json cannot be read ({e}); use a new workdir") from e
-
-
-def check_resume(workdir, config) -> dict[str, tuple]:
-    """Compares `config` with the workdir's config.json before anything is restored or moved; returns the allowed
-    differences ({field: (old, new)}, empty for a new workdir or an identical config) or raises ResumeRefused
-    naming every refused field."""
-    previous = read_started_config(workdir)
-    if previous is None:
-        return {}
-    current = json.loads(config.to_json_best_effort())
-    differences = config_differences(previous, current)
-    allowed = check_allowed_changes(config.resume.allow_changes)
-    refused = {k: v for k, v in differences.items() if not _under(k, allowed)}
-    problems = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items()]
-    if "schedule.phases" in differences and "schedule.phases" not in refused:
-        problem = _plan_change_problem(*differences["schedule.phases"], newest_checkpoint_step(workdir))
-        if problem:
-            problems.append(f"schedule.phases: {problem}")
-    if problems:
-        allowable = [k for k in refused if _under(k, ALLOWABLE)]
-        hint = (
-            f" To allow {', '.join(sorted({a for a in ALLOWABLE for k in allowable if _under(k, (a,))}))}, add "
-            f"--config.resume.allow_changes={','.join(ALLOWABLE)} (see the README's reliability section)."
-            if allowable
             else ""
         )
         raise ResumeRefused(

@@ -29,6 +29,7 @@ from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import config as config_lib
 from bridle_jax import train
 from bridle_jax import workdir as workdir_lib
+from tests import tiny
 from tests.tiny import ROOT, tiny_config
 
 
@@ -310,6 +311,17 @@ def test_settings_that_train_nothing_are_refused(edit, message):
     edit(c)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(c)
+
+
+def test_a_tube_mask_that_masks_nothing_per_frame_slot_is_refused():
+    """Tube masks keep hw - int(ratio * hw) per slot: 0.1 of a 3x3 slot masks int(0.9) = 0 patches."""
+    c = tiny.load_config("moving_digits")
+    c.data.image_size = 24  # 3x3 patches of 8 per frame slot
+    c.masking.ratio = 0.1
+    with pytest.raises(ValueError, match=r"config.masking.ratio: .*of the 9 patches per frame slot \(it keeps 9"):
+        config_lib.validate(c)
+    c.masking.ratio = 0.12  # int(1.08) = 1 masked
+    config_lib.validate(c)
 
 
 # ------------------------------------------------------------------------------------------------ 6. markers, errors
