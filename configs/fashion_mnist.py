@@ -7,7 +7,7 @@
 The authors' image recipe in shape, scaled down:
 - a label predictor deeper than the encoder (5 blocks for a 4-block encoder; theirs 16 for 12), narrower (64 vs 128);
 - the tokenizer lr in the authors' ratio to the encoder's (2e-4 : 5e-4 = 0.4);
-- tokenizer phases long enough for the EMA codebooks to settle: 400 steps = 4 time constants of decay 0.99;
+- a tokenizer phase long enough for the EMA codebooks to settle: 300 steps = 3 time constants of decay 0.99;
 - RQ 4 x 64 codes (the study's VQ baseline: 1 x 256, re-normalised EMA, the same code budget);
 - augmentations for small, centred images: crops keep >= 70% of the area, horizontal flips, no centre crop at eval.
 The probe (SPEC 4's linear probe: mean-pooled patch tokens -> LayerNorm -> linear head, AdamW) trains on the first
@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.model.estimator_depth = 2
     c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim = 4, 64, 32
     c.batch_size = 128
-    c.schedule.phases = ("encoder_cold_start:1000", "tokenizer:400", "encoder:1000")
+    c.schedule.phases = ("encoder_cold_start:700", "tokenizer:300", "encoder:700")
     c.optim.encoder.lr, c.optim.encoder.warmup_fraction = 1e-3, 0.05
     c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 4e-4, 0.05
     c.evals.linear_probe.steps = 2000
