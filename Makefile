@@ -3,7 +3,7 @@ PYTHON ?= python3
 WORKDIR ?= workdirs/digits
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test bench-quantizer bench-train-step
+.PHONY: install install-test demo test study bench-quantizer bench-train-step
 
 install:
 	$(PYTHON) -m pip install -q -e .
@@ -18,6 +18,10 @@ demo: install
 # The test suite on CPU with 8 fake devices (tests/conftest.py sets them).
 test: install-test
 	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+# The real-data study (README "Does it learn?"): Fashion-MNIST (apt-get install dataset-fashion-mnist), ~90 min.
+study: install-test
+	$(PYTHON) benchmarks/study.py
 
 # PEER_PYTHON: an interpreter with torch + vector-quantize-pytorch (see BENCHMARKS.md) to time the peer side by side.
 bench-quantizer: install

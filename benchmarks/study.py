@@ -34,6 +34,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # runs from a checkout without an install
 VARIANTS = ("rq", "vq")
 
 
@@ -182,6 +183,13 @@ def markdown(summary: dict) -> str:
 # ------------------------------------------------------------------------------------------- driver
 
 
+def write_json(path: str, value) -> None:
+    """Written whole or not at all (a rerun skips the files that exist, so a half-written one must never be)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(REPO, "configs", "fashion_mnist.py"))
@@ -199,14 +207,11 @@ def main(argv=None) -> dict | None:
     os.makedirs(args.out, exist_ok=True)
     if args.one:
         variant, seed = args.one.split(":")
-        result = run_one(args, variant, int(seed))
-        with open(os.path.join(args.out, f"{variant}_seed{seed}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.out, f"{variant}_seed{seed}.json"), run_one(args, variant, int(seed)))
         return None
     raw_path = os.path.join(args.out, "raw_pixels.json")
     if not os.path.exists(raw_path):
-        with open(raw_path, "w") as f:
-            json.dump(raw_pixel_rows(args), f, indent=2)
+        write_json(raw_path, raw_pixel_rows(args))
     runs = []
     for variant in args.variants:
         for seed in args.seeds:
@@ -225,8 +230,7 @@ def main(argv=None) -> dict | None:
     summary = aggregate(runs, raw)
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     summary["raw"] = raw
-    with open(os.path.join(args.out, "study.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "study.json"), summary)
     plot(summary, os.path.join(args.out, "study.png"))
     print(markdown(summary))
     return summary
