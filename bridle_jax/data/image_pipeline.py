@@ -14,6 +14,16 @@ Augmentation is applied *before* the process shard. MapDataset is lazy, so no pr
 own, but each record's random crop/flip is keyed by its *global* position: the process blocks of a global batch are
 exactly the single-process global batch, rows in the same order (augmentations included), whatever
 ``process_count`` is.
+
+Datasets (``config.data.name``; :mod:`bridle_jax.data.sources`): ``digits``, ``fashion_mnist``, ``imagenet2012``,
+``image_folder`` (your own files: :mod:`bridle_jax.data.image_folder`) and ``tfds:<name>[:<version>]`` (any prepared
+TFDS image dataset: :mod:`bridle_jax.data.tfds_source`). Images of any size and mode (grey, RGBA, palette) arrive as
+uint8 RGB at their own size; the crops resize them.
+
+Undecodable images (corrupt, truncated, not an image, missing): logged, counted once per process
+(:func:`skipped_count`), replaced by the next readable record in stored order in the train stream (a rule of the files
+alone, so the stream stays deterministic, resumable and identically sharded) and dropped from eval arrays; more than
+``config.data.max_skipped`` raise ``RuntimeError``.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import numpy as np
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from bridle_jax.data import pipeline, sources, transforms
 
-DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on
+DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on (config.data.eval_split unset)
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Every ``config.data`` field the image pipeline reads (the ImageNet recipe's values)."""
@@ -44,6 +54,18 @@ def default_data_config() -> ml_collections.ConfigDict:
       num_threads=8,
       prefetch_buffer_size=4,
       max_eval_examples=ml_collections.config_dict.placeholder(int),
+      # Splits: None = "train" / the dataset's eval split (sources.EVAL_SPLIT: "test" for image_folder and tfds:*).
+      # image_folder: folder names under data_dir; tfds:*: TFDS split names, slicing allowed ("train[:90%]").
+      train_split=ml_collections.config_dict.placeholder(str),
+      eval_split=ml_collections.config_dict.placeholder(str),
+      # image_folder's CSV variant: "path,label" CSVs (relative to data_dir) for the train and eval splits; unset =
+      # the folder layout data_dir/<split>/<class>/<image>.
+      train_csv=ml_collections.config_dict.placeholder(str),
+      eval_csv=ml_collections.config_dict.placeholder(str),
+      # tfds:*: the features holding the image and the label (None = "image" / "label").
+      image_key=ml_collections.config_dict.placeholder(str),
+      label_key=ml_collections.config_dict.placeholder(str),
+      max_skipped=sources.DEFAULT_MAX_SKIPPED,  # undecodable images tolerated per process before the run stops
   ))
 
 
@@ -52,8 +74,13 @@ def validate_data_config(data_config) -> None:
 
 
 def skipped_count() -> int:
-  """Image records are validated as they are read and a bad one raises (TFDS files are checksummed): none skipped."""
-  return 0
+  """Undecodable images skipped so far by this process (train and eval together), for the training loop's logs."""
+  return sources.skipped_count()
+
+
+def eval_split(data_config) -> str:
+  """The labelled split the probe and fine-tuning score: ``config.data.eval_split``, else ``DATASETS[name]``."""
+  return sources.eval_split(data_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +97,9 @@ class DataSpec:
   num_threads: int
   prefetch_buffer_size: int
   max_eval_examples: int | None
+  train_split: str
+  eval_split: str
+  max_skipped: int
 
 
 def _fail(field: str, expected: str, got) -> None:
@@ -117,8 +147,7 @@ def _get(data_config, field: str, default=_MISSING):
 def data_spec(data_config) -> DataSpec:
   """Validates ``config.data`` (an ml_collections ConfigDict or any object with these attributes)."""
   name = _get(data_config, "name")
-  if name not in sources.DATASETS:
-    _fail("name", f"one of {sources.DATASETS}", name)
+  sources.check_fields(data_config)  # name, splits, CSVs, TFDS keys, max_skipped
   image_size = _get(data_config, "image_size")
   if not _is_int(image_size) or image_size < 1:
     _fail("image_size", "a positive int", image_size)
@@ -143,7 +172,9 @@ def data_spec(data_config) -> DataSpec:
       std=rgb_triple("std", _get(data_config, "std"), positive=True),
       eval_crop_fraction=float(fraction), num_threads=int(ints["num_threads"]),
       prefetch_buffer_size=int(ints["prefetch_buffer_size"]),
-      max_eval_examples=None if max_eval is None else int(max_eval))
+      max_eval_examples=None if max_eval is None else int(max_eval),
+      train_split=sources.train_split(data_config), eval_split=sources.eval_split(data_config),
+      max_skipped=sources.max_skipped(data_config))
 
 
 def eval_transforms(spec: DataSpec) -> list:
@@ -194,26 +225,36 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
   """The eval-preprocessed split in its stored order: ``{"input": float32 [N, S, S, 3], "length": int32 [N],
   "label": int32 [N]}``.
 
-  ``N`` is capped by ``max_examples``, else by ``config.data.max_eval_examples`` (the first ``N`` records). The
-  result is held in memory (N·S²·12 bytes: 50k ImageNet images at 224 are 30 GB, so cap it for large splits).
+  ``N`` is capped by ``max_examples``, else by ``config.data.max_eval_examples`` (the first ``N`` readable records;
+  undecodable ones are dropped and counted as skipped). The result is held in memory (N·S²·12 bytes: 50k ImageNet
+  images at 224 are 30 GB, so cap it for large splits).
   """
   spec = data_spec(data_config)
   if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
     raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
-  source = sources.make_source(data_config, split)
+  source = sources.make_source(data_config, split, replace=False)
   cap = max_examples if max_examples is not None else spec.max_eval_examples
   n = len(source) if cap is None else min(len(source), int(cap))
-  ds = grain.MapDataset.source(source)[:n]
+  ds = grain.MapDataset.source(source)
+  if not isinstance(source, sources.ReadableImages):
+    ds = ds[:n]  # nothing is dropped: read exactly the first n
   for t in eval_transforms(spec):
     ds = ds.map(t)
   size = spec.image_size
   images = np.empty((n, size, size, 3), np.float32)
   labels = np.empty((n,), np.int32)
+  count = 0
   read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-  for i, record in enumerate(ds.to_iter_dataset(read_options)):  # ordered, whatever the thread count
-    images[i] = record["image"]
-    labels[i] = record["label"]
-  return {"input": images, "length": np.full((n,), size, np.int32), "label": labels}
+  if n:
+    for record in ds.to_iter_dataset(read_options):  # ordered, whatever the thread count; None (undecodable) dropped
+      images[count] = record["image"]
+      labels[count] = record["label"]
+      count += 1
+      if count == n:
+        break
+  if count == 0:
+    raise ValueError(f"config.data.name={spec.name!r} split {split!r}: no readable image")
+  return {"input": images[:count], "length": np.full((count,), size, np.int32), "label": labels[:count]}
 
 
 # Float pixels may overshoot their stated range by this fraction of its span (a bicubic or Lanczos resize rings by a

@@ -2,7 +2,8 @@
 
 Every modality module (image_pipeline, audio_pipeline, video_pipeline) implements one contract, so the training loop,
 the probe and `load_encoder` never branch on the modality:
-  DATASETS                     name -> the labelled split the probe tests on
+  DATASETS                     name -> the labelled split the probe tests on (a module may also define
+                               eval_split(d) when the split is configurable, as images do: config.data.eval_split)
   default_data_config()        every `config.data` field the module reads, with the defaults its recipes start from
   validate_data_config(d)      errors name `config.data.<field>` and what was expected
   train_dataset(d, *, local_batch_size, seed, process_index, process_count) -> grain.MapDataset of batches
@@ -51,19 +52,44 @@ def module_for_modality(modality: str):
     return importlib.import_module(_MODULES[modality])
 
 
+# The registry key of every `config.data.name="tfds:<name>[:<version>]"`: any prepared TFDS image dataset.
+TFDS_NAME = "tfds:<name>[:<version>]"
+
+
+class _Registry(dict):
+    """name -> modality, where every "tfds:..." name is found under the one key `TFDS_NAME`."""
+
+    @staticmethod
+    def _key(name):
+        return TFDS_NAME if isinstance(name, str) and name.startswith("tfds:") else name
+
+    def __contains__(self, name) -> bool:
+        return dict.__contains__(self, self._key(name))
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, self._key(name))
+
+    def get(self, name, default=None):
+        return dict.get(self, self._key(name), default)
+
+
 # Every dataset name -> its modality (the module's DATASETS must list the same names; a test checks it).
-DATASETS = {
-    "digits": "image",  # embedded demo: scikit-learn's handwritten digits
-    "fashion_mnist": "image",  # the real-data study: the four official IDX files (README "Does it learn?")
-    "imagenet2012": "image",
-    "sounds": "audio",  # embedded demo: synthesised sound classes in the ESC-50 layout
-    "esc50": "audio",
-    "audioset": "audio",
-    "audio_folder": "audio",
-    "moving_digits": "video",  # embedded demo: rendered mp4 clips of moving digits
-    "kinetics400": "video",
-    "video_folder": "video",
-}
+DATASETS = _Registry(
+    {
+        "digits": "image",  # embedded demo: scikit-learn's handwritten digits
+        "fashion_mnist": "image",  # the real-data study: the four official IDX files (README "Does it learn?")
+        "imagenet2012": "image",
+        "image_folder": "image",  # your own images: root/<split>/<class>/<image>, or path,label CSVs
+        TFDS_NAME: "image",  # any prepared TFDS image dataset, read as ArrayRecord (tfds:cifar10, ...)
+        "sounds": "audio",  # embedded demo: synthesised sound classes in the ESC-50 layout
+        "esc50": "audio",
+        "audioset": "audio",
+        "audio_folder": "audio",
+        "moving_digits": "video",  # embedded demo: rendered mp4 clips of moving digits
+        "kinetics400": "video",
+        "video_folder": "video",
+    }
+)
 
 
 def modality_of(name: str) -> str:
@@ -78,7 +104,12 @@ def module_for(data_config):
 
 
 def eval_split(data_config) -> str:
-    return module_for(data_config).DATASETS[data_config.name]
+    """The labelled split the probe and fine-tuning score: the module's `eval_split(data_config)` where it is
+    configurable (images: `config.data.eval_split`), else the module's `DATASETS` entry."""
+    module = module_for(data_config)
+    if hasattr(module, "eval_split"):
+        return module.eval_split(data_config)
+    return module.DATASETS[data_config.name]
 
 
 def train_iterator(

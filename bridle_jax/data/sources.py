@@ -1,17 +1,41 @@
-"""Random-access image sources for Grain: the embedded digits demo, Fashion-MNIST (IDX files) and ImageNet-1K
-(TFDS ArrayRecord).
+"""Random-access image sources for Grain: the embedded digits demo, Fashion-MNIST (IDX files), ImageNet-1K (TFDS
+ArrayRecord), any prepared TFDS image dataset (``tfds:<name>[:<version>]``) and your own image files
+(``image_folder``: the ImageFolder layout or ``path,label`` CSVs).
 
 Every source here has ``__len__``/``__getitem__`` and yields ``{"image": uint8 [H, W, 3], "label": int32}`` so the
 transforms and the pipeline never need to know which dataset they read. Records are checked as they are read: a
 malformed record fails with its index and what was expected instead of surfacing as a shape error in a jitted step.
+
+Sources that decode (files, TFDS) are wrapped in :class:`ReadableImages`: a record that cannot be decoded (corrupt,
+truncated, not an image, missing) is logged with why, counted once per process (:func:`skipped_count`, the metric
+``data/skipped_records``) and replaced by the next readable record in stored order (train) or dropped (eval); more
+than ``config.data.max_skipped`` raise. A *malformed* record (wrong dtype or shape, a bad label) still raises at once:
+it is systematic (a wrong ``image_key``, a broken preparation), not one bad file.
+
+Splits: the train stream reads the split ``"train"``, which stands for ``config.data.train_split`` (default
+"train"); the probe and fine-tuning score :func:`eval_split` (``config.data.eval_split``, else the dataset's default
+in ``EVAL_SPLIT``). Any other name is read as given (a folder of ``image_folder``, a TFDS split or slice).
 """
 from __future__ import annotations
 
+import collections
+import logging
+import os
+import threading
+
 import numpy as np
 
-DATASETS = ("digits", "fashion_mnist", "imagenet2012")
-# The labelled held-out split each dataset is evaluated (probed) on.
-EVAL_SPLIT = {"digits": "test", "fashion_mnist": "test", "imagenet2012": "validation"}
+from bridle_jax.data import pipeline, tfds_source
+
+log = logging.getLogger(__name__)
+
+TFDS_NAME = pipeline.TFDS_NAME  # the registry key of every "tfds:<name>[:<version>]"
+DATASETS = ("digits", "fashion_mnist", "imagenet2012", "image_folder", TFDS_NAME)
+# The labelled held-out split each dataset is evaluated (probed) on when config.data.eval_split is unset. Your own
+# data (image_folder, tfds:*) default to "test", as audio_folder and video_folder do (and the probe's test_split).
+EVAL_SPLIT = {
+    "digits": "test", "fashion_mnist": "test", "imagenet2012": "validation", "image_folder": "test", TFDS_NAME: "test"}
+DEFAULT_MAX_SKIPPED = 1000  # unreadable images tolerated per process (config.data.max_skipped; audio's ceiling)
 
 # The digits split is part of the demo's contract (the probe's accuracy is reported on it): a fixed seed and a
 # per-class split that depends only on NumPy's PCG64 stream, not on scikit-learn's splitter implementation.
@@ -32,7 +56,8 @@ TFDS said: {cause}"""
 def check_record(record: dict, index: int, source: str) -> dict:
   """Validates one raw record and returns it as ``{"image": uint8 [H, W, 3], "label": int32}``.
 
-  Greyscale images ([H, W] or [H, W, 1]) are replicated to RGB because a few ImageNet JPEGs are stored that way.
+  Greyscale images ([H, W] or [H, W, 1]) are replicated to RGB because a few ImageNet JPEGs are stored that way;
+  RGBA ([H, W, 4]) loses its alpha channel, the rule of image files too (``image_folder.decode_image``).
   """
   where = f"{source} record {index}"
   if "image" not in record or "label" not in record:
@@ -42,10 +67,13 @@ def check_record(record: dict, index: int, source: str) -> dict:
     raise ValueError(f"{where}: 'image' must be uint8, got {image.dtype}")
   if image.ndim == 2:
     image = image[:, :, None]
-  if image.ndim != 3 or image.shape[-1] not in (1, 3) or min(image.shape[:2]) < 1:
-    raise ValueError(f"{where}: 'image' must be [H, W, 3] (or greyscale [H, W, 1]), got shape {image.shape}")
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+    raise ValueError(
+        f"{where}: 'image' must be [H, W, 3] (or greyscale [H, W, 1], RGBA [H, W, 4]), got shape {image.shape}")
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
+  elif image.shape[-1] == 4:
+    image = np.ascontiguousarray(image[:, :, :3])
   label = np.asarray(record["label"])
   if label.shape != () or not np.issubdtype(label.dtype, np.integer) or label < 0:
     raise ValueError(f"{where}: 'label' must be a non-negative integer scalar, got {label!r}")
@@ -105,6 +133,10 @@ class _CheckedSource:
   def __len__(self) -> int:
     return len(self._source)
 
+  def path(self, index: int) -> str:
+    path = getattr(self._source, "path", None)
+    return path(index) if path is not None else f"{self._name} record {index}"
+
   def __getitem__(self, index: int) -> dict:
     return check_record(self._source[index], index, self._name)
 
@@ -127,16 +159,227 @@ def imagenet2012_source(split: str, data_dir: str | None):
   return _CheckedSource(source, f"imagenet2012[{split}]")
 
 
-def make_source(data_config, split: str):
-  """The source named by ``config.data.name`` for ``split`` ("train" or the eval split: digits and Fashion-MNIST
-  "test", ImageNet "validation")."""
+# ------------------------------------------------------------------------------------------ splits and fields
+
+
+def registry_name(name) -> str:
+  """The key of ``name`` in ``DATASETS``/``EVAL_SPLIT``: every ``tfds:...`` name shares ``TFDS_NAME``."""
+  return TFDS_NAME if tfds_source.is_tfds(name) else name
+
+
+def _optional_str(data_config, field: str) -> str | None:
+  value = getattr(data_config, field, None)  # configs (and config.json files) from before the field read as None
+  if value is not None and (not isinstance(value, str) or not value.strip()):
+    raise ValueError(f"config.data.{field} must be None or a non-empty string, got {value!r}")
+  return value
+
+
+def train_split(data_config) -> str:
+  """The split the train stream reads: ``config.data.train_split`` (default "train")."""
+  return _optional_str(data_config, "train_split") or "train"
+
+
+def eval_split(data_config) -> str:
+  """The labelled split the probe and fine-tuning score: ``config.data.eval_split``, else the dataset's default."""
+  return _optional_str(data_config, "eval_split") or EVAL_SPLIT[registry_name(data_config.name)]
+
+
+def resolve_split(data_config, split: str) -> str:
+  """``"train"`` (the train stream's split) → ``config.data.train_split``; any other name as given."""
+  if not isinstance(split, str) or not split:
+    raise ValueError(f"split must be a non-empty string, got {split!r}")
+  return train_split(data_config) if split == "train" else split
+
+
+def max_skipped(data_config) -> int:
+  value = getattr(data_config, "max_skipped", None)
+  if value is None:
+    return DEFAULT_MAX_SKIPPED
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"config.data.max_skipped must be an int >= 0, got {value!r}")
+  return int(value)
+
+
+def check_fields(data_config) -> None:
+  """Validates the fields of this module (names, splits, CSVs, TFDS keys); errors name ``config.data.<field>``."""
+  name = getattr(data_config, "name", None)
+  if registry_name(name) not in DATASETS:
+    raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")
+  if tfds_source.is_tfds(name):
+    tfds_source.parse_name(name)
+  for field in ("train_split", "eval_split", "train_csv", "eval_csv", "image_key", "label_key"):
+    _optional_str(data_config, field)
+  max_skipped(data_config)
+  if name != "image_folder":
+    return
+  data_dir = getattr(data_config, "data_dir", None)
+  if data_dir is None:
+    raise ValueError("config.data.data_dir must be the image folder's root (root/<split>/<class>/<image>, or the "
+                     "folder of config.data.train_csv / eval_csv) for name='image_folder', got None")
+  csvs = {f: getattr(data_config, f, None) for f in ("train_csv", "eval_csv")}
+  if (csvs["train_csv"] is None) != (csvs["eval_csv"] is None):
+    missing = "eval_csv" if csvs["eval_csv"] is None else "train_csv"
+    raise ValueError(f"config.data.{missing} must be set too: the CSV variant of image_folder needs a 'path,label' "
+                     f"CSV for both splits (train_csv and eval_csv), got {csvs}")
+  if csvs["train_csv"] is None:
+    for split in (train_split(data_config), eval_split(data_config)):
+      if split in (".", "..") or "/" in split or "\\" in split:
+        raise ValueError(f"config.data.train_split / eval_split must be folder names under data_dir, got {split!r}")
+
+
+# ----------------------------------------------------------------------------------------------- skip counter
+
+
+class SkippedImages:
+  """Unreadable images seen by this process (each counted once), with the ``max_skipped`` ceiling. Thread-safe."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+  @property
+  def count(self) -> int:
+    with self._lock:
+      return len(self._reasons)
+
+  def reset(self) -> None:
+    with self._lock:
+      self._reasons.clear()
+
+  def record(self, path: str, reason: str, ceiling: int) -> None:
+    """Logs and counts ``path``; raises ``RuntimeError`` once more than ``ceiling`` images were skipped."""
+    with self._lock:
+      new = path not in self._reasons
+      self._reasons[path] = reason
+      count = len(self._reasons)
+      last = list(self._reasons)[-5:]
+    if new:
+      log.warning("skipping unreadable image %s: %s (%d skipped in this process)", path, reason, count)
+    if count > ceiling:
+      raise RuntimeError(
+          f"{count} unreadable images were skipped, more than config.data.max_skipped={ceiling}; the last ones: "
+          f"{last}. Fix or remove them, or raise config.data.max_skipped.")
+
+
+SKIPPED = SkippedImages()
+
+
+def skipped_count() -> int:
+  """Unreadable images skipped so far by this process (train and eval together), for the training loop's logs."""
+  return SKIPPED.count
+
+
+class ReadableImages:
+  """Random access over a decoding source where an undecodable record never stops the stream on its own.
+
+  ``replace=True`` (train): index ``i`` yields the first readable record at ``i, i+1, ...`` (cyclically, in stored
+  order). That depends only on the files, never on threads, processes or the resume point, so the train stream stays
+  deterministic and its process shards stay the one-process batch. ``replace=False`` (eval): an undecodable record
+  yields ``None``, which Grain drops. Known-bad indices are remembered and not decoded again.
+  """
+
+  def __init__(self, source, max_skipped: int, *, replace: bool = True):
+    self._source = source
+    self._max_skipped = int(max_skipped)
+    self._replace = replace
+    self._bad: set[int] = set()
+
+  @property
+  def source(self):
+    return self._source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict | None:
+    n = len(self._source)
+    for k in range(n):
+      j = (int(index) + k) % n
+      if j in self._bad:
+        if not self._replace:
+          return None
+        continue
+      try:
+        return self._source[j]
+      except OSError as e:  # image_folder.ImageDecodeError, PIL's errors inside TFDS decoding, missing files
+        self._bad.add(j)
+        SKIPPED.record(self._source.path(j), str(e), self._max_skipped)
+        if not self._replace:
+          return None
+    raise RuntimeError(f"no readable record in {self._source!r}: all {n} images failed to decode")
+
+  def __repr__(self) -> str:
+    return f"ReadableImages({self._source!r})"
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+def _under(root: str, path: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def image_folder_source(data_config, split: str):
+  """The ``image_folder`` source of ``split`` (already resolved): the folder layout, or the CSVs when
+  ``config.data.train_csv`` is set; the label mapping always comes from the train split."""
+  from bridle_jax.data import image_folder
+
+  root = os.fspath(data_config.data_dir)
+  train, evaluation = train_split(data_config), eval_split(data_config)
+  train_csv = getattr(data_config, "train_csv", None)
+  if train_csv is None:
+    classes = image_folder.folder_classes(root, train)
+    return image_folder.ImageFolderSource(root, split, classes=classes)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"config.data.data_dir={root!r} is not a directory (image_folder's CSVs are under it)")
+  csvs = {train: _under(root, train_csv), evaluation: _under(root, data_config.eval_csv)}
+  if split not in csvs:
+    raise ValueError(
+        f"config.data.name='image_folder' with CSVs has the splits {sorted(csvs)} (config.data.train_split -> "
+        f"train_csv, config.data.eval_split -> eval_csv), got split {split!r}")
+  train_source = image_folder.ImageCsvSource(csvs[train])
+  if split == train:
+    return train_source
+  return image_folder.ImageCsvSource(
+      csvs[split], classes=train_source.classes, num_classes=None if train_source.classes else train_source.num_classes)
+
+
+def raw_source(data_config, split: str):
+  """The source of ``split`` ("train" = ``config.data.train_split``) before undecodable records are skipped."""
+  check_fields(data_config)
   name = data_config.name
+  split = resolve_split(data_config, split)
+  data_dir = getattr(data_config, "data_dir", None)
   if name == "digits":
     return DigitsSource(split)
   if name == "fashion_mnist":
     from bridle_jax.data import fashion_mnist
 
-    return fashion_mnist.FashionMnistSource(split, getattr(data_config, "data_dir", None))
+    return fashion_mnist.FashionMnistSource(split, data_dir)
   if name == "imagenet2012":
-    return imagenet2012_source(split, getattr(data_config, "data_dir", None))
-  raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")
+    return imagenet2012_source(split, data_dir)
+  if name == "image_folder":
+    return image_folder_source(data_config, split)
+  source = tfds_source.TfdsImageSource(
+      name, split, data_dir, image_key=getattr(data_config, "image_key", None) or "image",
+      label_key=getattr(data_config, "label_key", None) or "label")
+  return _CheckedSource(source, f"{name}[{split}]")
+
+
+def make_source(data_config, split: str, *, replace: bool = True):
+  """The source named by ``config.data.name`` for ``split`` ("train" = ``config.data.train_split``, or e.g.
+  :func:`eval_split`). Decoding sources come wrapped in :class:`ReadableImages` (``replace``: see there); the
+  in-memory ones (digits, Fashion-MNIST) cannot fail to decode and come as they are."""
+  source = raw_source(data_config, split)
+  if data_config.name in ("digits", "fashion_mnist"):
+    return source
+  return ReadableImages(source, max_skipped(data_config), replace=replace)
+
+
+def num_classes(data_config) -> int | None:
+  """The class count the data declare (image folders: the train split's class folders or CSV labels; TFDS: a
+  ClassLabel's), or None where only the labels tell."""
+  source = raw_source(data_config, "train")
+  if isinstance(source, _CheckedSource):
+    source = source._source  # pylint: disable=protected-access
+  return getattr(source, "num_classes", None)

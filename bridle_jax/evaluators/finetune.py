@@ -523,6 +523,10 @@ def known_num_classes(c) -> int | None:
         return 10
     if name == "imagenet2012":
         return 1000
+    if c.modality == "image":  # image_folder (class folders or CSV labels), tfds:* (a ClassLabel's count)
+        from bridle_jax.data import sources
+
+        return sources.num_classes(c.data)
     if c.modality == "audio":
         from bridle_jax.data import audio_pipeline
 
