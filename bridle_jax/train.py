@@ -143,9 +143,59 @@ class _ProbeData:
 
     def __init__(self, config):
         p = config.evals.linear_probe
-        test_cap = p.get("max_test_examples", None) or p.max_examples
+        self.test_cap = p.get("max_test_examples", None) or p.max_examples
+        self.test_split = p.test_split
+        cap = lambda n: f"first {n:,}" if n else "all"
+        metrics_lib.log_line(
+            f"Reading the linear probe's splits: {p.train_split!r} ({cap(p.max_examples)}), "
+            f"{p.test_split!r} ({cap(self.test_cap)})"
+        )
         self.train = pipeline.eval_arrays(config.data, p.train_split, p.max_examples)
-        self.test = pipeline.eval_arrays(config.data, p.test_split, test_cap)
+        self.test = pipeline.eval_arrays(config.data, p.test_split, self.test_cap)
+
+
+def _train_split_size(data_iter) -> int | None:
+    """The number of records in the train split, read off the Grain graph under the train iterator (its one
+    source, below the shuffle and repeat): nothing is read again. None when the graph does not tell (a stream, or
+    a mixture of sources)."""
+    try:
+        stack, leaves = [data_iter._map_parent], []  # pylint: disable=protected-access  (grain's MapDataset)
+        while stack:
+            node = stack.pop()
+            parents = list(node.parents)
+            stack.extend(parents)
+            if not parents:
+                leaves.append(node)
+        if len(leaves) != 1:
+            return None
+        size = len(leaves[0])
+        return size if 0 < size < 2**62 else None
+    except Exception:  # pylint: disable=broad-except  (a summary line is never worth a failed start)
+        return None
+
+
+def _print_summary(config, plan, mesh, state, workdir: str, data_iter, probe_data) -> None:
+    if jax.process_index() != 0:
+        return
+    evals = {"eval_split": None, "eval_examples": None}
+    if probe_data is not None:
+        n = len(probe_data.test["label"])
+        evals = {
+            "eval_split": probe_data.test_split,
+            "eval_examples": n,
+            "eval_capped": probe_data.test_cap is not None and n >= probe_data.test_cap,
+        }
+    lines = metrics_lib.run_summary(
+        config=config,
+        plan=plan,
+        mesh=mesh,
+        params=state.params,
+        workdir=workdir,
+        start_step=int(state.step),
+        train_examples=_train_split_size(data_iter),
+        **evals,
+    )
+    metrics_lib.log_line("\n".join(lines))
 
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:
@@ -242,6 +292,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
         else:
             state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
         step = int(state.step)
+        _print_summary(config, plan, mesh, state, workdir, data_iter, probe_data)
         data_log.started(step)
         if step < schedule.total_steps(plan):
             ckpt_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more
@@ -303,11 +354,14 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
                 state, metrics = train_step(state, batch)
                 step += 1
+                progress.after_step(step, state)  # the rate starts after the phase's first (compiling) step
                 last = step == phase.end_step
                 if step % config.log_every_steps == 0 or last:
                     skipped = _check_nonfinite(state, config, step, ckpt, writer, phase.name)
                     rate, line = progress.update(step, phase.end_step, phase.name)
-                    values = {**jax.device_get(metrics), **skipped, "perf/steps_per_sec": rate}
+                    values = {**jax.device_get(metrics), **skipped}
+                    if rate is not None:  # not yet measured after compilation
+                        values["perf/steps_per_sec"] = rate
                     values["data/skipped_records"] = _skipped_records(config.data)
                     writer.write(step, values, phase=phase.name)
                     metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")

@@ -807,10 +807,13 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"], "target": target})
             state, m = step_fn(state, batch)
             step += 1
+            progress.after_step(step, state)  # the rate starts after the first (compiling) step
             last = step == c.num_steps
             if step % c.log_every_steps == 0 or last:
                 rate, line = progress.update(step, int(c.num_steps), name)
-                values = {**jax.device_get(m), "perf/steps_per_sec": rate}
+                values = dict(jax.device_get(m))
+                if rate is not None:  # not yet measured after compilation
+                    values["perf/steps_per_sec"] = rate
                 writer.write(step, values, phase=c.mode)
                 metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
             if step % c.eval_every_steps == 0 or last:
