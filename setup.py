@@ -26,7 +26,10 @@ setup(
     name="bridle_jax",
     version="0.1.0",
     description="BRIDLE: self-supervised pretraining with residual-quantisation targets, in JAX/Flax",
-    packages=find_packages(include=["bridle_jax", "bridle_jax.*"]),
+    # The recipes (configs/*.py) ship inside the package as bridle_jax.configs, so a non-editable install runs them:
+    # `--config=imagenet` (bridle_jax/recipes.py resolves names and configs/NAME.py paths).
+    packages=[*find_packages(include=["bridle_jax", "bridle_jax.*"]), "bridle_jax.configs"],
+    package_dir={"bridle_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
@@ -40,7 +43,13 @@ setup(
             "ipykernel>=6.29,<8",
             "matplotlib>=3.8,<4",
             "safetensors>=0.4,<1",  # tests/test_export.py: the timm export
+            # tests/test_recipes.py builds the wheel without network (pip wheel --no-build-isolation)
+            "setuptools>=64",
+            "wheel>=0.38,<1",
         ],
+        # The codebook evaluator's PNGs (it writes its JSON without them), notebooks/evaluate.ipynb's figures and
+        # benchmarks/study.py's plot.
+        "plots": ["matplotlib>=3.8,<4"],
         # python -m bridle_jax.export --format=timm writes safetensors (--format=npz needs nothing)
         "export": ["safetensors>=0.4,<1"],
         # python -m bridle_jax.convert on an official .pth (torch.load); .safetensors/.npz checkpoints need no torch

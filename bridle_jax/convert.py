@@ -496,9 +496,10 @@ def main(argv=None) -> None:
     (`convert_checkpoint`). The recipe must describe the checkpoint's sizes and the authors'-behaviour switches it
     needs (README "Parity")."""
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "The recipe (sizes) of the official checkpoint.")
+    from bridle_jax import metrics, recipes
+
+    recipes.DEFINE_config_flag("config", "The recipe (sizes) of the official checkpoint: a name or a path.")
     flags.DEFINE_string("checkpoint", None, "Official checkpoint: .pth (needs --allow_pickle), .safetensors or .npz.")
     flags.DEFINE_string("workdir", None, "The workdir to write.")
     flags.DEFINE_integer(
@@ -516,6 +517,7 @@ def main(argv=None) -> None:
 
     def run(_):
         f = flags.FLAGS
+        metrics.quiet_library_logs(verbosity_given=f["verbosity"].present)
         sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
         out = convert_checkpoint(
             f.config,

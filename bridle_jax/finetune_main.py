@@ -12,9 +12,10 @@ processes (GPU clusters, TPU pods) join through `jax.distributed` as `bridle_jax
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a fine-tune config (configs/*.py).", lock_config=True)
+from bridle_jax import recipes
+
+_CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)  # a recipe name (esc50) or a path, [:variant]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the fine-tune's checkpoints, metrics and finetune.json.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "host:port of process 0 (multi-process)."
@@ -41,6 +42,9 @@ def _initialize_distributed() -> None:
 
 def main(argv) -> None:
     del argv
+    from bridle_jax import metrics
+
+    metrics.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
     _initialize_distributed()
     from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend
 

@@ -1,5 +1,9 @@
 """Entry point: python -m bridle_jax.main --config=configs/digits.py --workdir=DIR [--config.x.y=v ...]
 
+--config takes a recipe name (`--config=digits`) or a path; the recipes ship with the package, so the same
+command runs from any folder after `pip install` (bridle_jax/recipes.py). Library logs (Orbax, JAX) are kept at
+WARNING unless --verbosity asks for more; the run's own lines are always printed.
+
 On several hosts it joins them through `jax.distributed` first (`initialize_distributed`):
   - explicit (GPU clusters, local tests): --coordinator_address/--num_processes/--process_id, or JAX_COORDINATOR_ADDRESS,
     JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU processes talk through gloo collectives;
@@ -18,9 +22,10 @@ import traceback
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+from bridle_jax import recipes
+
+_CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and kept encoders.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address",
@@ -114,6 +119,9 @@ def _report(error: BaseException, workdir: str) -> str:
 
 def main(argv) -> None:
     del argv
+    from bridle_jax import metrics
+
+    metrics.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
