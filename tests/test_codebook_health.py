@@ -3,8 +3,10 @@ errors. One short training per module (cold-start encoder 2 steps, tokenizer 2 s
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -243,3 +245,20 @@ def test_level_statistics_hand_cases():
     assert stats[2]["entropy_bits"] == 0.0 and stats[2]["perplexity"] == 1.0 and stats[2]["ecu"] is None
     with pytest.raises(ValueError, match="counts"):
         codebook.level_statistics([[1, -1]])
+
+
+def test_without_matplotlib_the_json_is_written_and_the_plots_skipped(run, tmp_path, monkeypatch, capsys, caplog):
+    """A plain `pip install` has no matplotlib (it is the `plots` extra): the CLI still writes its JSON."""
+    workdir, _ = run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "no_plots"
+    with caplog.at_level(logging.WARNING):
+        report = codebook.main(
+            [f"--workdir={workdir}", f"--max_examples={NUM_EXAMPLES}", f"--batch_size={BATCH}", f"--out_dir={out}"]
+        )
+    assert sorted(os.listdir(out)) == [codebook.HEALTH_FILE]
+    assert report["files"] == [codebook.HEALTH_FILE]
+    written = json.loads((out / codebook.HEALTH_FILE).read_text())
+    assert written["levels"] and "bridle_jax[plots]" in written["plots_skipped"]
+    assert "matplotlib is not installed" in caplog.text
+    assert "plots not written" in capsys.readouterr().out

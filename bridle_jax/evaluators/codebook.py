@@ -16,8 +16,9 @@ From the counts [M, K], in float64 (the authors' `unit_eval.calc_code_stats`):
 plus `normalised_entropy` = UE / log2 K (1 = uniform use), the sorted histogram of code use, the norms of the
 quantised vectors q_m per level (their distribution is the codebook norms weighted by the counts, so its moments are
 exact), of z and z_q per patch, of the quantisation error z − z_q, and of all K codebook vectors. Writes
-`codebook_health.json`, `codebook_usage_level{m}.png` (sorted use) and `codebook_norms.png` (the authors' "codebook
-norms by depth" plus the codebook vectors' norms) into `out_dir` (default: the workdir).
+`codebook_health.json`, then `codebook_usage_level{m}.png` (sorted use) and `codebook_norms.png` (the authors'
+"codebook norms by depth" plus the codebook vectors' norms) into `out_dir` (default: the workdir). The plots need
+matplotlib (`pip install 'bridle_jax[plots]'`); without it the JSON is written alone, with a warning.
 
 The checkpoints are opened read-only: the evaluator can run beside a training run of the same workdir without
 touching its files (no clean-up of in-flight saves, nothing set aside). Only the `state` item is restored (the data
@@ -309,6 +310,14 @@ def collect_counts(run: RestoredRun, arrays: dict, *, batch_size: int = 256) -> 
 # ----------------------------------------------------------------------------------------------- report
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    except ImportError:
+        return False
+    return True
+
+
 def _figure(width: float, height: float, ncols: int = 1):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -424,13 +433,22 @@ def codebook_health(
         "levels": levels,
     }
     out = ckpt_lib.workdir_path(out_dir if out_dir is not None else workdir)
-    files = _plots(report, code_norms) if plots else {}
-    report["files"] = [HEALTH_FILE, *files]
-    if jax.process_index() == 0:
+    if plots and not _have_matplotlib():
+        logging.warning(
+            "matplotlib is not installed: writing %s without its plots (pip install 'bridle_jax[plots]' for the "
+            "PNGs, or pass --no_plots)",
+            HEALTH_FILE,
+        )
+        report["plots_skipped"] = "matplotlib is not installed (pip install 'bridle_jax[plots]')"
+        plots = False
+    names = [USAGE_PLOT.format(level=lv["level"]) for lv in levels] + [NORMS_PLOT] if plots else []
+    report["files"] = [HEALTH_FILE, *names]
+    if jax.process_index() == 0:  # the JSON first: a plotting failure never costs the numbers
         out.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            (out / name).write_bytes(data)
         ckpt_lib.write_text_atomic(out / HEALTH_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        if plots:
+            for name, data in _plots(report, code_norms).items():
+                (out / name).write_bytes(data)
     return report
 
 
@@ -451,6 +469,8 @@ def _summary_lines(report: dict) -> list[str]:
             f"{lv['level']:>5} {lv['num_used_codes']:>4}/{report['codebook_size']:<4} {lv['utilisation']:>7.3f} "
             f"{lv['entropy_bits']:>8.3f} {lv['perplexity']:>8.2f} {lv['q_norm']['mean']:>8.4f}"
         )
+    if report.get("plots_skipped"):
+        lines.append(f"plots not written: {report['plots_skipped']}")
     return lines
 
 
