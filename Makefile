@@ -1,14 +1,42 @@
 # The two set-up commands of the README, and the benchmarks. Each target installs what it needs.
-PYTHON ?= python3
+#
+# PYTHON: the interpreter that installs and runs everything. Left unset, it is python3 itself when pip may install
+# into it (a virtual environment, conda, pyenv, a container's own Python), and otherwise -- a system Python marked
+# "externally managed" (PEP 668: Debian, Ubuntu) or one without pip -- the virtual environment $(VENV), created on
+# first use from python3 (BASE_PYTHON). Once $(VENV) exists it is always used. `make test PYTHON=python3.12` forces
+# an interpreter.
+BASE_PYTHON ?= python3
+VENV ?= .venv
 WORKDIR ?= workdirs/digits
 PYTEST_ARGS ?=
 
+# Exit status 0: pip may install into this interpreter (in a venv, or not marked externally managed, or told to
+# break system packages).
+CAN_PIP = import importlib.util, os, sys, sysconfig; \
+  managed = os.path.isfile(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")); \
+  ok = importlib.util.find_spec("pip") and (sys.prefix != sys.base_prefix or not managed \
+    or os.environ.get("PIP_BREAK_SYSTEM_PACKAGES")); \
+  sys.exit(0 if ok else 1)
+
+ifeq ($(origin PYTHON), undefined)
+  PYTHON := $(shell if [ -x "$(VENV)/bin/python" ]; then echo "$(VENV)/bin/python"; \
+    elif $(BASE_PYTHON) -c '$(CAN_PIP)' >/dev/null 2>&1; then echo "$(BASE_PYTHON)"; \
+    else echo "$(VENV)/bin/python"; fi)
+endif
+# The venv, when PYTHON is it and it is not there yet.
+NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
+
 .PHONY: install install-test demo test study bench-quantizer bench-train-step
 
-install:
+$(VENV)/bin/python:
+	@echo "$(BASE_PYTHON) does not let pip install into it (PEP 668 'externally managed', or no pip): using a virtual environment in $(VENV)"
+	$(BASE_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "could not create $(VENV): on Debian/Ubuntu run 'sudo apt-get install python3-venv' (or pass PYTHON=...)"; exit 1; }
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+
+install: $(NEEDS_VENV)
 	$(PYTHON) -m pip install -q -e .
 
-install-test:
+install-test: $(NEEDS_VENV)
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 # Pretrain on the embedded digits (all phases), linear-probe every encoder, print the accuracies and the workdir.
