@@ -220,12 +220,12 @@ def test_csv_variant_with_class_names(folder, tmp_path, fresh_counter):
         (meta / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(meta / rel)
     (meta / "imgs/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    # A BOM, CRLF line ends, a quoted comma, an extra column; paths relative to the CSV's folder (meta/).
+    # A BOM, CRLF line ends, a quoted comma, an extra column; paths relative to data_dir, as for audio and video.
     (meta / "train.csv").write_bytes(
-        "\ufeffpath,label,note\r\n\"imgs/a, b.png\",zebra,x\r\nimgs/c.png,ant,\r\nimgs/broken.png,ant,\r\n"
-        "imgs/missing.png,zebra,\r\nimgs/d.bmp,ant,\r\n".encode("utf-8")
+        "\ufeffpath,label,note\r\n\"meta/imgs/a, b.png\",zebra,x\r\nmeta/imgs/c.png,ant,\r\nmeta/imgs/broken.png,ant,\r\n"
+        "meta/imgs/missing.png,zebra,\r\nmeta/imgs/d.bmp,ant,\r\n".encode("utf-8")
     )
-    (meta / "test.csv").write_text("path,label\nimgs/e.png,zebra\nimgs/c.png,ant\n")
+    (meta / "test.csv").write_text("path,label\nmeta/imgs/e.png,zebra\nmeta/imgs/c.png,ant\n")
     cfg = data_config(name="image_folder", data_dir=str(root), train_csv="meta/train.csv", eval_csv="meta/test.csv")
     train = sources.raw_source(cfg, "train")
     assert train.classes == ["ant", "zebra"]
@@ -238,7 +238,7 @@ def test_csv_variant_with_class_names(folder, tmp_path, fresh_counter):
     assert arrays["label"].tolist() == [1, 0] and arrays["input"].shape == (2, SIZE, SIZE, 3)
     assert sources.num_classes(cfg) == 2
 
-    (meta / "test.csv").write_text("path,label\nimgs/e.png,zebra\nimgs/c.png,bee\n")
+    (meta / "test.csv").write_text("path,label\nmeta/imgs/e.png,zebra\nmeta/imgs/c.png,bee\n")
     with pytest.raises(ValueError, match=r"test\.csv' row 3: unknown label 'bee' \(not one of the 2 classes"):
         pipeline.eval_arrays(cfg, "test")
     (meta / "test.csv").write_text("path,label\n../outside.png,ant\n")
@@ -249,8 +249,8 @@ def test_csv_variant_with_class_names(folder, tmp_path, fresh_counter):
     with pytest.raises(ValueError, match=r"config\.data\.eval_csv must be set too"):
         image_pipeline.data_spec(data_config(name="image_folder", data_dir=str(root), train_csv="meta/train.csv"))
     # Integer labels are used as given; the eval CSV must stay inside the train CSV's range.
-    (meta / "train.csv").write_text("path,label\nimgs/c.png,0\nimgs/d.bmp,3\n")
-    (meta / "test.csv").write_text("path,label\nimgs/e.png,2\n")
+    (meta / "train.csv").write_text("path,label\nmeta/imgs/c.png,0\nmeta/imgs/d.bmp,3\n")
+    (meta / "test.csv").write_text("path,label\nmeta/imgs/e.png,2\n")
     assert sources.num_classes(cfg) == 4 and pipeline.eval_arrays(cfg, "test")["label"].tolist() == [2]
 
 

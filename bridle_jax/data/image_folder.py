@@ -23,8 +23,8 @@ CSV layout (``config.data.train_csv`` / ``eval_csv``, relative to ``data_dir``):
 
 read by :mod:`bridle_jax.data.csv_files`, the reader of the audio and video CSVs (a UTF-8 BOM, any line ending and
 quoted fields are fine; labels are integers used as given or class names mapped to their sorted index, the train
-CSV's mapping for every split; errors name the file and row). Image paths are relative to the CSV's own folder and
-may not leave it (absolute paths and ``..`` are rejected); any format PIL reads is accepted. A listed file that is
+CSV's mapping for every split; errors name the file and row). Image paths are relative to ``data_dir``, as in the
+audio and video CSVs, and may not leave it (absolute paths and ``..`` are rejected); any format PIL reads is accepted. A listed file that is
 missing is not an error here: like a corrupt one, it fails when read and is counted as skipped.
 
 Decoding (:func:`decode_image`) gives uint8 ``[H, W, 3]`` at the file's own size (the crops resize):
@@ -173,16 +173,16 @@ class ImageFolderSource(_FileSource):
 
 
 class ImageCsvSource(_FileSource):
-    """A ``path,label`` CSV; image paths relative to the CSV's folder. Pass the train CSV's ``classes`` (class-name
+    """A ``path,label`` CSV; image paths relative to ``root`` (``data_dir``, as for audio and video CSVs). Pass the train CSV's ``classes`` (class-name
     labels) or ``num_classes`` (integer labels) when building another split, so every split shares one mapping."""
 
-    def __init__(self, csv_path, *, classes: Sequence[str] | None = None, num_classes: int | None = None):
+    def __init__(self, csv_path, root, *, classes: Sequence[str] | None = None, num_classes: int | None = None):
         csv_path = os.fspath(csv_path)
         rows = list(csv_files.read_csv(csv_path, ("path", "label")))
         if not rows:
             raise ValueError(f"CSV file {csv_path!r} has a header but no rows")
-        base = os.path.dirname(os.path.abspath(csv_path))
-        self.paths = [csv_files.resolve_inside(base, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
+        root = os.path.abspath(os.fspath(root))
+        self.paths = [csv_files.resolve_inside(root, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
         labels, classes, num_classes = csv_files.labels_from_rows(
             csv_path, [(n, row["label"]) for n, row in rows], classes=classes, num_classes=num_classes
         )

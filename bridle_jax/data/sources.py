@@ -337,11 +337,11 @@ def image_folder_source(data_config, split: str):
     raise ValueError(
         f"config.data.name='image_folder' with CSVs has the splits {sorted(csvs)} (config.data.train_split -> "
         f"train_csv, config.data.eval_split -> eval_csv), got split {split!r}")
-  train_source = image_folder.ImageCsvSource(csvs[train])
+  train_source = image_folder.ImageCsvSource(csvs[train], root)
   if split == train:
     return train_source
   return image_folder.ImageCsvSource(
-      csvs[split], classes=train_source.classes, num_classes=None if train_source.classes else train_source.num_classes)
+      csvs[split], root, classes=train_source.classes, num_classes=None if train_source.classes else train_source.num_classes)
 
 
 def raw_source(data_config, split: str):
