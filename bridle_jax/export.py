@@ -181,6 +181,9 @@ def main(argv=None) -> None:
 
     def run(_):
         f = flags.FLAGS
+        from bridle_jax import metrics
+
+        metrics.quiet_library_logs(verbosity_given=f["verbosity"].present)  # Orbax's restore logs at INFO
         state = export_encoder(f.workdir, f.out, iteration=f.iteration, fmt=f.format)
         print(f"{f.out}: {len(state)} tensors; constructor in {f.out.rsplit('.', 1)[0]}.json")
 
