@@ -104,6 +104,8 @@ class _ResolvingParser:
         return self._parser.parse(value)
 
     def __getattr__(self, name):  # flag_type(), name, ... of the wrapped parser
+        if name.startswith("__") or name == "_parser":  # copy/pickle probing before __init__ ran
+            raise AttributeError(name)
         return getattr(self._parser, name)
 
 
