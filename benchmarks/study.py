@@ -91,13 +91,13 @@ def raw_pixel_rows(args) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from bridle_jax.data import image_pipeline
+    from bridle_jax import train as train_lib
     from bridle_jax.evaluators import linear_probe
 
     c = variant_config(args, "rq", 0)
     p = c.evals.linear_probe
-    train = image_pipeline.eval_arrays(c.data, p.train_split, p.max_examples)
-    test = image_pipeline.eval_arrays(c.data, p.test_split, p.get("max_test_examples") or p.max_examples)
+    data = train_lib._ProbeData(c)  # the very splits the in-loop probe reads  # pylint: disable=protected-access
+    train, test = data.train, data.test
     flat = lambda a: a["input"][..., 0].reshape(len(a["input"]), -1)  # grey: the 3 channels are equal
     probe = [linear_probe.linear_probe(flat(train), train["label"], flat(test), test["label"], steps=p.steps,
                                        lr=p.lr, batch_size=p.batch_size, seed=s)["top1_test"] for s in args.seeds]

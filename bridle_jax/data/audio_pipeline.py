@@ -33,12 +33,10 @@ once: see :mod:`bridle_jax.data.audio_sources`.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
 import os
-import threading
 from collections.abc import Sequence
 
 import grain
@@ -311,40 +309,11 @@ def make_source(spec: AudioDataSpec, split: str):
 # ----------------------------------------------------------------------------------------------- skip counter
 
 
-class SkippedRecords:
-    """Unreadable files seen by this process (each counted once), with the ceiling check. Thread-safe."""
+class SkippedRecords(pipeline.SkippedRecords):
+    """Unreadable audio files seen by this process (each counted once), with the ceiling check. Thread-safe."""
 
     def __init__(self):
-        self._lock = threading.Lock()
-        self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._reasons)
-
-    def last(self, n: int = 5) -> list[str]:
-        with self._lock:
-            return list(self._reasons)[-n:]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._reasons.clear()
-
-    def record(self, path: str, reason: str, max_skipped: int) -> None:
-        """Logs and counts ``path``; raises ``RuntimeError`` once more than ``max_skipped`` files were skipped."""
-        with self._lock:
-            new = path not in self._reasons
-            self._reasons[path] = reason
-            count = len(self._reasons)
-            last = list(self._reasons)[-5:]
-        if new:
-            log.warning("skipping unreadable audio record %s: %s (%d skipped in this process)", path, reason, count)
-        if count > max_skipped:
-            raise RuntimeError(
-                f"{count} unreadable audio files were skipped, more than config.data.max_skipped={max_skipped}; "
-                f"the last ones: {last}. Fix or remove them, or raise config.data.max_skipped."
-            )
+        super().__init__("audio record", "audio files", log)
 
 
 SKIPPED = SkippedRecords()
@@ -355,43 +324,13 @@ def skipped_count() -> int:
     return SKIPPED.count
 
 
-class ReadableSource:
-    """Random access over a decoding source where an unreadable record never stops the stream on its own.
+class ReadableSource(pipeline.ReadableSource):
+    """:class:`pipeline.ReadableSource` over audio files: an undecodable clip is counted in ``SKIPPED``."""
 
-    ``replace=True`` (train): index ``i`` yields the first readable record at ``i, i+1, ...`` (cyclically, in
-    stored order), which depends only on the files, so the stream stays deterministic and resumable.
-    ``replace=False`` (eval): an unreadable record yields ``None``, which Grain drops. Known-bad indices are
-    remembered so they are not decoded again every epoch.
-    """
+    ERRORS = (audio.AudioDecodeError, OSError)
 
-    def __init__(self, source, max_skipped: int, *, replace: bool = True):
-        self._source = source
-        self._max_skipped = int(max_skipped)
-        self._replace = replace
-        self._bad: set[int] = set()
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict | None:
-        n = len(self._source)
-        for k in range(n):
-            j = (int(index) + k) % n
-            if j in self._bad:
-                if not self._replace:
-                    return None
-                continue
-            try:
-                return self._source[j]
-            except (audio.AudioDecodeError, OSError) as e:
-                self._bad.add(j)
-                SKIPPED.record(self._source.path(j), str(e), self._max_skipped)
-                if not self._replace:
-                    return None
-        raise RuntimeError(f"no readable record in {self._source!r}: all {n} files failed to decode")
-
-    def __repr__(self) -> str:
-        return f"ReadableSource({self._source!r})"
+    def skipped(self) -> pipeline.SkippedRecords:
+        return SKIPPED
 
 
 # -------------------------------------------------------------------------------------------------- transforms

@@ -20,7 +20,10 @@ The model side (`BridleModels.model_input`) turns it into a per-patch validity m
 
 from __future__ import annotations
 
+import collections
 import importlib
+import logging
+import threading
 
 import grain
 import numpy as np
@@ -152,3 +155,98 @@ def preprocess_eval(data_config, raw, value_range=None) -> dict:
 
 def skipped_count(data_config) -> int:
     return module_for(data_config).skipped_count()
+
+
+# ----------------------------------------------------------------------------------------------- unreadable records
+# Shared by the image and audio pipelines (each keeps its own counter, `SKIPPED`, and its own wording).
+
+
+class SkippedRecords:
+    """Unreadable files seen by this process (each counted once), with the ``max_skipped`` ceiling. Thread-safe.
+    ``one`` / ``many`` name the records in the warning and the error (e.g. "image" / "images")."""
+
+    def __init__(self, one: str, many: str, logger: logging.Logger):
+        self._one, self._many, self._log = one, many, logger
+        self._lock = threading.Lock()
+        self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._reasons)
+
+    def last(self, n: int = 5) -> list[str]:
+        with self._lock:
+            return list(self._reasons)[-n:]
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reasons.clear()
+
+    def record(self, path: str, reason: str, max_skipped: int) -> None:
+        """Logs and counts ``path``; raises ``RuntimeError`` once more than ``max_skipped`` were skipped."""
+        with self._lock:
+            new = path not in self._reasons
+            self._reasons[path] = reason
+            count = len(self._reasons)
+            last = list(self._reasons)[-5:]
+        if new:
+            self._log.warning(
+                "skipping unreadable %s %s: %s (%d skipped in this process)", self._one, path, reason, count
+            )
+        if count > max_skipped:
+            raise RuntimeError(
+                f"{count} unreadable {self._many} were skipped, more than config.data.max_skipped={max_skipped}; "
+                f"the last ones: {last}. Fix or remove them, or raise config.data.max_skipped."
+            )
+
+
+class ReadableSource:
+    """Random access over a decoding source where an unreadable record never stops the stream on its own.
+
+    ``replace=True`` (train): index ``i`` yields the first readable record at ``i, i+1, ...`` (cyclically, in
+    stored order). That depends only on the files, never on threads, processes or the resume point, so the train
+    stream stays deterministic and resumable and its process shards stay the one-process batch. ``replace=False``
+    (eval): an unreadable record yields ``None``, which Grain drops. Known-bad indices are remembered so they are not
+    decoded again every epoch. Subclasses name the ``ERRORS`` that mean "unreadable", the counter (``skipped``) and
+    the records (``WHAT``).
+    """
+
+    ERRORS: tuple[type[BaseException], ...] = (OSError,)
+    WHAT = "files"
+
+    def __init__(self, source, max_skipped: int, *, replace: bool = True):
+        self._source = source
+        self._max_skipped = int(max_skipped)
+        self._replace = replace
+        self._bad: set[int] = set()
+
+    def skipped(self) -> SkippedRecords:
+        raise NotImplementedError
+
+    @property
+    def source(self):
+        return self._source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict | None:
+        n = len(self._source)
+        for k in range(n):
+            j = (int(index) + k) % n
+            if j in self._bad:
+                if not self._replace:
+                    return None
+                continue
+            try:
+                return self._source[j]
+            except self.ERRORS as e:
+                self._bad.add(j)
+                self.skipped().record(self._source.path(j), str(e), self._max_skipped)
+                if not self._replace:
+                    return None
+        raise RuntimeError(f"no readable record in {self._source!r}: all {n} {self.WHAT} failed to decode")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._source!r})"

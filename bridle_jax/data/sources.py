@@ -18,10 +18,8 @@ in ``EVAL_SPLIT``). Any other name is read as given (a folder of ``image_folder`
 """
 from __future__ import annotations
 
-import collections
 import logging
 import os
-import threading
 
 import numpy as np
 
@@ -230,35 +228,11 @@ def check_fields(data_config) -> None:
 # ----------------------------------------------------------------------------------------------- skip counter
 
 
-class SkippedImages:
+class SkippedImages(pipeline.SkippedRecords):
   """Unreadable images seen by this process (each counted once), with the ``max_skipped`` ceiling. Thread-safe."""
 
   def __init__(self):
-    self._lock = threading.Lock()
-    self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
-
-  @property
-  def count(self) -> int:
-    with self._lock:
-      return len(self._reasons)
-
-  def reset(self) -> None:
-    with self._lock:
-      self._reasons.clear()
-
-  def record(self, path: str, reason: str, ceiling: int) -> None:
-    """Logs and counts ``path``; raises ``RuntimeError`` once more than ``ceiling`` images were skipped."""
-    with self._lock:
-      new = path not in self._reasons
-      self._reasons[path] = reason
-      count = len(self._reasons)
-      last = list(self._reasons)[-5:]
-    if new:
-      log.warning("skipping unreadable image %s: %s (%d skipped in this process)", path, reason, count)
-    if count > ceiling:
-      raise RuntimeError(
-          f"{count} unreadable images were skipped, more than config.data.max_skipped={ceiling}; the last ones: "
-          f"{last}. Fix or remove them, or raise config.data.max_skipped.")
+    super().__init__("image", "images", log)
 
 
 SKIPPED = SkippedImages()
@@ -269,47 +243,14 @@ def skipped_count() -> int:
   return SKIPPED.count
 
 
-class ReadableImages:
-  """Random access over a decoding source where an undecodable record never stops the stream on its own.
+class ReadableImages(pipeline.ReadableSource):
+  """:class:`pipeline.ReadableSource` over images: ``image_folder.ImageDecodeError``, PIL's errors inside TFDS
+  decoding and missing files (all ``OSError``) are counted in ``SKIPPED``."""
 
-  ``replace=True`` (train): index ``i`` yields the first readable record at ``i, i+1, ...`` (cyclically, in stored
-  order). That depends only on the files, never on threads, processes or the resume point, so the train stream stays
-  deterministic and its process shards stay the one-process batch. ``replace=False`` (eval): an undecodable record
-  yields ``None``, which Grain drops. Known-bad indices are remembered and not decoded again.
-  """
+  WHAT = "images"
 
-  def __init__(self, source, max_skipped: int, *, replace: bool = True):
-    self._source = source
-    self._max_skipped = int(max_skipped)
-    self._replace = replace
-    self._bad: set[int] = set()
-
-  @property
-  def source(self):
-    return self._source
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict | None:
-    n = len(self._source)
-    for k in range(n):
-      j = (int(index) + k) % n
-      if j in self._bad:
-        if not self._replace:
-          return None
-        continue
-      try:
-        return self._source[j]
-      except OSError as e:  # image_folder.ImageDecodeError, PIL's errors inside TFDS decoding, missing files
-        self._bad.add(j)
-        SKIPPED.record(self._source.path(j), str(e), self._max_skipped)
-        if not self._replace:
-          return None
-    raise RuntimeError(f"no readable record in {self._source!r}: all {n} images failed to decode")
-
-  def __repr__(self) -> str:
-    return f"ReadableImages({self._source!r})"
+  def skipped(self) -> pipeline.SkippedRecords:
+    return SKIPPED
 
 
 # ---------------------------------------------------------------------------------------------------- sources
