@@ -19,8 +19,8 @@ DONE_MARKER_NAME=DONE
 FETCH_ITEMS="metrics.jsonl linear_probe.json config.json encoders"
 
 ALL_FLAGS="project zone name accelerator-type runtime-version spot queued best-effort poll-interval wait-timeout
-repo ref remote-dir venv python extras config workdir log-dir foreground local-dir logs max-restarts restart-crashed
-delete-when-done dry-run"
+repo ref remote-dir venv python extras data-bucket data-disk data-mount data-cache-mb config workdir log-dir
+log-upload-interval foreground local-dir logs max-restarts restart-crashed delete-when-done dry-run"
 
 # flag_spec NAME: sets _VAR (the shell variable; its environment variable is BRIDLE_$_VAR), _BOOL and _HELP.
 flag_spec() {
@@ -42,9 +42,14 @@ flag_spec() {
         venv) _VAR=VENV _HELP="virtualenv on the workers, relative to \$HOME (default bridle_venv)" ;;
         python) _VAR=PYTHON _HELP="interpreter for the venv, apt-installed if missing (default python3.11)" ;;
         extras) _VAR=EXTRAS _HELP="pip extras of the package (default tpu)" ;;
+        data-bucket) _VAR=DATA_BUCKET _HELP="stage data: gcsfuse-mount gs://bucket[/prefix] read-only on every worker" ;;
+        data-disk) _VAR=DATA_DISK _HELP="stage data: attach this persistent disk read-only to all workers and mount it" ;;
+        data-mount) _VAR=DATA_MOUNT _HELP="where the staged data appears on the workers (default /mnt/data)" ;;
+        data-cache-mb) _VAR=DATA_CACHE_MB _HELP="gcsfuse file cache on the boot disk, in MiB (default 0: none)" ;;
         config) _VAR=CONFIG _HELP="config file relative to the repo, e.g. configs/imagenet.py" ;;
         workdir) _VAR=WORKDIR _HELP="run directory every worker sees: gs://bucket/path" ;;
-        log-dir) _VAR=LOG_DIR _HELP="per-worker log directory, relative to \$HOME (default bridle_logs)" ;;
+        log-dir) _VAR=LOG_DIR _HELP="local log directory on each worker, relative to \$HOME (default bridle_logs)" ;;
+        log-upload-interval) _VAR=LOG_UPLOAD_INTERVAL _HELP="seconds between copies of the logs to WORKDIR/logs (default 60)" ;;
         foreground) _VAR=FOREGROUND _BOOL=1 _HELP="stay attached and stream the output instead of nohup + log file" ;;
         local-dir) _VAR=LOCAL_DIR _HELP="where results go (default runs/<last part of the workdir>)" ;;
         logs) _VAR=FETCH_LOGS _BOOL=1 _HELP="also copy every worker's training log (needs --name/--zone/--project)" ;;
@@ -188,6 +193,52 @@ require_uint() {
 require_gs_workdir() {
     [[ $WORKDIR == gs://?* ]] || die "--workdir (BRIDLE_WORKDIR) must be a gs://bucket/path URL, got '$WORKDIR'"
     WORKDIR=${WORKDIR%/}
+}
+
+# check_data_flags: validates the optional data staging (--data-bucket or --data-disk, --data-mount, --data-cache-mb)
+# and sets STAGING (bucket, disk or empty), DATA_MOUNT (default /mnt/data), DATA_BUCKET_NAME and DATA_PREFIX. Every
+# script that reads these parameters calls it, so a bad combination stops whichever script sees it first.
+check_data_flags() {
+    local bucket_re='^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:cntrl:]]*)?$'
+    local disk_re='^(projects/[^/]+/(zones|regions)/[^/]+/disks/)?[a-z]([-a-z0-9]{0,61}[a-z0-9])?$'
+    local mount_re='^/[A-Za-z0-9_./-]+$' rest
+    STAGING=""
+    if [[ -n $DATA_BUCKET && -n $DATA_DISK ]]; then
+        die "--data-bucket (BRIDLE_DATA_BUCKET) and --data-disk (BRIDLE_DATA_DISK) exclude each other: stage from one"
+    elif [[ -n $DATA_BUCKET ]]; then
+        [[ $DATA_BUCKET =~ $bucket_re ]] ||
+            die "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket or gs://bucket/prefix, got '$DATA_BUCKET'"
+        STAGING=bucket
+        rest=${DATA_BUCKET#gs://}
+        DATA_BUCKET_NAME=${rest%%/*}
+        DATA_PREFIX=""
+        [[ $rest != */* ]] || DATA_PREFIX=${rest#*/}
+        while [[ $DATA_PREFIX == */ ]]; do DATA_PREFIX=${DATA_PREFIX%/}; done
+    elif [[ -n $DATA_DISK ]]; then
+        [[ $DATA_DISK =~ $disk_re ]] || die "--data-disk (BRIDLE_DATA_DISK) must be a disk name (lowercase letters," \
+            "digits, -) or projects/P/zones/Z/disks/NAME, got '$DATA_DISK'"
+        STAGING=disk
+    fi
+    DATA_CACHE_MB=${DATA_CACHE_MB:-0}
+    [[ $DATA_CACHE_MB =~ ^[0-9]+$ ]] ||
+        die "--data-cache-mb (BRIDLE_DATA_CACHE_MB) must be a whole number of MiB, got '$DATA_CACHE_MB'"
+    if [[ $STAGING != bucket && $DATA_CACHE_MB != 0 ]]; then
+        die "--data-cache-mb (BRIDLE_DATA_CACHE_MB) caches a gcsfuse mount: it needs --data-bucket"
+    fi
+    if [[ -z $STAGING ]]; then
+        [[ -z $DATA_MOUNT ]] || die "--data-mount (BRIDLE_DATA_MOUNT) needs --data-bucket or --data-disk: what to mount"
+        return 0
+    fi
+    DATA_MOUNT=${DATA_MOUNT:-/mnt/data}
+    [[ $DATA_MOUNT == / ]] || DATA_MOUNT=${DATA_MOUNT%/}
+    if ! [[ $DATA_MOUNT =~ $mount_re ]] || [[ "$DATA_MOUNT/" == */../* || "$DATA_MOUNT/" == */./* ]]; then
+        die "--data-mount (BRIDLE_DATA_MOUNT) must be an absolute path of letters, digits and _ . / -, got '$DATA_MOUNT'"
+    fi
+    case $DATA_MOUNT in
+        / | /bin | /boot | /dev | /etc | /home | /lib | /opt | /proc | /root | /run | /sys | /tmp | /usr | /var | /mnt)
+            die "--data-mount (BRIDLE_DATA_MOUNT) must not hide a system directory, got '$DATA_MOUNT' (try /mnt/data)"
+            ;;
+    esac
 }
 
 # shell_quote WORD: the word as POSIX shell source; identical to Python's shlex.quote so tests can compare exactly.

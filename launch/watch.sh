@@ -8,14 +8,16 @@
 # the same command and bridle_jax.main continues from the newest checkpoint in the gs:// workdir.
 
 SCRIPT_FLAGS="project zone name accelerator-type runtime-version spot queued best-effort poll-interval wait-timeout
-repo ref remote-dir venv python extras config workdir log-dir max-restarts restart-crashed delete-when-done dry-run"
+repo ref remote-dir venv python extras data-bucket data-disk data-mount data-cache-mb config workdir log-dir
+log-upload-interval max-restarts restart-crashed delete-when-done dry-run"
 SCRIPT_SUMMARY="Every POLL_INTERVAL seconds: stop when WORKDIR/DONE exists (the marker train writes after the last phase
 of the plan; checked with gcloud storage ls); otherwise read the TPU VM state (with --queued, the queued resource's).
 PREEMPTED/TERMINATED (queued: SUSPENDED/FAILED) -> delete.sh, create.sh, setup.sh, train.sh; missing -> the same
 without delete.sh; READY after a recovery failed half-way -> setup.sh, train.sh. Other states (CREATING,
 WAITING_FOR_RESOURCES, ...) are waited out. With --restart-crashed a READY VM whose worker 0 runs no bridle_jax.main
-gets train.sh again. Failed recoveries are retried next round; MAX_RESTARTS bounds them. --dry-run prints the checks
-of one round and one full recovery."
+gets train.sh again. Failed recoveries are retried next round; MAX_RESTARTS bounds them. Data staging
+(--data-bucket/--data-disk) goes to create.sh and setup.sh, so every recreated VM mounts the data again. --dry-run
+prints the checks of one round and one full recovery."
 ACCEPTS_OVERRIDES=1
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -27,6 +29,7 @@ set_poll_defaults
 MAX_RESTARTS=${MAX_RESTARTS:-20}
 require_uint MAX_RESTARTS
 set_remote_defaults
+check_data_flags
 tpu_args
 marker=$WORKDIR/$DONE_MARKER_NAME
 kind=node

@@ -225,6 +225,129 @@ def test_setup_copies_a_local_checkout(stub, tmp_path):
     assert lines[3:] == [line(["rm", "-f", tarball])]
 
 
+# ------------------------------------------------------------------------------------------------- data staging
+
+DISK_SOURCE = "--data-disk=source=projects/my-proj/zones/us-central2-b/disks/in1k-ro,mode=read-only"
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_create_attaches_the_data_disk_read_only(stub, queued):
+    lines = stub.dry("create.sh", *BASE, "--accelerator-type=v4-32", "--data-disk=in1k-ro", *(["--queued"] if queued else []))
+    words = shlex.split(lines[0])
+    assert words[:6] == tpu("queued-resources" if queued else "tpu-vm", "create", "bridle-v4")
+    assert [w for w in words if w.startswith("--data-disk")] == [DISK_SOURCE]
+    full = "projects/other/zones/us-central2-b/disks/shared"  # a full resource path is taken as it is
+    (create, _) = stub.dry("create.sh", *BASE, "--accelerator-type=v4-8", f"--data-disk={full}")
+    assert f"--data-disk=source={full},mode=read-only" in shlex.split(create)
+
+
+def test_setup_mounts_a_bucket_prefix_with_gcsfuse_before_installing(stub):
+    result = stub.run("setup.sh", "--dry-run", *BASE, f"--repo={URL}", "--data-bucket=gs://my-data/tfds/in1k/")
+    assert result.returncode == 0, result.stderr
+    staging, install = result.stdout.splitlines()
+    assert shlex.split(staging)[8] == "--worker=all" and "git clone" in remote_command(install)
+    remote = remote_command(staging)
+    mount = ("gcsfuse -o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1"
+             " --type-cache-max-size-mb=-1 --only-dir=tfds/in1k my-data /mnt/data")  # fmt: skip
+    assert mount in remote and "--cache-dir" not in remote
+    assert "if mountpoint -q /mnt/data; then" in remote.split(mount)[0]
+    assert "gcsfuse-$(lsb_release -c -s) main" in remote and "apt-get -o DPkg::Lock::Timeout=600 install" in remote
+    assert "--config.data.data_dir=/mnt/data" in result.stderr
+    assert subprocess.run(["bash", "-n", "-c", remote], check=False).returncode == 0
+
+
+def test_setup_bucket_without_prefix_with_a_file_cache_and_another_mount_point(stub):
+    lines = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--data-bucket=gs://my-data", "--data-cache-mb=20000",
+                     "--data-mount=/mnt/disks/data/")  # fmt: skip
+    remote = remote_command(lines[0])
+    assert "--only-dir" not in remote
+    cache = '--cache-dir="$HOME"/gcsfuse_cache --file-cache-max-size-mb=20000 --file-cache-cache-file-for-range-read'
+    assert f"{cache} my-data /mnt/disks/data;" in remote
+    assert remote.endswith('echo "data ready on $(hostname): --config.data.data_dir=/mnt/disks/data"')
+
+
+def test_setup_mounts_the_data_disk(stub):
+    lines = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--data-disk=in1k-ro")
+    assert len(lines) == 2 and "gcsfuse" not in lines[0]
+    remote = remote_command(lines[0])
+    assert "sudo mount -o $opts $dev /mnt/data" in remote and "ext*) opts=ro,noload" in remote
+    assert "attach-disk bridle-v4 --disk=in1k-ro --mode=read-only" in remote
+
+
+def _staging_worker(tmp_path) -> tuple[dict, Path]:
+    """Stub sudo/mountpoint/lsblk/curl/lsb_release that record what the staging command does on a worker."""
+    home, bin_dir = tmp_path / "home", tmp_path / "bin"
+    home.mkdir()
+    bin_dir.mkdir()
+    stubs = {
+        "sudo": 'printf \'%s\\n\' "$*" >> "$HOME/sudo"\ncase "$1" in blkid) echo ext4 ;; tee) cat >/dev/null ;; esac\n'
+                'case "$*" in *"install -y -qq gcsfuse") cp "$HOME/gcsfuse.stub" "$STUB_BIN/gcsfuse" ;; esac',
+        "mountpoint": '[ -e "$HOME/mounted" ]',
+        "curl": "echo KEY",
+        "lsb_release": "echo jammy",
+        "lsblk": 'case "$*" in "-dn -o NAME,TYPE") printf "loop0 loop\\nsda disk\\nsdb disk\\n" ;;\n'
+                 '"-n -o MOUNTPOINT /dev/sda") printf "\\n/\\n/boot/efi\\n" ;; "-n -o MOUNTPOINT /dev/sdb") echo ;;\n'
+                 '"-ln -o NAME,TYPE /dev/sdb") echo "sdb disk" ;; *) echo "lsblk $*" ;; esac',
+    }  # fmt: skip
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (home / "gcsfuse.stub").write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$HOME/gcsfuse"\n')
+    (home / "gcsfuse.stub").chmod(0o755)
+    env = {"HOME": str(home), "STUB_BIN": str(bin_dir), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return env, home
+
+
+@pytest.mark.skipif(shutil.which("gcsfuse", path="/usr/bin:/bin") is not None, reason="a real gcsfuse is installed")
+def test_staging_commands_run_on_a_worker_and_are_idempotent(stub, tmp_path):
+    """The printed worker commands, run with stubs: install + mount once, and nothing but a note when mounted."""
+    (bucket, _) = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--data-bucket=gs://my-data/tfds")
+    env, home = _staging_worker(tmp_path)
+    run = lambda printed: subprocess.run(  # noqa: E731
+        ["bash", "-c", remote_command(printed)], check=False, env=env, capture_output=True, text=True, timeout=30
+    )
+    first = run(bucket)
+    assert first.returncode == 0, first.stderr
+    sudo = (home / "sudo").read_text().splitlines()
+    assert "tee /etc/apt/sources.list.d/gcsfuse.list" in sudo and "mkdir -p /mnt/data" in sudo
+    assert any(s.endswith("install -y -qq gcsfuse") for s in sudo)
+    assert (home / "gcsfuse").read_text().splitlines() == [
+        "-o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1 --type-cache-max-size-mb=-1"
+        " --only-dir=tfds my-data /mnt/data"
+    ]
+    assert "--config.data.data_dir=/mnt/data" in first.stdout
+
+    (home / "mounted").touch()  # setup.sh again on a live VM: the mount stays, nothing is installed or mounted
+    (home / "sudo").unlink()
+    again = run(bucket)
+    assert again.returncode == 0 and "already mounted, kept" in again.stdout
+    assert not (home / "sudo").exists() and len((home / "gcsfuse").read_text().splitlines()) == 1
+
+    (home / "mounted").unlink()
+    (disk, _) = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--data-disk=in1k-ro")
+    result = run(disk)
+    assert result.returncode == 0, result.stderr
+    assert (home / "sudo").read_text().splitlines() == [
+        "blkid -o value -s TYPE /dev/sdb", "mkdir -p /mnt/data", "mount -o ro,noload /dev/sdb /mnt/data"
+    ]  # fmt: skip
+
+    (Path(env["STUB_BIN"]) / "lsblk").write_text("#!/usr/bin/env bash\necho\n")  # no data disk at all
+    missing = run(disk)
+    assert missing.returncode == 1 and "expected one unmounted data disk, found 0" in missing.stderr
+    assert "create.sh --data-disk" in missing.stderr
+
+
+def test_watch_recovery_stages_the_data_again(stub):
+    lines = stub.dry("watch.sh", *WATCH, "--data-disk=in1k-ro")
+    creates = [x for x in lines if " create " in x]
+    assert len(creates) == 1 and DISK_SOURCE in shlex.split(creates[0])
+    ssh = [remote_command(x) for x in lines if " ssh " in x]
+    assert "mount -o $opts $dev /mnt/data" in ssh[0] and "git clone" in ssh[1] and "bridle_jax.main" in ssh[2]
+    lines = stub.dry("watch.sh", *WATCH, env={"BRIDLE_DATA_BUCKET": "gs://my-data"})
+    assert not any("--data-disk" in x for x in lines)
+    assert "gcsfuse -o ro" in remote_command([x for x in lines if " ssh " in x][0])
+
+
 # ---------------------------------------------------------------------------------------------------------- train
 
 WORKDIR = "gs://my-bucket/runs/in1k run #1 \"q\" it's $HOME;echo x"
@@ -486,6 +609,18 @@ def test_missing_parameters_are_named(stub, script, args, names):
         ("setup.sh", [*BASE, f"--repo={URL}", "--remote-dir=my code"], "--remote-dir: 'my code' may use only"),
         ("setup.sh", [*BASE, f"--repo={URL}", "--venv=../x"], "--venv: '../x' must name a directory"),
         ("setup.sh", [*BASE, f"--repo={URL}", "--python=/usr/bin/python3"], "--python (BRIDLE_PYTHON)"),
+        ("setup.sh", [*BASE, "--data-bucket=gs://b", "--data-disk=d"], "--data-bucket (BRIDLE_DATA_BUCKET) and --data-disk"),
+        ("watch.sh", [*WATCH, "--data-bucket=gs://b/x", "--data-disk=d"], "--data-bucket (BRIDLE_DATA_BUCKET) and --data"),
+        ("setup.sh", [*BASE, "--data-bucket=my-bucket/tfds"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
+        ("watch.sh", [*WATCH, "--data-bucket=/mnt/tfds"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
+        ("setup.sh", [*BASE, "--data-bucket=gs://"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
+        ("create.sh", [*BASE, "--accelerator-type=v4-8", "--data-disk=My_Disk"], "--data-disk (BRIDLE_DATA_DISK) must"),
+        ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=data"], "--data-mount (BRIDLE_DATA_MOUNT) must be an abs"),
+        ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=/mnt/../etc"], "--data-mount (BRIDLE_DATA_MOUNT) must be"),
+        ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=/home"], "must not hide a system directory"),
+        ("setup.sh", [*BASE, "--data-mount=/mnt/data"], "--data-mount (BRIDLE_DATA_MOUNT) needs --data-bucket or"),
+        ("setup.sh", [*BASE, "--data-disk=d", "--data-cache-mb=100"], "--data-cache-mb (BRIDLE_DATA_CACHE_MB) caches"),
+        ("setup.sh", [*BASE, "--data-bucket=gs://bkt", "--data-cache-mb=lots"], "--data-cache-mb (BRIDLE_DATA_CACHE_MB)"),
     ],
 )  # fmt: skip
 def test_bad_input_fails_with_a_clear_message(stub, script, args, message):
