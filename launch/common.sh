@@ -52,7 +52,7 @@ flag_spec() {
         log-upload-interval) _VAR=LOG_UPLOAD_INTERVAL _HELP="seconds between copies of the logs to WORKDIR/logs (default 60)" ;;
         foreground) _VAR=FOREGROUND _BOOL=1 _HELP="stay attached and stream the output instead of nohup + log file" ;;
         local-dir) _VAR=LOCAL_DIR _HELP="where results go (default runs/<last part of the workdir>)" ;;
-        logs) _VAR=FETCH_LOGS _BOOL=1 _HELP="also copy every worker's training log (needs --name/--zone/--project)" ;;
+        logs) _VAR=FETCH_LOGS _BOOL=1 _HELP="also copy the workers' logs (WORKDIR/logs/, kept there by train.sh)" ;;
         max-restarts) _VAR=MAX_RESTARTS _HELP="give up after this many recoveries (default 20)" ;;
         restart-crashed) _VAR=RESTART_CRASHED _BOOL=1 _HELP="also restart training when the VM is up but it died" ;;
         delete-when-done) _VAR=DELETE_WHEN_DONE _BOOL=1 _HELP="delete the TPU once the DONE marker appears" ;;

@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -354,20 +355,31 @@ WORKDIR = "gs://my-bucket/runs/in1k run #1 \"q\" it's $HOME;echo x"
 OVERRIDES = ["--config.data.data_dir=gs://b/tfds dir/it's", "--config.optim.lr=0.001"]
 
 
-def _fake_worker(tmp_path, pgrep_status: int) -> dict:
-    """A worker's $HOME with the code dir and a venv python that records its cwd and argv (NUL-separated)."""
+TRAINING = 'printf \'%s\\0\' "$PWD" "$@" > "$HOME/argv.tmp"\nmv "$HOME/argv.tmp" "$HOME/argv"\necho training output\n'
+STAMP = r"\d{8}-\d{6}"
+
+
+def _fake_worker(tmp_path, pgrep_status: int, training: str = TRAINING, worker: str | None = "3",
+                 hostname: str = "w-0") -> dict:  # fmt: skip
+    """A worker's $HOME with the code dir, a venv python running `training` (by default: record its cwd and argv,
+    NUL-separated, and print a line), the metadata server's worker number (None: unreachable) and a gcloud whose
+    `storage cp SRC DEST` copies SRC to $HOME/uploads/<ns> and DEST's name to $HOME/uploads/<ns>.dest."""
     home = tmp_path / "home"
     (home / "bridle_jax").mkdir(parents=True)
     (home / "bridle_venv" / "bin").mkdir(parents=True)
+    (home / "uploads").mkdir()
     python = home / "bridle_venv" / "bin" / "python"
-    python.write_text(
-        '#!/usr/bin/env bash\nprintf \'%s\\0\' "$PWD" "$@" > "$HOME/argv.tmp"\nmv "$HOME/argv.tmp" "$HOME/argv"\n'
-        "echo training output\n"
-    )
+    python.write_text(f"#!/usr/bin/env bash\n{training}")
     python.chmod(0o755)
     bin_dir = tmp_path / "worker_bin"
     bin_dir.mkdir()
-    for name, body in [("pgrep", f"exit {pgrep_status}"), ("hostname", "echo w-0")]:
+    gcloud = (  # each copy complete or absent: a SIGTERM may interrupt one
+        '[ "$1 $2 $3" = "storage cp --quiet" ] || exit 3; u=$HOME/uploads/$(date +%s%N)\n'
+        'cp "$4" "$u.tmp" && mv "$u.tmp" "$u" && printf %s "$5" > "$u.dest.tmp" && mv "$u.dest.tmp" "$u.dest"'
+    )  # fmt: skip
+    stubs = [("pgrep", f"exit {pgrep_status}"), ("hostname", f"echo {hostname}"), ("gcloud", gcloud),
+             ("curl", f"echo {worker}" if worker is not None else "exit 7")]  # fmt: skip
+    for name, body in stubs:
         (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     return {"HOME": str(home), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -381,6 +393,18 @@ def _argv(home: Path, timeout: float = 10.0) -> list[str]:
     return (home / "argv").read_text().split("\0")[:-1]
 
 
+def _uploaded(home: Path, text: str, timeout: float = 15.0) -> tuple[str, str]:
+    """(destination, content) of the first upload whose content contains `text`, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for dest in sorted((home / "uploads").glob("*.dest"), key=lambda p: int(p.name.split(".")[0])):
+            content = (home / "uploads" / dest.stem).read_text()
+            if text in content:
+                return dest.read_text(), content
+        assert time.monotonic() < deadline, f"no upload of the log contains {text!r}"
+        time.sleep(0.05)
+
+
 def test_train_background_passes_workdir_and_overrides_verbatim(stub, tmp_path):
     args = [*BASE, "--config=configs/imagenet.py", f"--workdir={WORKDIR}", *OVERRIDES, "--", "--config.note=a b"]
     (printed,) = stub.dry("train.sh", *args)
@@ -392,17 +416,18 @@ def test_train_background_passes_workdir_and_overrides_verbatim(stub, tmp_path):
     env = _fake_worker(tmp_path, pgrep_status=1)
     result = subprocess.run(["bash", "-c", remote], check=False, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    assert "started on w-0" in result.stdout
+    assert "started on w-0 (worker 3, pid" in result.stdout
     home = Path(env["HOME"])
     cwd, *argv = _argv(home)
     assert cwd == str(home / "bridle_jax")
     assert argv == ["-m", "bridle_jax.main", "--config=configs/imagenet.py", f"--workdir={WORKDIR}", *OVERRIDES,
                     "--config.note=a b"]  # fmt: skip
-    log_file = home / "bridle_logs" / "train_w-0.log"
-    deadline = time.monotonic() + 10
-    while "training output" not in (log_file.read_text() if log_file.exists() else ""):
-        assert time.monotonic() < deadline, "the training output never reached the per-worker log"
-        time.sleep(0.02)
+    # The log, in the workdir (quoted through both shells) once training exits, with the exit status last.
+    dest, content = _uploaded(home, "training exited with status 0")
+    assert re.fullmatch(re.escape(f"{WORKDIR}/logs/worker-3-") + STAMP + r"\.log", dest), dest
+    assert content.startswith("training output\n")
+    (local,) = (home / "bridle_logs").iterdir()
+    assert local.name == dest.rsplit("/", 1)[1] and local.read_text() == content
 
 
 def test_train_foreground_and_the_already_running_guard(stub, tmp_path):
@@ -419,6 +444,54 @@ def test_train_foreground_and_the_already_running_guard(stub, tmp_path):
     result = subprocess.run(["bash", "-c", remote], check=False, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout == "training output\n"
     assert _argv(Path(env["HOME"]))[1:] == ["-m", "bridle_jax.main", "--config=configs/x.py", "--workdir=gs://b/w"]
+    dest, content = _uploaded(Path(env["HOME"]), "training exited with status 0", timeout=0)
+    assert dest.startswith("gs://b/w/logs/worker-3-") and content.startswith("training output\n")
+
+
+def test_train_log_reaches_the_bucket_periodically_and_on_sigterm(stub, tmp_path):
+    """A preemption: SIGTERM to the whole process group. Lines written before it are already in the bucket (periodic
+    copy); those the training writes while it shuts down, and its exit status, follow once it has exited."""
+    (printed,) = stub.dry("train.sh", *BASE, "--config=c.py", "--workdir=gs://b/w", "--log-upload-interval=1")
+    training = "trap 'echo saving checkpoint; exit 143' TERM\necho step 1\nwhile :; do sleep 0.1; done\n"
+    env = _fake_worker(tmp_path, pgrep_status=1, training=training)
+    result = subprocess.run(["bash", "-c", remote_command(printed)], check=False, env=env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pgid = int(re.search(r"pid (\d+)\)", result.stdout).group(1))
+    home = Path(env["HOME"])
+    _, content = _uploaded(home, "step 1")  # the periodic copy, while training runs
+    assert "exited" not in content
+    os.killpg(pgid, signal.SIGTERM)
+    dest, content = _uploaded(home, "training exited with status 143")
+    lines = content.splitlines()  # (bash may add a "Terminated" of its own sleep)
+    assert lines[0] == "step 1" and "saving checkpoint" in lines and lines[-1].endswith("exited with status 143")
+    assert dest.startswith("gs://b/w/logs/worker-3-")
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-g", str(pgid)], check=False, capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the wrapper or its uploader outlived the training"
+        time.sleep(0.05)
+
+
+def test_train_log_goes_straight_into_a_local_workdir(stub, tmp_path):
+    workdir = tmp_path / "shared fs" / "run 1"
+    (printed,) = stub.dry("train.sh", *BASE, "--config=c.py", f"--workdir={workdir}")
+    env = _fake_worker(tmp_path, pgrep_status=1, worker=None, hostname="t1v-n-8e6c-w-12")  # no metadata server
+    result = subprocess.run(["bash", "-c", remote_command(printed)], check=False, env=env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "(worker 12, pid" in result.stdout
+    deadline = time.monotonic() + 10
+    while not list((workdir / "logs").glob("worker-12-*.log")) or "exited" not in _only_log(workdir):
+        assert time.monotonic() < deadline, "the log never reached the workdir"
+        time.sleep(0.05)
+    assert _only_log(workdir).startswith("training output\n")
+    assert not list(Path(env["HOME"], "uploads").iterdir()) and not Path(env["HOME"], "bridle_logs").exists()
+
+
+def _only_log(workdir: Path) -> str:
+    (log,) = (workdir / "logs").glob("worker-12-*.log")
+    assert re.fullmatch(r"worker-12-" + STAMP + r"\.log", log.name)
+    return log.read_text()
 
 
 def test_train_guard_pattern_matches_training_but_not_the_ssh_shell(stub):
@@ -465,7 +538,7 @@ def test_watch_dry_run_prints_checks_and_one_recovery(stub, queued):
     assert lines[5 : 5 + len(waits)] == waits
     setup, train = lines[5 + len(waits) :]
     assert "git clone" in remote_command(setup)
-    train_words = shlex.split(remote_command(train).split("nohup setsid ")[1].split(" >>")[0])
+    train_words = shlex.split(remote_command(train).split(" bridle-train ")[1].split(" >/dev/null")[0])
     assert train_words[-3:] == ["--config=configs/imagenet.py", "--workdir=gs://b/runs/in1k", "--config.optim.lr=3e-4"]
 
 
@@ -524,13 +597,14 @@ def test_watch_gives_up_after_max_restarts(stub):
 # ------------------------------------------------------------------------------------------------- fetch / delete
 
 
-def test_fetch_copies_results_and_logs(stub):
-    lines = stub.dry("fetch.sh", "--workdir=gs://b/runs/in1k/", "--logs", *BASE)
-    sources = [f"gs://b/runs/in1k/{f}" for f in ["metrics.jsonl", "linear_probe.json", "config.json", "encoders"]]
+@pytest.mark.parametrize("logs", [False, True])
+def test_fetch_copies_results_and_logs_from_the_workdir(stub, logs):
+    lines = stub.dry("fetch.sh", "--workdir=gs://b/runs/in1k/", *(["--logs"] if logs else []))
+    items = ["metrics.jsonl", "linear_probe.json", "config.json", "encoders"] + (["logs"] if logs else [])
+    sources = [f"gs://b/runs/in1k/{f}" for f in items]
     assert lines == [
         line(["mkdir", "-p", "runs/in1k"]),
         line(["gcloud", "storage", "cp", "-r", "--continue-on-error", *sources, "runs/in1k"]),
-        line(tpu("tpu-vm", "scp", "--recurse", "bridle-v4:bridle_logs", "runs/in1k", *LOC, "--worker=all")),
     ]
 
 
@@ -573,7 +647,6 @@ def test_env_vars_with_flags_taking_precedence(stub):
         ("train.sh", BASE, ["--config", "BRIDLE_CONFIG", "--workdir", "BRIDLE_WORKDIR"]),
         ("watch.sh", [*BASE, "--config=c.py"], ["--accelerator-type", "--workdir"]),
         ("fetch.sh", [], ["--workdir", "BRIDLE_WORKDIR"]),
-        ("fetch.sh", ["--workdir=gs://b/w", "--logs"], ["--project", "--zone", "--name"]),
         ("delete.sh", ["--project=p"], ["--zone", "--name"]),
     ],
 )  # fmt: skip
@@ -615,6 +688,8 @@ def test_missing_parameters_are_named(stub, script, args, names):
         ("watch.sh", [*WATCH, "--data-bucket=/mnt/tfds"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
         ("setup.sh", [*BASE, "--data-bucket=gs://"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
         ("create.sh", [*BASE, "--accelerator-type=v4-8", "--data-disk=My_Disk"], "--data-disk (BRIDLE_DATA_DISK) must"),
+        ("train.sh", [*BASE, "--config=c.py", "--workdir=gs://b/w", "--log-upload-interval=0"], "--log-upload-interv"),
+        ("fetch.sh", ["--workdir=gs://b/w", "--logs", "--name=bridle-v4"], "unknown flag --name"),
         ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=data"], "--data-mount (BRIDLE_DATA_MOUNT) must be an abs"),
         ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=/mnt/../etc"], "--data-mount (BRIDLE_DATA_MOUNT) must be"),
         ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=/home"], "must not hide a system directory"),
