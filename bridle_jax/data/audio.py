@@ -15,6 +15,7 @@ and skip it instead of dying deep inside a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,6 +23,8 @@ import re
 import numpy as np
 import soundfile as sf
 from scipy import signal
+
+from bridle_jax.data import csv_files
 
 SAMPLE_RATE = 16000
 
@@ -82,6 +85,8 @@ def resample(waveform: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -
 def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Decodes a wav/flac/ogg (anything libsndfile reads) into a mono float32 waveform ``[n]`` at ``target_sr``.
 
+    ``path`` is a local file or a URL (``gs://``, any fsspec URL: ``csv_files.open_binary``).
+
     Samples are on soundfile's [-1, 1] float scale (as ``torchaudio.load``; no ×2^15). Channels are averaged.
     Raises :class:`AudioDecodeError` (:class:`AudioFileNotFoundError` for a missing file) naming the file and why:
     undecodable or corrupt bytes, a truncated file (fewer frames than its header declares), zero samples, NaN/Inf
@@ -90,14 +95,21 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """
     target_sr = _check_rate("target_sr", target_sr)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    remote = csv_files.is_url(path)
+    if not remote and not os.path.isfile(path):
         raise AudioFileNotFoundError(f"audio file {path!r}: no such file")
     try:
-        with sf.SoundFile(path) as f:
-            declared = f.frames
-            sample_rate = f.samplerate
-            data = f.read(dtype="float32", always_2d=True)
-            header_log = f.extra_info
+        with contextlib.ExitStack() as stack:
+            # A local file goes to libsndfile by name (its own buffered, seekable I/O: the fast path); a URL
+            # (gs://, memory://, ...) is streamed through a file object, never copied to local disk first.
+            source = stack.enter_context(csv_files.open_binary(path)) if remote else path
+            with sf.SoundFile(source) as f:
+                declared = f.frames
+                sample_rate = f.samplerate
+                data = f.read(dtype="float32", always_2d=True)
+                header_log = f.extra_info
+    except FileNotFoundError as e:
+        raise AudioFileNotFoundError(f"audio file {path!r}: no such file") from e
     except (sf.SoundFileError, RuntimeError, OSError, EOFError) as e:
         raise AudioDecodeError(f"audio file {path!r}: cannot decode ({e})") from e
     if data.shape[0] < declared:

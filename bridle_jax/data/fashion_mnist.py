@@ -2,15 +2,18 @@
 
 60,000 train and 10,000 test grayscale 28x28 images of 10 clothing classes. Nothing is downloaded: the files are read
 from ``config.data.data_dir`` (default :data:`DEFAULT_DIR`, where Debian's and Ubuntu's ``dataset-fashion-mnist``
-package puts them), each either plain or gzipped. An IDX file is checked as it is read (magic number, dimensions,
+package puts them; a ``gs://`` or other fsspec URL works too), each either plain or gzipped. An IDX file is checked as it is read (magic number, dimensions,
 length, label range), so a truncated or corrupt file fails with its path instead of as a shape error later.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 
 import numpy as np
+
+from bridle_jax.data import csv_files
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
@@ -31,8 +34,8 @@ class IdxError(ValueError):
 
 def _find(folder: str, stem: str) -> str | None:
   for name in (stem, stem + ".gz"):
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
+    path = csv_files.join(folder, name)
+    if csv_files.is_file(path):
       return path
   return None
 
@@ -47,8 +50,10 @@ def _missing_help(folder: str) -> str:
 def read_idx(path: str, ndim: int) -> np.ndarray:
   """The uint8 array of an IDX file (plain or ``.gz``) with ``ndim`` dimensions, checked against its header."""
   try:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with contextlib.ExitStack() as stack:
+      f = stack.enter_context(csv_files.open_binary(path))  # a local file, gs:// or any fsspec URL
+      if path.endswith(".gz"):
+        f = stack.enter_context(gzip.GzipFile(fileobj=f, mode="rb"))
       data = f.read()
   except (OSError, EOFError) as e:  # gzip raises these for a truncated or corrupt stream
     raise IdxError(f"IDX file {path!r}: cannot read ({e})") from e
@@ -69,7 +74,8 @@ def load_split(split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.
   """``(images uint8 [N, 28, 28], labels int32 [N])`` of ``split`` ("train" or "test"), read and checked."""
   if split not in FILES:
     raise ValueError(f"fashion_mnist: split must be 'train' or 'test', got {split!r}")
-  folder = os.path.expanduser(data_dir or DEFAULT_DIR)
+  folder = data_dir or DEFAULT_DIR
+  folder = folder if csv_files.is_url(folder) else os.path.expanduser(folder)
   paths = [_find(folder, stem) for pair in FILES.values() for stem in pair]
   if any(p is None for p in paths):
     raise FileNotFoundError(_missing_help(folder))

@@ -1,8 +1,9 @@
 """Your own images (``config.data.name="image_folder"``): the torchvision ImageFolder layout, or ``path,label`` CSVs.
 
-Both read image files under the dataset root ``config.data.data_dir`` and decode them with PIL, lazily, in Grain's
-threads; the pipeline wraps these sources in :class:`bridle_jax.data.sources.ReadableImages`, which counts and skips
-files that fail to decode.
+Both read image files under the dataset root ``config.data.data_dir`` (a local folder, ``gs://...`` or any fsspec
+URL: the file access of :mod:`bridle_jax.data.csv_files`) and decode them with PIL, lazily, in Grain's threads; the
+pipeline wraps these sources in :class:`bridle_jax.data.sources.ReadableImages`, which counts and skips files that
+fail to decode.
 
 Folder layout (``torchvision.datasets.ImageFolder``)::
 
@@ -37,6 +38,7 @@ does). Whatever cannot be decoded (corrupt, truncated, not an image, unreadable)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -53,9 +55,16 @@ class ImageDecodeError(OSError):
 
 
 def decode_image(path: str) -> np.ndarray:
-    """The image file at ``path`` as uint8 ``[H, W, 3]`` RGB (see the module docstring for the mode rules)."""
+    """The image file at ``path`` as uint8 ``[H, W, 3]`` RGB (see the module docstring for the mode rules).
+
+    A local file is opened by name (PIL's own buffered file: the fast path); a URL (``gs://``, any fsspec URL) is
+    streamed through a file object (``csv_files.open_binary``), never copied to local disk first.
+    """
+    path = os.fspath(path)
     try:
-        with Image.open(path) as image:
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(csv_files.open_binary(path)) if csv_files.is_url(path) else path
+            image = stack.enter_context(Image.open(source))
             image.load()  # decodes everything now: a truncated file fails here, not in a later transform
             mode = image.mode
             if mode.startswith("I;16"):  # 16-bit greyscale (PNG): its high byte, not PIL's clipping to 255
@@ -77,7 +86,7 @@ def decode_image(path: str) -> np.ndarray:
 
 
 def _require_dir(path: str, what: str) -> str:
-    if not os.path.isdir(path):
+    if not csv_files.is_dir(path):
         raise FileNotFoundError(f"{what} {path!r} is not a directory")
     return path
 
@@ -107,9 +116,9 @@ class _FileSource:
 def split_dir(root: str, split: str) -> str:
     """``root/<split>``, or FileNotFoundError naming it, the splits that exist and the config fields to set."""
     root = _require_dir(os.fspath(root), "image folder root (config.data.data_dir)")
-    path = os.path.join(root, split)
-    if not os.path.isdir(path):
-        found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    path = csv_files.join(root, split)
+    if not csv_files.is_dir(path):
+        found = sorted(name for name in csv_files.list_dir(root)[0] if not name.startswith("."))
         raise FileNotFoundError(
             f"image folder split {split!r}: {path!r} is not a directory (expected root/<split>/<class>/<image>; the "
             f"root holds the folders {found}; choose them with config.data.train_split / config.data.eval_split)"
@@ -120,7 +129,7 @@ def split_dir(root: str, split: str) -> str:
 def folder_classes(root: str, split: str) -> list[str]:
     """The sorted class-folder names of ``root/<split>`` (hidden entries ignored)."""
     path = split_dir(root, split)
-    names = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    names = sorted(name for name in csv_files.list_dir(path)[0] if not name.startswith("."))
     if not names:
         raise FileNotFoundError(
             f"image folder split {split!r}: {path!r} has no class folders (expected {path}/<class>/<image>)"
@@ -129,13 +138,18 @@ def folder_classes(root: str, split: str) -> list[str]:
 
 
 def _image_files(class_dir: str) -> list[str]:
-    """Every image file under ``class_dir`` (recursively, symlinks followed), in torchvision's sorted order."""
-    found = []
-    for folder, dirs, files in sorted(os.walk(class_dir, followlinks=True)):
+    """Every image file under ``class_dir`` (recursively, symlinks followed), in torchvision's sorted order: folders
+    sorted by path, the files of each sorted by name. Hidden sub-folders are pruned while walking (sorting the walk
+    first, as torchvision does, would read them all and prune nothing)."""
+    folders = []
+    for folder, dirs, files in csv_files.walk(class_dir):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
+        folders.append((folder, files))
+    found = []
+    for folder, files in sorted(folders):
         for name in sorted(files):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(folder, name))
+                found.append(csv_files.join(folder, name))
     return found
 
 
@@ -158,10 +172,10 @@ class ImageFolderSource(_FileSource):
             )
         paths, labels = [], []
         for name in found:
-            files = _image_files(os.path.join(root, split, name))
+            files = _image_files(csv_files.join(root, split, name))
             if not files:
                 raise FileNotFoundError(
-                    f"image folder split {split!r}: class folder {os.path.join(root, split, name)!r} holds no image "
+                    f"image folder split {split!r}: class folder {csv_files.join(root, split, name)!r} holds no image "
                     f"file (extensions {', '.join(IMAGE_EXTENSIONS)}, any case); add images or remove the folder"
                 )
             paths.extend(files)
@@ -169,7 +183,7 @@ class ImageFolderSource(_FileSource):
         self.root, self.split = root, split
         self.paths, self.labels = paths, np.asarray(labels, np.int32)
         self.classes, self.num_classes = classes, len(classes)
-        self.description = f"{os.path.join(root, split)!r}"
+        self.description = f"{csv_files.join(root, split)!r}"
 
 
 class ImageCsvSource(_FileSource):
@@ -181,7 +195,7 @@ class ImageCsvSource(_FileSource):
         rows = list(csv_files.read_csv(csv_path, ("path", "label")))
         if not rows:
             raise ValueError(f"CSV file {csv_path!r} has a header but no rows")
-        root = os.path.abspath(os.fspath(root))
+        root = csv_files.absolute(root)
         self.paths = [csv_files.resolve_inside(root, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
         labels, classes, num_classes = csv_files.labels_from_rows(
             csv_path, [(n, row["label"]) for n, row in rows], classes=classes, num_classes=num_classes

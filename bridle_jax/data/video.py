@@ -18,14 +18,17 @@ or padded like any clip shorter than the sampled span.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import av
 import grain
 import numpy as np
 from PIL import Image
+
+from bridle_jax.data import csv_files
 
 SHORT_CLIP_MODES = ("loop", "pad")
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -62,44 +65,54 @@ class VideoInfo:
     codec: str
 
 
-def _open(path: str):
-    if not os.path.isfile(path):
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[av.container.InputContainer]:
+    """The container of ``path`` (closed on exit), checked to have a video stream.
+
+    A local file is opened by name, so FFmpeg does its own buffered, seekable reads (the fast path); a URL
+    (``gs://``, any fsspec URL) is streamed through a file object (``csv_files.open_binary``), never copied to local
+    disk first. An mp4 whose index comes last needs seeks, which fsspec's file objects serve.
+    """
+    remote = csv_files.is_url(path)
+    if not remote and not os.path.isfile(path):
         raise VideoNotFoundError(f"{path}: no such video file")
-    try:
-        container = av.open(path, mode="r")
-    except _AV_ERRORS as e:
-        raise VideoDecodeError(f"{path}: cannot open the container, corrupt or truncated file? ({e})") from e
-    if not container.streams.video:
-        container.close()
-        raise VideoDecodeError(f"{path}: no video stream (a zero-frame clip, an audio-only or a corrupt file)")
-    return container
+    with contextlib.ExitStack() as stack:
+        try:
+            source = stack.enter_context(csv_files.open_binary(path)) if remote else path
+        except FileNotFoundError:
+            raise VideoNotFoundError(f"{path}: no such video file") from None
+        except OSError as e:
+            raise VideoDecodeError(f"{path}: cannot read the file ({e})") from e
+        try:
+            container = av.open(source, mode="r")
+        except _AV_ERRORS as e:
+            raise VideoDecodeError(f"{path}: cannot open the container, corrupt or truncated file? ({e})") from e
+        stack.callback(container.close)  # closed before the file object under it
+        if not container.streams.video:
+            raise VideoDecodeError(f"{path}: no video stream (a zero-frame clip, an audio-only or a corrupt file)")
+        yield container
 
 
 def _count_packets(path: str) -> int:
     """Frame count when the container has no index (WebM/Matroska): one demuxed video packet per frame."""
-    container = _open(path)
-    try:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except _AV_ERRORS as e:
-        raise VideoDecodeError(f"{path}: demuxing failed, corrupt or truncated file? ({e})") from e
-    finally:
-        container.close()
+    with _open(path) as container:
+        try:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except _AV_ERRORS as e:
+            raise VideoDecodeError(f"{path}: demuxing failed, corrupt or truncated file? ({e})") from e
 
 
 def probe(path) -> VideoInfo:
     """Frame count, size, rate and codec of ``path`` without decoding (counts packets if the index has no count)."""
     path = os.fspath(path)
-    container = _open(path)
-    try:
+    with _open(path) as container:
         stream = container.streams.video[0]
         num_frames = int(stream.frames or 0)
         rate = stream.average_rate
         info = VideoInfo(
             num_frames, int(stream.height), int(stream.width), float(rate) if rate else None, stream.codec_context.name
         )
-    finally:
-        container.close()
     if info.num_frames == 0:
         info = dataclasses.replace(info, num_frames=_count_packets(path))
     if info.num_frames == 0:
@@ -132,7 +145,8 @@ def _decode(path: str, container, indices: np.ndarray) -> tuple[dict[int, np.nda
 
 
 def read_sampled(path, select: Callable[[int], np.ndarray]) -> np.ndarray:
-    """Opens ``path``, asks ``select(num_frames)`` for frame indices, returns those frames uint8 [n, H, W, 3].
+    """Opens ``path`` (a local file or a URL), asks ``select(num_frames)`` for frame indices, returns those frames
+    uint8 [n, H, W, 3].
 
     Frames come back in the order of the indices (repeats allowed). The stream is decoded sequentially up to the
     largest index. If it ends cleanly before that (the index over-counts, e.g. an edit list that drops frames),
@@ -143,8 +157,7 @@ def read_sampled(path, select: Callable[[int], np.ndarray]) -> np.ndarray:
     path = os.fspath(path)
     total = None
     for attempt in range(2):
-        container = _open(path)
-        try:
+        with _open(path) as container:
             if total is None:
                 total = int(container.streams.video[0].frames or 0) or _count_packets(path)
             if total == 0:
@@ -153,8 +166,6 @@ def read_sampled(path, select: Callable[[int], np.ndarray]) -> np.ndarray:
             if indices.size == 0 or indices.min() < 0 or indices.max() >= total:
                 raise ValueError(f"{path}: frame indices must lie in [0, {total}), got {indices.tolist()}")
             frames, decoded = _decode(path, container, indices)
-        finally:
-            container.close()
         if len(frames) == len(set(indices.tolist())):
             return np.stack([frames[i] for i in indices.tolist()])
         if decoded == 0 or attempt == 1:
