@@ -49,7 +49,7 @@ resolve_inside = csv_files.resolve_inside
 
 def _require_dir(path: str, what: str) -> str:
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not csv_files.is_dir(path):
         raise FileNotFoundError(f"{what} {path!r} is not a directory")
     return path
 
@@ -90,7 +90,7 @@ class ESC50Source(_DecodingSource):
     def __init__(self, root, folds: Sequence[int], *, sample_rate: int = audio.SAMPLE_RATE):
         root = _require_dir(root, "ESC-50 root")
         self.sample_rate = int(sample_rate)
-        csv_path = os.path.join(root, "meta", "esc50.csv")
+        csv_path = csv_files.join(root, "meta", "esc50.csv")
         try:
             folds = tuple(int(f) for f in folds)
         except (TypeError, ValueError):
@@ -102,7 +102,7 @@ class ESC50Source(_DecodingSource):
             where = csv_files.where(csv_path, number)
             if "/" in row["filename"] or "\\" in row["filename"]:
                 raise ValueError(f"{where}: filename {row['filename']!r} must be a plain file name inside audio/")
-            path = resolve_inside(os.path.join(root, "audio"), row["filename"], where)
+            path = resolve_inside(csv_files.join(root, "audio"), row["filename"], where)
             fold = _parse_int(row["fold"], where, "fold", minimum=1)
             target = _parse_int(row["target"], where, "target")
             all_folds.add(fold)
@@ -166,7 +166,7 @@ class AudioSetSource(_DecodingSource):
         segments_csv, class_index_csv = os.fspath(segments_csv), os.fspath(class_index_csv)
         self.mids, self.class_names = read_class_index(class_index_csv)
         self.num_classes = len(self.class_names)
-        present = set(os.listdir(root))
+        present = set(csv_files.list_dir(root)[1])  # one listing (a bucket prefix too), not a stat per row
         paths, label_indices, listed = [], [], 0
         # The official files start with 3 "# ..." lines; the third names the columns, so the header is given here.
         for number, fields in _read_segments(segments_csv):
@@ -195,7 +195,7 @@ class AudioSetSource(_DecodingSource):
             listed += 1
             name = next((n for n in audioset_clip_names(ytid, start_s) if n in present), None)
             if name is not None:
-                paths.append(os.path.join(root, name))
+                paths.append(csv_files.join(root, name))
                 label_indices.append(indices)
         self._paths = paths
         self._label_indices = label_indices
@@ -218,9 +218,9 @@ class AudioSetSource(_DecodingSource):
 
 def _read_segments(path: str) -> Iterator[tuple[int, list[str]]]:
     """Rows of an AudioSet segments CSV with their line numbers, skipping ``#`` comment and blank lines."""
-    if not os.path.isfile(path):
+    if not csv_files.is_file(path):
         raise FileNotFoundError(f"AudioSet segments CSV {path!r} not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # as csv_files.read_csv: a BOM is dropped
+    with csv_files.open_text(path) as f:  # as csv_files.read_csv: a BOM is dropped, local paths or URLs
         for number, line in enumerate(f, start=1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -254,8 +254,8 @@ class FolderCsvSource(_DecodingSource):
     ):
         root = _require_dir(root, "audio folder root")
         csv_path = os.fspath(csv_path)
-        if not os.path.isabs(csv_path):
-            csv_path = os.path.join(root, csv_path)
+        if not csv_files.is_absolute(csv_path):
+            csv_path = csv_files.join(root, csv_path)
         self.sample_rate = int(sample_rate)
         rows = [(number, row) for number, row in _read_csv(csv_path, ("path", "label"))]
         if not rows:
@@ -399,10 +399,10 @@ _SYNTHETIC_META = "synthetic.json"
 
 def _synthetic_complete(root: str, params: dict) -> bool:
     """True when ``root`` holds a finished synthetic set with these parameters (its manifest is written last)."""
-    manifest = os.path.join(root, "meta", _SYNTHETIC_META)
-    if not os.path.isfile(manifest):
+    manifest = csv_files.join(root, "meta", _SYNTHETIC_META)
+    if not csv_files.is_file(manifest):
         return False
-    with open(manifest, encoding="utf-8") as f:
+    with csv_files.open_text(manifest) as f:
         stored = json.load(f)
     if stored != params:
         raise ValueError(
@@ -428,8 +428,11 @@ def write_synthetic_sounds(
     class ``c`` depends only on ``(seed, c, i)``, so the set is deterministic. Written atomically: generated into a
     temporary sibling and renamed into place; if ``root`` is already complete (same parameters) it is reused, and if
     two processes race, the loser discards its copy and reuses the winner's.
+
+    The set is written to local disk only; a URL ``root`` (a copy of a generated set in a bucket) is read if it holds
+    a complete set with these parameters, else refused.
     """
-    root = os.path.abspath(os.fspath(root))
+    root = csv_files.absolute(root)
     if not 2 <= num_classes <= len(SOUND_CLASSES):
         raise ValueError(f"num_classes must be in [2, {len(SOUND_CLASSES)}] (the sound classes), got {num_classes!r}")
     if clips_per_class < 5:
@@ -447,6 +450,11 @@ def write_synthetic_sounds(
     }
     if _synthetic_complete(root, params):
         return root
+    if csv_files.is_url(root):
+        raise ValueError(
+            f"{root!r} holds no complete synthetic sound set with {params}: the demo set is generated on local disk "
+            "only (leave config.data.data_dir unset, or copy a generated set there)"
+        )
     if os.path.exists(root) and os.listdir(root):
         raise ValueError(f"{root!r} exists and is not a complete synthetic sound set; refusing to overwrite it")
 

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from bridle_jax.data import pipeline, tfds_source
+from bridle_jax.data import csv_files, pipeline, tfds_source
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,8 @@ class ReadableImages(pipeline.ReadableSource):
 
 
 def _under(root: str, path: str) -> str:
-  return path if os.path.isabs(path) else os.path.join(root, path)
+  """``path`` under ``root`` (a local folder or a URL); an absolute path or a URL is used as given."""
+  return path if csv_files.is_absolute(path) else csv_files.join(root, path)
 
 
 def image_folder_source(data_config, split: str):
@@ -271,7 +272,7 @@ def image_folder_source(data_config, split: str):
   if train_csv is None:
     classes = image_folder.folder_classes(root, train)
     return image_folder.ImageFolderSource(root, split, classes=classes)
-  if not os.path.isdir(root):
+  if not csv_files.is_dir(root):
     raise FileNotFoundError(f"config.data.data_dir={root!r} is not a directory (image_folder's CSVs are under it)")
   csvs = {train: _under(root, train_csv), evaluation: _under(root, data_config.eval_csv)}
   if split not in csvs:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import re
 
+from bridle_jax.data import csv_files
+
 PREFIX = "tfds:"
 # dataset_name[/config_name][:version], TFDS's own naming (the name's "[/kwargs]" form is not accepted here).
 _NAME = re.compile(r"^[a-z][a-z0-9_]*(/[A-Za-z0-9_.+-]+)?(:[0-9*]+\.[0-9*]+\.[0-9*]+)?$")
@@ -69,8 +71,8 @@ def open_data_source(tfds_name: str, split: str, data_dir: str | None, *, name: 
         )
 
     # Checked first so that a missing dataset leaves data_dir untouched (TFDS would create data_dir/downloads).
-    folder = os.path.join(data_dir if data_dir is not None else default_data_dir(), base)
-    if not os.path.isdir(folder):
+    folder = csv_files.join(data_dir if data_dir is not None else default_data_dir(), base)  # gs:// too
+    if not csv_files.is_dir(folder):
         raise not_prepared(f"no folder {folder!r}")
     try:
         return tfds.data_source(tfds_name, split=split, data_dir=data_dir, download=False)

@@ -118,19 +118,19 @@ class Kinetics400Source(_PathLabelSource):
     """
 
     def __init__(self, root, csv_path, classes: tuple[str, ...] | None = None, extensions=VIDEO_EXTENSIONS):
-        root, csv_path = os.path.abspath(os.fspath(root)), os.fspath(csv_path)
-        if not os.path.isdir(root):
+        root, csv_path = csv_files.absolute(root), os.fspath(csv_path)
+        if not csv_files.is_dir(root):
             raise FileNotFoundError(f"Kinetics-400 clip folder {root} does not exist (expected root/<youtube_id>_...)")
         rows = read_k400_rows(csv_path)
         self.classes = tuple(classes) if classes is not None else tuple(sorted({r[1] for r in rows}))
         index = {name: i for i, name in enumerate(self.classes)}
         on_disk: dict[str, str] = {}
         rank = {ext: i for i, ext in enumerate(extensions)}
-        with os.scandir(root) as entries:  # one listing instead of len(extensions) stat calls per row
-            for entry in entries:
-                stem, ext = os.path.splitext(entry.name)
-                if ext.lower() in rank and (stem not in on_disk or rank[ext.lower()] < rank[on_disk[stem][1]]):
-                    on_disk[stem] = (entry.name, ext.lower())
+        # One listing (of a local folder or a bucket prefix) instead of len(extensions) stat calls per row.
+        for name in csv_files.list_dir(root)[1]:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in rank and (stem not in on_disk or rank[ext.lower()] < rank[on_disk[stem][1]]):
+                on_disk[stem] = (name, ext.lower())
         paths, labels, missing = [], [], []
         for line, label, youtube_id, start, end in rows:
             if label not in index:
@@ -139,7 +139,7 @@ class Kinetics400Source(_PathLabelSource):
                 )
             stem = k400_clip_stem(youtube_id, start, end)
             if stem in on_disk:
-                paths.append(os.path.join(root, on_disk[stem][0]))
+                paths.append(csv_files.join(root, on_disk[stem][0]))
                 labels.append(index[label])
             else:
                 missing.append(stem + extensions[0])
@@ -202,8 +202,8 @@ class FolderCsvSource(_PathLabelSource):
         classes: tuple[str, ...] | list[str] | None = None,
         num_classes: int | None = None,
     ):
-        root, csv_path = os.path.abspath(os.fspath(root)), os.fspath(csv_path)
-        if not os.path.isdir(root):
+        root, csv_path = csv_files.absolute(root), os.fspath(csv_path)
+        if not csv_files.is_dir(root):
             raise FileNotFoundError(f"dataset root {root} does not exist")
         rows = _folder_rows(csv_path, split)
         all_paths = [safe_join(root, row["path"], csv_files.where(csv_path, line)) for line, row in rows]
@@ -211,8 +211,9 @@ class FolderCsvSource(_PathLabelSource):
             csv_path, [(line, row["label"]) for line, row in rows], classes=classes, num_classes=num_classes
         )
         paths, labels, missing = [], [], []
+        present = csv_files.existing_files(all_paths)  # URLs: one listing per folder, not a request per row
         for path, label in zip(all_paths, all_labels):
-            if os.path.isfile(path):
+            if path in present:
                 paths.append(path)
                 labels.append(label)
             else:
@@ -333,6 +334,8 @@ def write_moving_digits(
     temporary sibling and renamed into place with a manifest; an existing complete folder with the same parameters
     is reused, so two processes racing to create it both end up reading one complete copy.
     """
+    if csv_files.is_url(root):
+        raise ValueError(f"write_moving_digits: {os.fspath(root)!r} is a URL; the demo clips are written to local disk only")
     root = os.path.abspath(os.fspath(root))
     params = _moving_digits_params(num_clips, num_frames, size, fps, seed, distractor)
     csv_path = os.path.join(root, MOVING_DIGITS_CSV)
