@@ -43,7 +43,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from bridle_jax.data import audio, audio_sources, fbank, pipeline
+from bridle_jax.data import audio, audio_sources, csv_files, fbank, pipeline
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,8 @@ def sounds_root(data_dir: str | None = None) -> str:
 
 
 def _under(data_dir: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(data_dir, path)
+    """``path`` under ``data_dir`` (a local folder or a URL); an absolute path or a URL is used as given."""
+    return path if csv_files.is_absolute(path) else csv_files.join(data_dir, path)
 
 
 def _splits(spec: AudioDataSpec) -> tuple[str, ...]:
@@ -279,7 +280,7 @@ def make_source(spec: AudioDataSpec, split: str):
     """The raw (decoding) source of ``split``; dataset-level problems raise here, with the field or file named."""
     if split not in _splits(spec):
         raise ValueError(f"config.data.name={spec.name!r} has splits {_splits(spec)}, got split {split!r}")
-    if spec.data_dir is not None and not os.path.isdir(spec.data_dir):
+    if spec.data_dir is not None and not csv_files.is_dir(spec.data_dir):
         raise FileNotFoundError(f"config.data.data_dir={spec.data_dir!r} is not a directory")
     rate = spec.frontend.sample_rate
     if spec.name in ("sounds", "esc50"):

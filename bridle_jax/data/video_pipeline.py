@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from bridle_jax.data import image_pipeline, pipeline, video, video_sources
+from bridle_jax.data import csv_files, image_pipeline, pipeline, video, video_sources
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,8 @@ def cache_dir(name: str) -> str:
 
 
 def _under(root: str, path: str) -> str:
-    return path if os.path.isabs(path) else os.path.join(root, path)
+    """``path`` under ``root`` (a local folder or a URL); an absolute path or a URL is used as given."""
+    return path if csv_files.is_absolute(path) else csv_files.join(root, path)
 
 
 def make_source(spec: VideoDataSpec, split: str):
@@ -250,7 +251,7 @@ def make_source(spec: VideoDataSpec, split: str):
     if spec.name == "moving_digits" and root is None:
         root = cache_dir("moving_digits")
         video_sources.write_moving_digits(root, **MOVING_DIGITS)
-    if not os.path.isdir(root):
+    if not csv_files.is_dir(root):
         raise FileNotFoundError(f"config.data.data_dir={root!r} is not a folder (dataset {spec.name!r})")
     csv_path = _under(root, spec.train_csv if train else spec.eval_csv)
     clip_root = _under(root, spec.train_clip_dir if train else spec.eval_clip_dir)
