@@ -50,7 +50,7 @@ flag_spec() {
         workdir) _VAR=WORKDIR _HELP="run directory every worker sees: gs://bucket/path" ;;
         log-dir) _VAR=LOG_DIR _HELP="local log directory on each worker, relative to \$HOME (default bridle_logs)" ;;
         log-upload-interval) _VAR=LOG_UPLOAD_INTERVAL _HELP="seconds between copies of the logs to WORKDIR/logs (default 60)" ;;
-        foreground) _VAR=FOREGROUND _BOOL=1 _HELP="stay attached and stream the output instead of nohup + log file" ;;
+        foreground) _VAR=FOREGROUND _BOOL=1 _HELP="stay attached and stream the output (the log is kept all the same)" ;;
         local-dir) _VAR=LOCAL_DIR _HELP="where results go (default runs/<last part of the workdir>)" ;;
         logs) _VAR=FETCH_LOGS _BOOL=1 _HELP="also copy the workers' logs (WORKDIR/logs/, kept there by train.sh)" ;;
         max-restarts) _VAR=MAX_RESTARTS _HELP="give up after this many recoveries (default 20)" ;;

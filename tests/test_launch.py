@@ -4,7 +4,8 @@ Nothing here reaches Google Cloud: every script runs with a stub `gcloud` first 
 and records the call, so a dry run that executed anything is caught; the watch/create loops run against a stub that
 plays a slice's states (preempted -> deleted -> created -> READY). The remote shell commands that ssh would run on
 the workers are executed here with a stub venv python, so the quoting of workdirs and overrides is checked end to
-end through both shell levels (local command line, then the worker's `bash -c`).
+end through both shell levels (local command line, then the worker's `bash -c`); the same goes for the data staging
+commands (stub sudo/lsblk/gcsfuse) and the log wrapper (a stub gcloud that "uploads" to a local folder).
 """
 
 import os
@@ -233,7 +234,8 @@ DISK_SOURCE = "--data-disk=source=projects/my-proj/zones/us-central2-b/disks/in1
 
 @pytest.mark.parametrize("queued", [False, True])
 def test_create_attaches_the_data_disk_read_only(stub, queued):
-    lines = stub.dry("create.sh", *BASE, "--accelerator-type=v4-32", "--data-disk=in1k-ro", *(["--queued"] if queued else []))
+    queue = ["--queued"] if queued else []
+    lines = stub.dry("create.sh", *BASE, "--accelerator-type=v4-32", "--data-disk=in1k-ro", *queue)
     words = shlex.split(lines[0])
     assert words[:6] == tpu("queued-resources" if queued else "tpu-vm", "create", "bridle-v4")
     assert [w for w in words if w.startswith("--data-disk")] == [DISK_SOURCE]
@@ -304,17 +306,21 @@ def test_staging_commands_run_on_a_worker_and_are_idempotent(stub, tmp_path):
     """The printed worker commands, run with stubs: install + mount once, and nothing but a note when mounted."""
     (bucket, _) = stub.dry("setup.sh", *BASE, f"--repo={URL}", "--data-bucket=gs://my-data/tfds")
     env, home = _staging_worker(tmp_path)
-    run = lambda printed: subprocess.run(  # noqa: E731
-        ["bash", "-c", remote_command(printed)], check=False, env=env, capture_output=True, text=True, timeout=30
-    )
+
+    def run(printed: str) -> subprocess.CompletedProcess:
+        command = ["bash", "-c", remote_command(printed)]
+        return subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=30)
+
     first = run(bucket)
     assert first.returncode == 0, first.stderr
     sudo = (home / "sudo").read_text().splitlines()
     assert "tee /etc/apt/sources.list.d/gcsfuse.list" in sudo and "mkdir -p /mnt/data" in sudo
     assert any(s.endswith("install -y -qq gcsfuse") for s in sudo)
     assert (home / "gcsfuse").read_text().splitlines() == [
-        "-o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1 --type-cache-max-size-mb=-1"
-        " --only-dir=tfds my-data /mnt/data"
+        (
+            "-o ro --implicit-dirs --metadata-cache-ttl-secs=-1 --stat-cache-max-size-mb=-1"
+            " --type-cache-max-size-mb=-1 --only-dir=tfds my-data /mnt/data"
+        )
     ]
     assert "--config.data.data_dir=/mnt/data" in first.stdout
 
@@ -346,7 +352,7 @@ def test_watch_recovery_stages_the_data_again(stub):
     assert "mount -o $opts $dev /mnt/data" in ssh[0] and "git clone" in ssh[1] and "bridle_jax.main" in ssh[2]
     lines = stub.dry("watch.sh", *WATCH, env={"BRIDLE_DATA_BUCKET": "gs://my-data"})
     assert not any("--data-disk" in x for x in lines)
-    assert "gcsfuse -o ro" in remote_command([x for x in lines if " ssh " in x][0])
+    assert "gcsfuse -o ro" in remote_command(next(x for x in lines if " ssh " in x))
 
 
 # ---------------------------------------------------------------------------------------------------------- train
