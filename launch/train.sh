@@ -25,7 +25,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # INTERVAL FOLLOW COMMAND...`. COMMAND appends its output to LOG. When DEST differs from LOG (a gs:// URL), DEST gets a
 # copy of LOG every INTERVAL seconds, on SIGTERM/SIGHUP/SIGINT (which the wrapper does not die of: it goes on waiting
 # for COMMAND, which may be saving a checkpoint) and after COMMAND exits, once a last line giving its exit status is
-# appended. FOLLOW=1 also streams the new lines to stdout. Exits with COMMAND's status.
+# appended. The periodic copier is stopped between two copies (never during one) before that last copy, which is
+# therefore the one that stays. FOLLOW=1 also streams the new lines to stdout. Exits with COMMAND's status.
 # shellcheck disable=SC2016 # everything here is for the worker's shell to expand
 log_wrapper() {
     local w
@@ -37,10 +38,12 @@ log_wrapper() {
     w+='; : >>"$log"; skip=$(($(wc -c <"$log") + 1))'
     w+='; "$@" >>"$log" 2>&1 </dev/null & pid=$!'
     w+='; if [ "$follow" = 1 ]; then tail -c "+$skip" -f --pid="$pid" "$log" & tailer=$!; fi'
-    w+='; if [ "$dest" != "$log" ]; then (while sleep "$every"; do upload; done) >/dev/null 2>&1 </dev/null & up=$!; fi'
+    w+='; if [ "$dest" != "$log" ]; then (trap '"'"'kill $! 2>/dev/null; exit 0'"'"' TERM; while :; do'
+    w+=' sleep "$every" & wait $!; upload; done) >/dev/null 2>&1 </dev/null & up=$!; fi'
     w+='; trap upload TERM HUP INT'
     w+='; while :; do wait "$pid"; rc=$?; if ! kill -0 "$pid" 2>/dev/null; then break; fi; done'
-    w+='; if [ -n "$tailer" ]; then wait "$tailer"; fi; if [ -n "$up" ]; then kill "$up" 2>/dev/null; fi'
+    w+='; if [ -n "$tailer" ]; then wait "$tailer"; fi'
+    w+='; if [ -n "$up" ]; then kill "$up" 2>/dev/null; while kill -0 "$up" 2>/dev/null; do wait "$up"; done; fi'
     w+='; echo "[launch/train.sh] $(date -u +%FT%TZ) $(hostname): training exited with status $rc" >>"$log"'
     w+='; upload; exit "$rc"'
     printf '%s' "$w"

@@ -366,10 +366,11 @@ STAMP = r"\d{8}-\d{6}"
 
 
 def _fake_worker(tmp_path, pgrep_status: int, training: str = TRAINING, worker: str | None = "3",
-                 hostname: str = "w-0") -> dict:  # fmt: skip
+                 hostname: str = "w-0", upload: str = "") -> dict:  # fmt: skip
     """A worker's $HOME with the code dir, a venv python running `training` (by default: record its cwd and argv,
     NUL-separated, and print a line), the metadata server's worker number (None: unreachable) and a gcloud whose
-    `storage cp SRC DEST` copies SRC to $HOME/uploads/<ns> and DEST's name to $HOME/uploads/<ns>.dest."""
+    `storage cp SRC DEST` copies SRC, runs `upload`, then puts the copy in $HOME/uploads/<ns> and DEST's name in
+    $HOME/uploads/<ns>.dest (<ns>: when the copy completed, as the object that stays is the last one completed)."""
     home = tmp_path / "home"
     (home / "bridle_jax").mkdir(parents=True)
     (home / "bridle_venv" / "bin").mkdir(parents=True)
@@ -380,8 +381,8 @@ def _fake_worker(tmp_path, pgrep_status: int, training: str = TRAINING, worker: 
     bin_dir = tmp_path / "worker_bin"
     bin_dir.mkdir()
     gcloud = (  # each copy complete or absent: a SIGTERM may interrupt one
-        '[ "$1 $2 $3" = "storage cp --quiet" ] || exit 3; u=$HOME/uploads/$(date +%s%N)\n'
-        'cp "$4" "$u.tmp" && mv "$u.tmp" "$u" && printf %s "$5" > "$u.dest.tmp" && mv "$u.dest.tmp" "$u.dest"'
+        f'[ "$1 $2 $3" = "storage cp --quiet" ] || exit 3; t=$(mktemp "$HOME/up.XXXXXX"); cp "$4" "$t"; {upload}\n'
+        'u=$HOME/uploads/$(date +%s%N); mv "$t" "$u" && printf %s "$5" > "$u.dest.tmp" && mv "$u.dest.tmp" "$u.dest"'
     )  # fmt: skip
     stubs = [("pgrep", f"exit {pgrep_status}"), ("hostname", f"echo {hostname}"), ("gcloud", gcloud),
              ("curl", f"echo {worker}" if worker is not None else "exit 7")]  # fmt: skip
@@ -476,6 +477,25 @@ def test_train_log_reaches_the_bucket_periodically_and_on_sigterm(stub, tmp_path
     while subprocess.run(["pgrep", "-g", str(pgid)], check=False, capture_output=True).returncode == 0:
         assert time.monotonic() < deadline, "the wrapper or its uploader outlived the training"
         time.sleep(0.05)
+
+
+def test_train_log_last_copy_is_the_complete_one(stub, tmp_path):
+    """A periodic copy still under way when training exits must not finish after (and overwrite) the final copy."""
+    (printed,) = stub.dry("train.sh", *BASE, "--config=c.py", "--workdir=gs://b/w", "--log-upload-interval=1")
+    env = _fake_worker(tmp_path, pgrep_status=1, training="echo a\nsleep 1.5\necho b\n",
+                       upload='grep -q "exited with" "$t" || sleep 1.5')  # fmt: skip
+    result = subprocess.run(["bash", "-c", remote_command(printed)], check=False, env=env, capture_output=True,
+                            text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    home = Path(env["HOME"])
+    _uploaded(home, "exited with status 0")
+    pgid = int(re.search(r"pid (\d+)\)", result.stdout).group(1))
+    deadline = time.monotonic() + 10
+    while subprocess.run(["pgrep", "-g", str(pgid)], check=False, capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "the wrapper or its uploader outlived the training"
+        time.sleep(0.05)
+    copies = sorted((home / "uploads").glob("*[0-9]"), key=lambda p: int(p.name))
+    assert len(copies) >= 2 and copies[-1].read_text().startswith("a\nb\n[launch/train.sh]")
 
 
 def test_train_log_goes_straight_into_a_local_workdir(stub, tmp_path):
