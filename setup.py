@@ -20,6 +20,10 @@ CORE = [
     "scipy>=1.11,<2",  # polyphase resampling of audio
     "soundfile>=0.12,<1",  # wav/flac/ogg decoding (wheels bundle libsndfile)
     "av>=12,<19",  # PyAV: mp4/webm/avi decoding and the video demo's encoding (wheels bundle FFmpeg)
+    # Data anywhere (bridle_jax/data/csv_files.py): gs://, s3://, az://, hf:// data_dirs through etils.epath (its
+    # fsspec backend, >= 1.5), any other fsspec URL (memory://, ...) through fsspec. gs:// needs gcsfs: the tpu extra.
+    "etils[epath]>=1.5",
+    "fsspec>=2023.1",
 ]
 
 setup(

@@ -330,7 +330,7 @@ def open_binary(path):
     """
     path = os.fspath(path)
     if not is_url(path):
-        return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+        return open(path, "rb")  # the caller closes it
     try:
         return _remote(path, lambda p: p.open("rb"))
     except (FileNotFoundError, ImportError):
@@ -345,5 +345,5 @@ def open_text(path):
     """A CSV's text for any path or URL: UTF-8 with an optional byte-order mark, line ends left to ``csv``."""
     path = os.fspath(path)
     if not is_url(path):
-        return open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 (the caller closes it)
+        return open(path, newline="", encoding="utf-8-sig")  # the caller closes it
     return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig", newline="")

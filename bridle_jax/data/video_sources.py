@@ -335,7 +335,9 @@ def write_moving_digits(
     is reused, so two processes racing to create it both end up reading one complete copy.
     """
     if csv_files.is_url(root):
-        raise ValueError(f"write_moving_digits: {os.fspath(root)!r} is a URL; the demo clips are written to local disk only")
+        raise ValueError(
+            f"write_moving_digits: {os.fspath(root)!r} is a URL; the demo clips are written to local disk only"
+        )
     root = os.path.abspath(os.fspath(root))
     params = _moving_digits_params(num_clips, num_frames, size, fps, seed, distractor)
     csv_path = os.path.join(root, MOVING_DIGITS_CSV)
