@@ -398,36 +398,61 @@ def train_dataset(
     return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
 
 
-def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
-    """The eval-preprocessed split (no augmentation) in stored order, as NumPy arrays.
-
-    ``{"input": float32 [N, S], "length": int32 [N], "label": int32 [N] | float32 [N, num_classes]}``. Unreadable
-    records are dropped (counted as skipped); ``N`` is the first ``max_examples`` (else
-    ``config.data.max_eval_examples``) readable records. Held in memory: 4·S bytes per clip (AudioSet's 10.24 s
-    clips take 655 kB each, so cap large splits).
-    """
+def eval_size(data_config, split: str, max_examples: int | None = None) -> pipeline.EvalSize:
+    """How many clips :func:`eval_batches` reads from ``split`` (the first ``min(len, cap)``), from the source's
+    length: no clip is decoded."""
     spec = data_spec(data_config)
-    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
-        raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    pipeline.check_eval_args(max_examples)
+    return pipeline.count_eval(len(make_source(spec, split)), max_examples, spec.max_eval_examples)
+
+
+def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
+    """The eval-preprocessed split (no augmentation) in stored order, ``batch_size`` clips at a time:
+    ``{"input": float32 [b, S], "length": int32 [b], "label": int32 [b] | float32 [b, num_classes]}`` (the last
+    batch shorter).
+
+    Unreadable records are dropped (counted as skipped); the first ``max_examples`` (else
+    ``config.data.max_eval_examples``) readable records are read. One batch (4·S bytes per clip) plus the loader's
+    prefetch buffer is held at a time. The source is listed (and checked) when this is called.
+    """
+    return _eval_reader(data_config, split, max_examples, batch_size)[1]
+
+
+def _eval_reader(data_config, split: str, max_examples: int | None, batch_size: int):
+    """(N, the batches of eval_batches)."""
+    spec = data_spec(data_config)
+    pipeline.check_eval_args(max_examples, batch_size)
     source = make_source(spec, split)
-    cap = max_examples if max_examples is not None else spec.max_eval_examples
-    n = len(source) if cap is None else min(len(source), int(cap))
+    n = pipeline.count_eval(len(source), max_examples, spec.max_eval_examples).examples
     ds = grain.MapDataset.source(ReadableSource(source, spec.max_skipped, replace=False)).map(
         CropOrPad(spec.num_samples)
     )
     read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-    records = []
-    for record in ds.to_iter_dataset(read_options):  # ordered whatever the thread count; None (unreadable) dropped
-        records.append(record)
-        if len(records) == n:
-            break
-    if not records:
-        raise ValueError(f"config.data.name={spec.name!r} split {split!r}: no readable record")
-    return {
-        "input": np.stack([r["input"] for r in records]),
-        "length": np.asarray([r["length"] for r in records], np.int32),
-        "label": np.stack([r["label"] for r in records]),
-    }
+    # ordered whatever the thread count; None (unreadable) records are dropped by Grain
+    batches = pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size))
+    return n, _nonempty(batches, spec.name, split)
+
+
+def _nonempty(batches, name: str, split: str):
+    any_batch = False
+    for batch in batches:
+        any_batch = True
+        yield batch
+    if not any_batch:
+        raise ValueError(f"config.data.name={name!r} split {split!r}: no readable record")
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    """The eval-preprocessed split (no augmentation) in stored order, as NumPy arrays: the batches of
+    :func:`eval_batches` joined.
+
+    ``{"input": float32 [N, S], "length": int32 [N], "label": int32 [N] | float32 [N, num_classes]}``. Unreadable
+    records are dropped (counted as skipped); ``N`` is the first ``max_examples`` (else
+    ``config.data.max_eval_examples``) readable records. Held in memory: 4·S bytes per clip (AudioSet's 10.24 s
+    clips take 655 kB each, so cap large splits, or stream them with :func:`eval_batches`).
+    """
+    n, batches = _eval_reader(data_config, split, max_examples, 256)
+    return pipeline.join_batches(batches, n)
 
 
 def _raw_waveform(item, index: int, rate: int) -> np.ndarray:

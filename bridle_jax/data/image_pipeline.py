@@ -221,40 +221,64 @@ class _ToModelRecord(grain.transforms.Map):
     return {"input": element["image"], "length": np.int32(self.image_size), "label": element["label"]}
 
 
-def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
-  """The eval-preprocessed split in its stored order: ``{"input": float32 [N, S, S, 3], "length": int32 [N],
-  "label": int32 [N]}``.
-
-  ``N`` is capped by ``max_examples``, else by ``config.data.max_eval_examples`` (the first ``N`` readable records;
-  undecodable ones are dropped and counted as skipped). The result is held in memory (N·S²·12 bytes: 50k ImageNet
-  images at 224 are 30 GB, so cap it for large splits).
-  """
+def eval_size(data_config, split: str, max_examples: int | None = None) -> pipeline.EvalSize:
+  """How many records :func:`eval_batches` reads from ``split`` (the first ``min(len, cap)``), from the source's
+  length: no image is decoded."""
   spec = data_spec(data_config)
-  if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
-    raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+  pipeline.check_eval_args(max_examples)
+  return pipeline.count_eval(len(sources.make_source(data_config, split, replace=False)), max_examples,
+                             spec.max_eval_examples)
+
+
+def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
+  """The eval-preprocessed split in its stored order, ``batch_size`` images at a time: ``{"input": float32
+  [b, S, S, 3], "length": int32 [b], "label": int32 [b]}`` (the last batch shorter).
+
+  The first ``N`` readable records, ``N`` capped by ``max_examples``, else by ``config.data.max_eval_examples``;
+  undecodable ones are dropped and counted as skipped. One batch (b·S²·12 bytes: 256 images at 224 are 154 MB) plus
+  the loader's prefetch buffer is held at a time. The source is listed (and checked) when this is called; the
+  images are read as the batches are asked for.
+  """
+  return _eval_reader(data_config, split, max_examples, batch_size)[1]
+
+
+def _eval_reader(data_config, split: str, max_examples: int | None, batch_size: int):
+  """(N, the batches of eval_batches)."""
+  spec = data_spec(data_config)
+  pipeline.check_eval_args(max_examples, batch_size)
   source = sources.make_source(data_config, split, replace=False)
-  cap = max_examples if max_examples is not None else spec.max_eval_examples
-  n = len(source) if cap is None else min(len(source), int(cap))
+  n = pipeline.count_eval(len(source), max_examples, spec.max_eval_examples).examples
   ds = grain.MapDataset.source(source)
   if not isinstance(source, sources.ReadableImages):
     ds = ds[:n]  # nothing is dropped: read exactly the first n
   for t in eval_transforms(spec):
     ds = ds.map(t)
-  size = spec.image_size
-  images = np.empty((n, size, size, 3), np.float32)
-  labels = np.empty((n,), np.int32)
-  count = 0
+  ds = ds.map(_ToModelRecord(spec.image_size))
   read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-  if n:
-    for record in ds.to_iter_dataset(read_options):  # ordered, whatever the thread count; None (undecodable) dropped
-      images[count] = record["image"]
-      labels[count] = record["label"]
-      count += 1
-      if count == n:
-        break
-  if count == 0:
-    raise ValueError(f"config.data.name={spec.name!r} split {split!r}: no readable image")
-  return {"input": images[:count], "length": np.full((count,), size, np.int32), "label": labels[:count]}
+  batches = pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size), np.int32)
+  return n, _nonempty(batches, spec.name, split)
+
+
+def _nonempty(batches, name: str, split: str):
+  # ordered, whatever the thread count; None (undecodable) records are dropped by Grain
+  any_batch = False
+  for batch in batches:
+    any_batch = True
+    yield batch
+  if not any_batch:
+    raise ValueError(f"config.data.name={name!r} split {split!r}: no readable image")
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+  """The eval-preprocessed split in its stored order: ``{"input": float32 [N, S, S, 3], "length": int32 [N],
+  "label": int32 [N]}``: the batches of :func:`eval_batches` joined.
+
+  ``N`` is capped by ``max_examples``, else by ``config.data.max_eval_examples`` (the first ``N`` readable records;
+  undecodable ones are dropped and counted as skipped). The result is held in memory (N·S²·12 bytes: 50k ImageNet
+  images at 224 are 30 GB, so cap it for large splits, or stream them with :func:`eval_batches`).
+  """
+  n, batches = _eval_reader(data_config, split, max_examples, 256)
+  return pipeline.join_batches(batches, n)
 
 
 # Float pixels may overshoot their stated range by this fraction of its span (a bicubic or Lanczos resize rings by a

@@ -9,7 +9,11 @@ the probe and `load_encoder` never branch on the modality:
   train_dataset(d, *, local_batch_size, seed, process_index, process_count) -> grain.MapDataset of batches
       {"input": float32 [b, ...], "length": int32 [b], "label": ...}; infinite, reshuffled per epoch, augmented,
       sharded by process after augmentation (the process shards together are the 1-process global batch)
-  eval_arrays(d, split, max_examples) -> {"input", "length", "label"} NumPy arrays, stored order
+  eval_batches(d, split, max_examples, batch_size) -> iterator of {"input", "length", "label"} NumPy batches of
+      the eval-preprocessed split, stored order (the last batch shorter); one batch decoded at a time
+  eval_size(d, split, max_examples) -> EvalSize(examples, total, capped) from the source's length, nothing decoded
+  eval_arrays(d, split, max_examples) -> {"input", "length", "label"} NumPy arrays, stored order: the batches of
+      eval_batches joined (the whole split in memory: for small splits)
   preprocess_eval(d, raw, [value_range]) -> {"input", "length"} for raw user inputs; image and video take
       value_range=(low, high) for float pixels (default 0..1, never inferred from the batch); audio floats are
       always [-1, 1]
@@ -24,6 +28,7 @@ import collections
 import importlib
 import logging
 import threading
+import typing
 
 import grain
 import numpy as np
@@ -136,8 +141,101 @@ def train_iterator(
     return iter(ds.to_iter_dataset(read_options))
 
 
+class EvalSize(typing.NamedTuple):
+    """How much of a labelled split the eval readers take, from the source's length (nothing decoded)."""
+
+    examples: int  # the records eval_batches / eval_arrays read: the first min(total, cap) (fewer if unreadable)
+    total: int  # the records the split lists
+    capped: bool  # a cap applies and the split holds at least that many ("the first N")
+
+
+def eval_size(data_config, split: str, max_examples: int | None = None) -> EvalSize:
+    """The size of what `eval_batches(data_config, split, max_examples)` reads, without decoding a record. A cap is
+    `max_examples`, else `config.data.max_eval_examples`. Unreadable records (images, audio: dropped) make the count
+    actually read smaller; the number listed is what this returns."""
+    return module_for(data_config).eval_size(data_config, split, max_examples)
+
+
+def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
+    """The eval-preprocessed `split` as an iterator of NumPy batches `{"input", "length", "label"}` of `batch_size`
+    records (the last one shorter), in stored order: the very records and values of `eval_arrays`, of which only
+    one batch (plus the loader's prefetch buffer) is decoded and held at a time. Iterate it once; every call starts
+    a fresh, deterministic pass."""
+    return module_for(data_config).eval_batches(data_config, split, max_examples, batch_size)
+
+
 def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    """The whole eval-preprocessed `split` as NumPy arrays (the batches of `eval_batches` joined). Held in memory:
+    for small splits; stream large ones with `eval_batches`."""
     return module_for(data_config).eval_arrays(data_config, split, max_examples)
+
+
+# ------------------------------------------------------------------------------- shared by the modules' eval readers
+
+
+def check_eval_args(max_examples, batch_size=1) -> None:
+    """The arguments of every module's eval readers, checked with the same messages."""
+
+    def is_int(x):
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    if max_examples is not None and (not is_int(max_examples) or max_examples < 1):
+        raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def count_eval(total: int, max_examples: int | None, max_eval_examples: int | None) -> EvalSize:
+    """`EvalSize` of a source of `total` records under the cap `max_examples`, else `max_eval_examples`."""
+    cap = max_examples if max_examples is not None else max_eval_examples
+    total = int(total)
+    if cap is None:
+        return EvalSize(total, total, False)
+    return EvalSize(min(total, int(cap)), total, total >= int(cap))
+
+
+def batch_records(records, n: int, batch_size: int, label_dtype=None):
+    """The first `n` records of the iterable `records` (dicts {"input", "length", "label"}) stacked into NumPy
+    batches of `batch_size` (the last one shorter): input float32, length int32, label as `label_dtype` (None: as
+    the records hold it). Only the batch being filled is held here; nothing is yielded for n = 0."""
+    buffer, count = [], 0
+    if n <= 0:
+        return
+    for record in records:
+        buffer.append(record)
+        count += 1
+        if len(buffer) == batch_size or count == n:
+            yield _stack(buffer, label_dtype)
+            buffer = []
+        if count == n:
+            return
+    if buffer:
+        yield _stack(buffer, label_dtype)
+
+
+def _stack(records: list, label_dtype) -> dict:
+    labels = np.stack([np.asarray(r["label"]) for r in records])
+    return {
+        "input": np.stack([np.asarray(r["input"], np.float32) for r in records]),
+        "length": np.asarray([r["length"] for r in records], np.int32),
+        "label": labels if label_dtype is None else labels.astype(label_dtype),
+    }
+
+
+def join_batches(batches, n: int) -> dict:
+    """The batches of an eval reader joined into arrays of at most `n` rows, filled in place (the whole split plus
+    one batch in memory at the peak, never two copies of the split)."""
+    out, count = None, 0
+    for batch in batches:
+        size = len(batch["input"])
+        if out is None:
+            out = {k: np.empty((n,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+        for k, v in batch.items():
+            out[k][count : count + size] = v
+        count += size
+    if out is None:
+        raise ValueError("no readable record")
+    return {k: v[:count] for k, v in out.items()}
 
 
 def preprocess_eval(data_config, raw, value_range=None) -> dict:

@@ -404,36 +404,57 @@ def train_dataset(
 # ------------------------------------------------------------------------------------------------------- eval
 
 
-def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
-    """The eval-preprocessed ``split`` in its stored order: ``{"input", "length", "label"}`` NumPy arrays.
-
-    Capped at ``max_examples``, else ``config.data.max_eval_examples``. Held in memory (N·T·S²·12 bytes: 1,000
-    Kinetics clips at 16x224² are 9.6 GB), so cap large splits.
-    """
+def eval_size(data_config, split: str, max_examples: int | None = None) -> pipeline.EvalSize:
+    """How many clips :func:`eval_batches` reads from ``split`` (the first ``min(len, cap)``), from the source's
+    length: no clip is decoded."""
     spec = data_spec(data_config)
-    if max_examples is not None and (not _is_int(max_examples) or max_examples < 1):
-        raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    pipeline.check_eval_args(max_examples)
+    return pipeline.count_eval(len(make_source(spec, split)), max_examples, spec.max_eval_examples)
+
+
+def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
+    """The eval-preprocessed ``split`` in its stored order, ``batch_size`` clips at a time: ``{"input": float32
+    [b, T, S, S, 3], "length": int32 [b], "label": int32 [b]}`` (the last batch shorter).
+
+    Capped at ``max_examples``, else ``config.data.max_eval_examples``; an unreadable clip is replaced by the next
+    readable one (as in :func:`eval_arrays`). One batch (b·T·S²·12 bytes: 32 Kinetics clips at 16x224² are 308 MB)
+    plus the loader's prefetch buffer is held at a time. The source is listed (and checked) when this is called.
+    """
+    return _eval_reader(data_config, split, max_examples, batch_size)[1]
+
+
+def _eval_reader(data_config, split: str, max_examples: int | None, batch_size: int):
+    """(N, the batches of eval_batches)."""
+    spec = data_spec(data_config)
+    pipeline.check_eval_args(max_examples, batch_size)
     source = make_source(spec, split)
-    cap = max_examples if max_examples is not None else spec.max_eval_examples
-    n = len(source) if cap is None else min(len(source), int(cap))
-    shape = (n, spec.num_frames, spec.image_size, spec.image_size, 3)
-    if np.prod(shape) * 4 > 8 * 2**30:
-        logger.warning(
-            "eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples",
-            split,
-            np.prod(shape) * 4 / 2**30,
-        )
+    n = pipeline.count_eval(len(source), max_examples, spec.max_eval_examples).examples
     ds = DecodeOrNext(
         grain.MapDataset.source(source), _loader(spec), seed=None, window=len(source), max_skipped=spec.max_skipped
     )[:n]
     for t in eval_transforms(spec):
         ds = ds.map(t)
-    out = {"input": np.empty(shape, np.float32), "length": np.empty((n,), np.int32), "label": np.empty((n,), np.int32)}
     read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-    for i, record in enumerate(ds.to_iter_dataset(read_options)):  # ordered, whatever the thread count
-        for key, array in out.items():
-            array[i] = record[key]
-    return out
+    # ordered, whatever the thread count
+    return n, pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size), np.int32)
+
+
+def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:
+    """The eval-preprocessed ``split`` in its stored order: ``{"input", "length", "label"}`` NumPy arrays, the
+    batches of :func:`eval_batches` joined.
+
+    Capped at ``max_examples``, else ``config.data.max_eval_examples``. Held in memory (N·T·S²·12 bytes: 1,000
+    Kinetics clips at 16x224² are 9.6 GB), so cap large splits, or stream them with :func:`eval_batches`.
+    """
+    n, batches = _eval_reader(data_config, split, max_examples, 32)
+    spec = data_spec(data_config)
+    held = n * spec.num_frames * spec.image_size**2 * 3 * 4
+    if held > 8 * 2**30:
+        logger.warning("eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples", split, held / 2**30)
+    if n == 0:  # an empty split: empty arrays of the record's shapes
+        shape = (0, spec.num_frames, spec.image_size, spec.image_size, 3)
+        return {"input": np.empty(shape, np.float32), "length": np.empty((0,), np.int32), "label": np.empty((0,), np.int32)}
+    return pipeline.join_batches(batches, n)
 
 
 def to_uint8_clip(clip, where: str, value_range=None) -> np.ndarray:
