@@ -14,7 +14,12 @@ from bridle_jax.models import bridle
 
 
 class Encoder:
-    """A frozen encoder E; `embed` returns average-pooled patch features (cls excluded) as NumPy."""
+    """A frozen encoder E; `embed` returns average-pooled patch features (cls excluded) as NumPy, `split_features`
+    the same for a labelled split of the run's dataset, streamed.
+
+    Attributes: `config` (the run's), `iteration`, `params` (E's), `models` (`bridle.build_models(config)`: the
+    front-end and E for `linear_probe.pool`), `module` (E), `mesh` (every local device on the batch axis: what
+    `linear_probe.pooled_features` shards over)."""
 
     def __init__(self, config, params, iteration: int):
         self.config = config
@@ -22,7 +27,22 @@ class Encoder:
         self.params = params
         self.models = bridle.build_models(config)
         self.module = self.models.encoder
-        self._mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+        self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+
+    @property
+    def _mesh(self):  # the name older callers used
+        return self.mesh
+
+    def split_features(
+        self, split: str, max_examples: int | None = None, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled features [N, width], labels [N]) of `split` of the run's dataset (`config.data`), after its eval
+        preprocessing, in stored order: the first `max_examples` (else `config.data.max_eval_examples`) records,
+        read batch by batch (`pipeline.eval_batches`), so only one batch of decoded inputs is held at a time; these
+        are the features the training loop's linear probe trains on."""
+        return linear_probe.split_features(
+            self.models, self.params, self.config.data, split, max_examples, mesh=self.mesh, batch_size=batch_size
+        )
 
     def embed(self, inputs, batch_size: int = 256, value_range=None) -> np.ndarray:
         """inputs: the dataset's natural form (images: uint8 or float [B, H, W, C]; audio and video: see the
@@ -32,7 +52,7 @@ class Encoder:
         ``(0, 255)``: the scale is a rule of the call, never inferred from the batch, so an image's features do not
         depend on the others. Audio float waveforms are [-1, 1] (int16 arrays are scaled by 1/32768)."""
         arrays = pipeline.preprocess_eval(self.config.data, inputs, value_range=value_range)
-        return linear_probe.pooled_features(self.models, self.params, arrays, mesh=self._mesh, batch_size=batch_size)
+        return linear_probe.pooled_features(self.models, self.params, arrays, mesh=self.mesh, batch_size=batch_size)
 
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:

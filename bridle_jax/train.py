@@ -11,6 +11,7 @@ access goes through etils.epath.
 """
 
 import contextlib
+import functools
 import json
 
 import jax
@@ -139,19 +140,39 @@ def _skipped_records(data_config) -> int:
 
 
 class _ProbeData:
-    """The labelled splits the end-of-phase linear probe uses, preprocessed once ({"input", "length", "label"})."""
+    """The labelled splits the linear probe reads and how much of each, known at start-up from the sources' lengths:
+    nothing is decoded here. Each probe streams both splits through the encoder (`linear_probe.split_features`
+    over `pipeline.eval_batches`), holding one batch of decoded inputs at a time and keeping only the pooled
+    features (N x width float32) and labels. Listing the sources at start-up also checks the splits exist on every
+    start and resume, so a wrong split fails before step 1, not at the end of the next encoder phase.
+
+    `train` / `test` are the splits as whole arrays (`pipeline.eval_arrays`), decoded on first use and held: the
+    training loop never touches them (benchmarks/study.py's raw-pixel baseline does, on a small dataset)."""
 
     def __init__(self, config):
         p = config.evals.linear_probe
+        self.data_config = config.data
+        self.train_split, self.test_split = p.train_split, p.test_split
+        self.train_cap = p.max_examples
         self.test_cap = p.get("max_test_examples", None) or p.max_examples
-        self.test_split = p.test_split
-        cap = lambda n: f"first {n:,}" if n else "all"
+        self.train_size = pipeline.eval_size(config.data, self.train_split, self.train_cap)
+        self.test_size = pipeline.eval_size(config.data, self.test_split, self.test_cap)
+
+        def describe(split, size):
+            return f"{split!r} ({f'first {size.examples:,} of {size.total:,}' if size.capped else f'all {size.total:,}'})"
+
         metrics_lib.log_line(
-            f"Reading the linear probe's splits: {p.train_split!r} ({cap(p.max_examples)}), "
-            f"{p.test_split!r} ({cap(self.test_cap)})"
+            f"Linear probe splits: train {describe(self.train_split, self.train_size)}, test "
+            f"{describe(self.test_split, self.test_size)}; read batch by batch at each probe"
         )
-        self.train = pipeline.eval_arrays(config.data, p.train_split, p.max_examples)
-        self.test = pipeline.eval_arrays(config.data, p.test_split, self.test_cap)
+
+    @functools.cached_property
+    def train(self) -> dict:
+        return pipeline.eval_arrays(self.data_config, self.train_split, self.train_cap)
+
+    @functools.cached_property
+    def test(self) -> dict:
+        return pipeline.eval_arrays(self.data_config, self.test_split, self.test_cap)
 
 
 def _train_split_size(data_iter) -> int | None:
@@ -178,12 +199,11 @@ def _print_summary(config, plan, mesh, state, workdir: str, data_iter, probe_dat
     if jax.process_index() != 0:
         return
     evals = {"eval_split": None, "eval_examples": None}
-    if probe_data is not None:
-        n = len(probe_data.test["label"])
+    if probe_data is not None:  # the sizes from the source's length: nothing decoded for the summary
         evals = {
             "eval_split": probe_data.test_split,
-            "eval_examples": n,
-            "eval_capped": probe_data.test_cap is not None and n >= probe_data.test_cap,
+            "eval_examples": probe_data.test_size.examples,
+            "eval_capped": probe_data.test_size.capped,
         }
     lines = metrics_lib.run_summary(
         config=config,
@@ -199,20 +219,64 @@ def _print_summary(config, plan, mesh, state, workdir: str, data_iter, probe_dat
 
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:
+    """Extracts the pooled features of both probe splits from the encoder, streamed batch by batch (one batch of
+    decoded inputs held at a time), then fits the probe: {"top1_train", "top1_test", "final_loss"}."""
     p = config.evals.linear_probe
-    feats = lambda arrays: linear_probe.pooled_features(
-        models, encoder_params, arrays, mesh=mesh, batch_size=p.batch_size
+    feats = lambda split, cap: linear_probe.split_features(
+        models, encoder_params, data.data_config, split, cap, mesh=mesh, batch_size=p.batch_size
     )
+    train_x, train_y = feats(data.train_split, data.train_cap)
+    test_x, test_y = feats(data.test_split, data.test_cap)
     return linear_probe.linear_probe(
-        feats(data.train),
-        data.train["label"],
-        feats(data.test),
-        data.test["label"],
-        steps=p.steps,
-        lr=p.lr,
-        batch_size=p.batch_size,
-        seed=config.seed,
+        train_x, train_y, test_x, test_y, steps=p.steps, lr=p.lr, batch_size=p.batch_size, seed=config.seed
     )
+
+
+def _probe_once(workdir: str, key: str, models, encoder_params, data: _ProbeData, config, mesh):
+    """The probe of the encoder `key` ("iteration_k"), computed at most once per workdir: returns (result, reused).
+
+    When linear_probe.json already holds `key` (a resume re-running the last steps of an encoder phase whose probe
+    had finished before the run was stopped, or a restart at step 0), the recorded result is returned and neither
+    the features nor the head are computed again; resumes are exact, so it is the same encoder. On several
+    processes the features are a collective: process 0's file decides for all (`result` is None on a process that
+    cannot read it). Settings of `evals.linear_probe` changed on a resume apply to the encoders probed after it.
+
+    `encoder_params` may be a callable returning them (a kept encoder, restored only if the probe runs).
+
+    No cache of the features is written. The phase-end checkpoint is written before the probe, so a run killed
+    during a probe loses only that probe: the resume starts at the phase end and probes the kept encoder
+    (`_pending_probes`), re-extracting its features (minutes) but training nothing again. A features file would only
+    save that extraction, for a window (a hard kill during a probe; a SIGTERM lets the probe finish, as preemption is
+    acted on between steps) that is short against a run, while it costs N x width x 4 bytes per split and encoder
+    in the workdir (~150 MB per split for 50k ViT-B features, on gs:// for TPU runs) and needs its own staleness
+    checks (which encoder, which splits and caps, which preprocessing).
+    """
+    recorded = _read_probe(workdir).get(key)
+    reuse = recorded is not None
+    if jax.process_count() > 1:
+        reuse = bool(multihost_utils.broadcast_one_to_all(np.int32(reuse)))
+    if reuse:
+        return recorded, True
+    if callable(encoder_params):  # a kept encoder, restored only now that its probe runs
+        encoder_params = encoder_params()
+    result = run_linear_probe(models, encoder_params, data, config, mesh)
+    _record_probe(workdir, key, result)
+    return result, False
+
+
+def _pending_probes(workdir: str, plan, step: int, state):
+    """(key, phase or None, params) of the encoders kept before this start: iteration 0 and every encoder phase that
+    ended at or before `step`. `params` is the encoder itself (iteration 0 at step 0: the state's) or a callable that
+    restores the kept one (`encoders/iteration_k`, on the state's shardings) only when its probe must run: the
+    recorded probes are skipped by `_probe_once` without reading anything. A run stopped during an end-of-phase
+    probe (after the phase-end checkpoint) gets that probe here; so does a run resumed with the probe turned on."""
+    current = state.params["encoder"]["encoder"]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
+    kept = lambda k: lambda: ckpt_lib.load_encoder_params(workdir, k, abstract)
+    yield "iteration_0", None, current if step == 0 else kept(0)
+    for phase in plan:
+        if phase.kind == "encoder" and phase.end_step <= step:
+            yield f"iteration_{phase.iteration}", phase, kept(phase.iteration)
 
 
 def _read_probe(workdir: str) -> dict:
@@ -298,12 +362,15 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
             ckpt_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more
         ckpt_lib.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
         results = {}
-        if probe_data is not None and step == 0:
-            result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
-            results = _record_probe(workdir, "iteration_0", result)
-            metrics_lib.log_line(
-                f"Linear probe, encoder as initialised: top-1 {results['iteration_0']['top1_test']:.4f}"
-            )
+        if probe_data is not None:  # the encoder as initialised, and any kept encoder whose probe never finished
+            for key, where, params in _pending_probes(workdir, plan, step, state):
+                result, reused = _probe_once(workdir, key, models, params, probe_data, config, mesh)
+                if result is not None and not reused:
+                    results[key] = result
+                    if where is not None:  # a phase that ended before this start: its metric line, late
+                        writer.write(where.end_step, {"eval/linear_probe/top1": result["top1_test"]}, phase=where.name)
+                    name = "encoder as initialised" if where is None else f"kept encoder of {where.name}"
+                    metrics_lib.log_line(f"Linear probe, {name}: top-1 {result['top1_test']:.4f}")
 
         def preempted_here() -> bool:
             """A safe point: when any process was signalled, checkpoint `step` (unless saved already: e.g. a phase
@@ -367,16 +434,22 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                     metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
                 if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
                     ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
-                    if probe_data is not None:
-                        result = run_linear_probe(models, state.params["encoder"]["encoder"], probe_data, config, mesh)
-                        results = _record_probe(workdir, f"iteration_{phase.iteration}", result)
-                        writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
-                        metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}")
                 stopping = step == stop_at_step
                 if step % config.checkpoint.every_steps == 0 or last or stopping:
                     _check_nonfinite(state, config, step, ckpt)
                     meta = {"step": step, "phase": phase.name, "phase_index": phase.index}
                     _save(ckpt, lock, step, state, data_iter, meta)
+                # The probe runs after the phase-end checkpoint (written in the background meanwhile): a run stopped
+                # during the probe resumes at the phase end and probes the kept encoder (`_pending_probes`) instead
+                # of training the phase's last steps again.
+                if last and phase.kind == "encoder" and probe_data is not None:
+                    params, key = state.params["encoder"]["encoder"], f"iteration_{phase.iteration}"
+                    result, reused = _probe_once(workdir, key, models, params, probe_data, config, mesh)
+                    if result is not None:
+                        results[key] = result
+                        writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
+                        again = " (recorded before; not recomputed)" if reused else ""
+                        metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}{again}")
                 if stopping:
                     break
             if preempted:
