@@ -27,7 +27,13 @@ def get_config(arg=None):
     c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 2e-4, 2 / 50
     c.evals.linear_probe.train_split = "train"
     c.evals.linear_probe.test_split = "validation"
+    # The probe streams its splits (one batch of decoded images at a time) and keeps only the pooled features: 50,000
+    # x 768 float32 = 154 MB per split on the host, whatever the image size. Its cost is decoding: ~100k JPEGs per
+    # probe, ~3 min at ~600 images/s with 8 decoding threads on a TPU-VM host (BENCHMARKS.md "Linear probe memory":
+    # ~80 images/s per thread measured on 2 CPU cores), three probes per run. 50 train images per class (the TFDS
+    # train split is stored shuffled), tested on the whole validation split.
     c.evals.linear_probe.max_examples = 50_000
+    c.evals.linear_probe.max_test_examples = 50_000
     c.checkpoint.every_steps = 2000
     c.log_every_steps = 100
     return c
