@@ -85,10 +85,107 @@ def test_committed_notebook_is_clean_nbformat4():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
     params = nb.cells[_parameters_cell(nb)].source
-    assert 'os.environ.get("BRIDLE_WORKDIR", "workdirs/digits")' in params
+    assert 'WORKDIR = os.environ.get("BRIDLE_WORKDIR")' in params and "DEMO_STEPS =" in params
     assert "ITERATION = None" in params and "MAX_EXAMPLES =" in params
     install = code[0].source
-    assert '"google.colab" in sys.modules' in install and "git+" in install and "[tpu]" in install
+    assert '"google.colab" in sys.modules' in install and "git+" in install and "nvidia-smi" in install
+    assert install.count("REPO_URL = ") == 2  # the one constant, and its environment override
+
+
+def test_notebook_uses_only_public_api():
+    """No private function of the package (`module._name`) is called from the notebook."""
+    import re
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert not re.findall(r"\b(?:linear_probe|enc|encoder|pipeline|checkpoint|codebook|bridle_jax)\._\w+", code)
+
+
+def _cell(nb, marker: str) -> str:
+    hits = [c.source for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    assert len(hits) == 1, marker
+    return hits[0]
+
+
+@pytest.mark.parametrize(
+    "runtime, expected",
+    [
+        ("cpu", "bridle_jax[plots] @ git+"),
+        ("gpu", "bridle_jax[plots,gpu] @ git+"),
+        ("tpu", "bridle_jax[plots,tpu] @ git+"),
+    ],
+)
+def test_colab_install_cell_picks_the_runtimes_jax(runtime, expected, monkeypatch):
+    """The install cell under a stand-in Colab (no pip run): the package from REPO_URL with the runtime's extra; a
+    missing URL is a clear error; outside Colab it runs nothing."""
+    import glob
+    import importlib.util
+    import shutil
+    import subprocess
+    import sys
+    import types
+
+    source = _cell(nbformat.read(NOTEBOOK, as_version=4), "def runtime_extras")
+    ran = []
+
+    class Done:
+        returncode, stdout = 0, "GPU 0: NVIDIA T4 (UUID: GPU-0)\n"
+
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: ran.append(cmd) or Done())
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if runtime == "gpu" else None)
+    monkeypatch.setattr(
+        glob, "glob", lambda pattern: ["/dev/accel0"] if runtime == "tpu" and "accel" in pattern else []
+    )
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "bridle_jax" else real_find_spec(n, *a))
+
+    exec(source, {})  # not on Colab: nothing installed  # noqa: S102
+    assert ran == []
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.delenv("BRIDLE_REPO_URL", raising=False)
+    with pytest.raises(RuntimeError, match="Set REPO_URL"):
+        exec(source, {})  # noqa: S102
+    monkeypatch.setenv("BRIDLE_REPO_URL", "https://example.org/fork/bridle_jax.git")
+    exec(source, {})  # noqa: S102
+    pip = [cmd for cmd in ran if "pip" in cmd]
+    assert len(pip) == 1 and f"{expected}https://example.org/fork/bridle_jax.git" in pip[0]
+
+
+def test_auth_and_demo_cells(tmp_path, monkeypatch):
+    """Auth runs only on Colab for a gs:// workdir; with no workdir the demo cell runs the digits recipe, shortened
+    to DEMO_STEPS, into a temporary workdir (training stubbed here)."""
+    import sys
+    import types
+
+    from bridle_jax import train
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    auth_source = _cell(nb, "authenticate_user")
+    calls = []
+    colab = types.ModuleType("google.colab")
+    colab.auth = types.SimpleNamespace(authenticate_user=lambda: calls.append("auth"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    for in_colab, workdir in [(False, "gs://b/run"), (True, "/tmp/run"), (True, None), (True, "gs://b/run")]:
+        exec(auth_source, {"IN_COLAB": in_colab, "WORKDIR": workdir})  # noqa: S102
+    assert calls == ["auth"]
+
+    demo_source = _cell(nb, "train.train_and_evaluate(demo_config, WORKDIR)")
+    runs = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: runs.append((config, workdir)))
+    monkeypatch.chdir(tmp_path)  # no workdirs/digits here
+    namespace = {"os": os, "IN_COLAB": False, "WORKDIR": None, "DEMO_STEPS": 4}
+    exec(demo_source, namespace)  # noqa: S102
+    ((config, workdir),) = runs
+    assert config.data.name == "digits" and tuple(config.schedule.phases) == (
+        "encoder_cold_start:4",
+        "tokenizer:2",
+        "encoder:4",
+    )
+    assert namespace["WORKDIR"] == workdir and workdir.endswith("bridle_jax_demo_4")
+    namespace = {"os": os, "IN_COLAB": False, "WORKDIR": "/some/run", "DEMO_STEPS": 4}
+    exec(demo_source, namespace)  # noqa: S102
+    assert len(runs) == 1 and namespace["WORKDIR"] == "/some/run"  # a given workdir: no demo run
 
 
 def test_every_cell_ran_without_error(executed):
