@@ -159,7 +159,8 @@ class _ProbeData:
         self.test_size = pipeline.eval_size(config.data, self.test_split, self.test_cap)
 
         def describe(split, size):
-            return f"{split!r} ({f'first {size.examples:,} of {size.total:,}' if size.capped else f'all {size.total:,}'})"
+            part = f"first {size.examples:,} of {size.total:,}" if size.capped else f"all {size.total:,}"
+            return f"{split!r} ({part})"
 
         metrics_lib.log_line(
             f"Linear probe splits: train {describe(self.train_split, self.train_size)}, test "
@@ -269,14 +270,21 @@ def _pending_probes(workdir: str, plan, step: int, state):
     ended at or before `step`. `params` is the encoder itself (iteration 0 at step 0: the state's) or a callable that
     restores the kept one (`encoders/iteration_k`, on the state's shardings) only when its probe must run: the
     recorded probes are skipped by `_probe_once` without reading anything. A run stopped during an end-of-phase
-    probe (after the phase-end checkpoint) gets that probe here; so does a run resumed with the probe turned on."""
+    probe (after the phase-end checkpoint) gets that probe here; so does a run resumed with the probe turned on, and
+    one resumed from a converted checkpoint (`bridle_jax.convert` keeps the imported encoders). An encoder that was
+    not kept is left out (with a line saying so), never a reason to stop the run."""
     current = state.params["encoder"]["encoder"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
     kept = lambda k: lambda: ckpt_lib.load_encoder_params(workdir, k, abstract)
     yield "iteration_0", None, current if step == 0 else kept(0)
+    saved = set(ckpt_lib.saved_iterations(workdir))
     for phase in plan:
         if phase.kind == "encoder" and phase.end_step <= step:
-            yield f"iteration_{phase.iteration}", phase, kept(phase.iteration)
+            if phase.iteration in saved:
+                yield f"iteration_{phase.iteration}", phase, kept(phase.iteration)
+            elif f"iteration_{phase.iteration}" not in _read_probe(workdir):
+                kept_dir = f"encoders/iteration_{phase.iteration}"
+                metrics_lib.log_line(f"No kept encoder for {phase.name} ({kept_dir}): its probe is left out")
 
 
 def _read_probe(workdir: str) -> dict:

@@ -450,10 +450,12 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
     spec = data_spec(data_config)
     held = n * spec.num_frames * spec.image_size**2 * 3 * 4
     if held > 8 * 2**30:
-        logger.warning("eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples", split, held / 2**30)
+        gb = held / 2**30
+        logger.warning("eval_arrays(%r) holds %.1f GB in memory; cap config.data.max_eval_examples", split, gb)
     if n == 0:  # an empty split: empty arrays of the record's shapes
         shape = (0, spec.num_frames, spec.image_size, spec.image_size, 3)
-        return {"input": np.empty(shape, np.float32), "length": np.empty((0,), np.int32), "label": np.empty((0,), np.int32)}
+        empty = np.empty((0,), np.int32)
+        return {"input": np.empty(shape, np.float32), "length": empty, "label": empty.copy()}
     return pipeline.join_batches(batches, n)
 
 
