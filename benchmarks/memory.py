@@ -156,7 +156,8 @@ def setup(recipe: str, step: str, remat: bool, batch: int):
     config.batch_size = batch
     config.mesh.data, config.mesh.fsdp = 1, 1
     config_lib.validate(config)
-    plan = schedule.parse_plan(config.schedule.phases)
+    # the recipes' plans are in epochs; only the phase kinds matter here (the lengths shape the lr schedule alone)
+    plan = schedule.parse_plan(schedule.resolve_epochs(config.schedule.phases, 1))
     phase = plan[2] if step == "encoder" else plan[1]  # warm encoder phase: targets from the tokenizer's ViT
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     models = build_models(config)

@@ -13,6 +13,7 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("image", "audio", "video")
+LR_SCALINGS = ("none", "linear")  # at a batch other than optim.tuned_batch_size: the same lr, or lr x batch / tuned
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -83,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             phases=("encoder_cold_start:1000", "tokenizer:250", "encoder:1000"),
             encoder_warm_start=True,  # A7: the next encoder phase starts from the previous encoder (and D)
+            # Set by the run when `phases` is given in epochs ("kind:<X>ep"), never by hand (bridle_jax/resolve.py):
+            # `phases` then holds the resolved steps, `given_phases` the plan as given, `steps_per_epoch` the
+            # train split's size // batch_size. config.json records all three, so a resume whose epochs resolve to
+            # other steps (another batch size, a train split of another size) is refused with the fields named.
+            given_phases=ml_collections.config_dict.placeholder(tuple),
+            steps_per_epoch=ml_collections.config_dict.placeholder(int),
         )
     )
 
@@ -102,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
             # micro-batches per step: gradients summed over them inside the jitted step (same update as the whole
             # batch at once, activation memory of one micro-batch); batch_size must divide by it x batch shards
             accumulation_steps=1,
+            # The global batch the recipe's learning rates were tuned for (None: not stated). At another batch_size
+            # the run says which lr it uses: the same absolute lr ("none", the authors' practice) or, with
+            # lr_scaling="linear", lr x batch_size / tuned_batch_size (bridle_jax/resolve.py).
+            tuned_batch_size=ml_collections.config_dict.placeholder(int),
+            lr_scaling="none",
         )
     )
 
@@ -271,9 +283,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check_masking_trains(c, patch, masking)
 
     try:
-        schedule.parse_plan(c.schedule.phases)
+        schedule.check_plan(c.schedule.phases)  # in steps or epochs (resolved at run time)
     except ValueError as e:
-        _fail("schedule.phases", f"a tuple of 'kind:steps' starting with encoder_cold_start ({e})", c.schedule.phases)
+        _fail(
+            "schedule.phases",
+            f"a tuple of 'kind:steps' or 'kind:<epochs>ep' starting with encoder_cold_start ({e})",
+            c.schedule.phases,
+        )
 
     if c.batch_size < 1:
         _fail("batch_size", ">= 1", c.batch_size)
@@ -293,6 +309,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("optim.eps", "> 0", c.optim.eps)
     if c.optim.max_consecutive_nonfinite < 1:
         _fail("optim.max_consecutive_nonfinite", ">= 1", c.optim.max_consecutive_nonfinite)
+    tuned = c.optim.get("tuned_batch_size", None)
+    if tuned is not None and (not isinstance(tuned, int) or isinstance(tuned, bool) or tuned < 1):
+        _fail("optim.tuned_batch_size", "None or the global batch the lrs were tuned for (an int >= 1)", tuned)
+    if c.optim.get("lr_scaling", "none") not in LR_SCALINGS:
+        _fail("optim.lr_scaling", f"one of {LR_SCALINGS}", c.optim.lr_scaling)
     acc = c.optim.get("accumulation_steps", 1)
     if not isinstance(acc, int) or isinstance(acc, bool) or acc < 1:
         _fail("optim.accumulation_steps", "an integer >= 1", acc)

@@ -415,7 +415,7 @@ def convert_checkpoint(
     import orbax.checkpoint as ocp
 
     from bridle_jax import checkpoint as ckpt_lib
-    from bridle_jax import optim, schedule, sharding
+    from bridle_jax import optim, resolve, schedule, sharding
     from bridle_jax import state as state_lib
     from bridle_jax import workdir as workdir_lib
     from bridle_jax.config import validate
@@ -423,6 +423,8 @@ def convert_checkpoint(
     from bridle_jax.models.bridle import build_models
 
     validate(config)
+    # as the run will resolve it, so that its config.json matches the run's (a plan in epochs needs the train split)
+    config, _ = resolve.pretraining(config, lambda: len(pipeline.train_source(config.data)))
     plan = schedule.parse_plan(config.schedule.phases)
     phase, enc_iteration = import_phase(plan, iteration=iteration, phase_end=phase_end)
     if not isinstance(num_processes, int) or num_processes < 1:

@@ -24,6 +24,7 @@ from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import config as config_lib
 from bridle_jax import metrics as metrics_lib
 from bridle_jax import optim
+from bridle_jax import resolve
 from bridle_jax import schedule
 from bridle_jax import sharding
 from bridle_jax import state as state_lib
@@ -176,27 +177,7 @@ class _ProbeData:
         return pipeline.eval_arrays(self.data_config, self.test_split, self.test_cap)
 
 
-def _train_split_size(data_iter) -> int | None:
-    """The number of records in the train split, read off the Grain graph under the train iterator (its one
-    source, below the shuffle and repeat): nothing is read again. None when the graph does not tell (a stream, or
-    a mixture of sources)."""
-    try:
-        stack, leaves = [data_iter._map_parent], []  # pylint: disable=protected-access  (grain's MapDataset)
-        while stack:
-            node = stack.pop()
-            parents = list(node.parents)
-            stack.extend(parents)
-            if not parents:
-                leaves.append(node)
-        if len(leaves) != 1:
-            return None
-        size = len(leaves[0])
-        return size if 0 < size < 2**62 else None
-    except Exception:  # pylint: disable=broad-except  (a summary line is never worth a failed start)
-        return None
-
-
-def _print_summary(config, plan, mesh, state, workdir: str, data_iter, probe_data) -> None:
+def _print_summary(config, plan, mesh, state, workdir: str, train_examples: int, probe_data) -> None:
     if jax.process_index() != 0:
         return
     evals = {"eval_split": None, "eval_examples": None}
@@ -213,7 +194,7 @@ def _print_summary(config, plan, mesh, state, workdir: str, data_iter, probe_dat
         params=state.params,
         workdir=workdir,
         start_step=int(state.step),
-        train_examples=_train_split_size(data_iter),
+        train_examples=train_examples,
         **evals,
     )
     metrics_lib.log_line("\n".join(lines))
@@ -324,7 +305,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
 
 
 def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
+    train_source = pipeline.train_source(config.data)  # listed once: its size turns epochs into steps
+    config, notes = resolve.pretraining(config, lambda: len(train_source))
     changes = workdir_lib.check_resume(workdir, config)  # refused (nothing touched) or exact
+    for line in notes:
+        metrics_lib.log_line(line)
     plan = schedule.parse_plan(config.schedule.phases)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
@@ -334,6 +319,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        source=train_source,
     )
     ckpt = ckpt_lib.Checkpointer(
         workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
@@ -364,7 +350,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
         else:
             state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
         step = int(state.step)
-        _print_summary(config, plan, mesh, state, workdir, data_iter, probe_data)
+        _print_summary(config, plan, mesh, state, workdir, len(train_source), probe_data)
         data_log.started(step)
         if step < schedule.total_steps(plan):
             ckpt_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more

@@ -55,8 +55,13 @@ FREE_FIELDS = (
     "data.max_eval_examples",
     "data.max_skipped",
 )
-# Changes a user may allow explicitly (config.resume.allow_changes); everything else that differs is refused.
+# Changes a user may allow explicitly (config.resume.allow_changes), with the fields each covers; everything else
+# that differs is refused. A plan in epochs records its resolution beside the steps (bridle_jax/resolve.py).
 ALLOWABLE = ("optim", "schedule.phases")
+_COVERS = {
+    "optim": ("optim",),
+    "schedule.phases": ("schedule.phases", "schedule.given_phases", "schedule.steps_per_epoch"),
+}
 
 
 class ResumeRefused(ValueError):
@@ -150,14 +155,15 @@ def check_resume(workdir, config) -> dict[str, tuple]:
     current = json.loads(config.to_json_best_effort())
     differences = config_differences(previous, current)
     allowed = check_allowed_changes(config.resume.allow_changes)
-    refused = {k: v for k, v in differences.items() if not _under(k, allowed)}
+    covered = tuple(field for name in allowed for field in _COVERS[name])
+    refused = {k: v for k, v in differences.items() if not _under(k, covered)}
     problems = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items()]
     if "schedule.phases" in differences and "schedule.phases" not in refused:
         problem = _plan_change_problem(*differences["schedule.phases"], newest_checkpoint_step(workdir))
         if problem:
             problems.append(f"schedule.phases: {problem}")
     if problems:
-        needed = [a for a in ALLOWABLE if any(_under(k, (a,)) for k in refused)]
+        needed = [a for a in ALLOWABLE if any(_under(k, _COVERS[a]) for k in refused)]
         hint = (
             f" To allow {' and '.join(needed)}, add --config.resume.allow_changes={','.join(needed)} (see the README's "
             "reliability section)."

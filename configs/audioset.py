@@ -3,7 +3,9 @@
     python -m bridle_jax.main --config=configs/audioset.py --workdir=DIR --config.data.data_dir=AUDIOSET_DIR
 
 Plan: cold-start encoder 140 epochs (lr 5e-4, warm-up 10), tokenizer 31 epochs (lr 2e-4, warm-up 2), encoder 140
-epochs (warm-started), with ~1.757M available clips (SPEC 3.3: ~1716 steps per epoch at batch 1024). Front-end:
+epochs (warm-started), with ~1.757M available clips (SPEC 3.3: ~1716 steps per epoch at batch 1024). The plan is
+in epochs: the run turns them into steps from the clips your copy holds and the batch, and says so; the lrs were
+tuned at batch 1024 and are kept as they are at another batch unless `--config.optim.lr_scaling=linear`. Front-end:
 the BRIDLE/AudioMAE preset (htk_compat, hanning, no x2^15, 128 mel, 25/10 ms, pad/crop to 1024 frames,
 (x + 4.4446096) / (2 * 3.3216383)), roll_mag_aug on; the label predictor is the 16-block local-window decoder
 (window 4x4, shift (2, 0)). The quantizer is float32 (always); the model runs in float32 as the authors' script.
@@ -15,9 +17,6 @@ recipe could not be retrieved (SPEC 5.2); BEATs iter3 for reference: AS-2M 48.0 
 
 from bridle_jax import config as common
 from bridle_jax.data import audio_pipeline
-
-AUDIOSET_TRAIN_CLIPS = 1_757_473  # bal 18,685 + unbal 1,738,788 available to the authors (SPEC 3.3, A19)
-
 
 def get_config(arg=None):
     del arg
@@ -34,9 +33,8 @@ def get_config(arg=None):
     c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim = 4, 256, 256
     c.masking.kind, c.masking.ratio = "random", 0.8
     c.batch_size = 1024
-    steps_per_epoch = AUDIOSET_TRAIN_CLIPS // c.batch_size
-    enc, tok = 140 * steps_per_epoch, 31 * steps_per_epoch
-    c.schedule.phases = (f"encoder_cold_start:{enc}", f"tokenizer:{tok}", f"encoder:{enc}")
+    c.optim.tuned_batch_size = 1024
+    c.schedule.phases = ("encoder_cold_start:140ep", "tokenizer:31ep", "encoder:140ep")
     c.optim.encoder.lr, c.optim.encoder.warmup_fraction = 5e-4, 10 / 140
     c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 2e-4, 2 / 31
     c.evals.linear_probe.enabled = False  # multi-label: top-1 does not apply

@@ -18,7 +18,6 @@ clip counts used.
 
 from bridle_jax.evaluators import finetune
 
-AS20K_TRAIN_CLIPS = 18_685  # balanced train clips available to the authors (SPEC 4)
 AS2M_EPOCH_LEN = 200_000  # weighted-sampler clips per epoch (SPEC 4, `epoch_len`)
 VARIANTS = ("as2m", "as20k", "lp", "as20k_lp")
 
@@ -38,16 +37,16 @@ def get_config(arg=None):
     c.num_classes = 527
     c.multi_label = True
     c.batch_size = 256
-    steps_per_epoch = (AS20K_TRAIN_CLIPS if as20k else AS2M_EPOCH_LEN) // c.batch_size
-    epochs, warmup, lr = {
+    # epochs become steps at run time: AS-2M's epoch is the sampler's 200k clips (781 steps at 256), AS-20K's the
+    # balanced clips your copy holds (18,685 available to the authors, SPEC 4: 72 steps)
+    c.epochs, c.warmup_epochs, lr = {
         "as2m": (200, 10, 2e-4),
         "as20k": (150, 10, 4e-4),
         "lp": (250, 10, 4e-3),
         "as20k_lp": (300, 8, 5e-3),
     }[variant]
-    c.num_steps, c.warmup_steps = epochs * steps_per_epoch, warmup * steps_per_epoch
-    c.eval_every_steps = steps_per_epoch
-    c.optim.lr = lr
+    c.eval_every_epochs = 1
+    c.optim.lr, c.optim.tuned_batch_size = lr, 256
     c.model.drop_path = 0.0 if probe else 0.1
     c.mode = "linear_probe" if probe else "finetune"
     c.augment.weighted_sampler = not as20k
@@ -56,6 +55,6 @@ def get_config(arg=None):
     c.augment.freq_mask, c.augment.time_mask = 48, 192
     c.augment.mask_t_prob, c.augment.mask_f_prob = 0.2, 0.2
     c.model.dtype = "float32"  # the audio scripts run fp32
-    c.checkpoint.every_steps = steps_per_epoch
+    c.checkpoint.every_steps = 100 if as20k else 1000
     c.log_every_steps = 100
     return c

@@ -16,9 +16,6 @@ number could not be retrieved (SPEC 5.2). `get_config("linear_probe")`: head + f
 
 from bridle_jax.evaluators import finetune
 
-ESC50_CLIPS_PER_FOLD = 400
-
-
 def get_config(arg=None):
     c = finetune.base_config("audio")
     c.data.name = "esc50"
@@ -28,17 +25,14 @@ def get_config(arg=None):
     c.num_classes = 50
     c.cv_folds = (1, 2, 3, 4, 5)
     c.batch_size = 64
-    steps_per_epoch = (4 * ESC50_CLIPS_PER_FOLD) // c.batch_size
-    c.num_steps = 300 * steps_per_epoch
-    c.warmup_steps = 20 * steps_per_epoch
-    c.eval_every_steps = steps_per_epoch
-    c.optim.lr = 2e-3
+    c.epochs, c.warmup_epochs, c.eval_every_epochs = 300, 20, 1  # 1,600 train clips // 64 = 25 steps per epoch
+    c.optim.lr, c.optim.tuned_batch_size = 2e-3, 64
     c.model.drop_path = 0.1
     c.augment.mixup, c.augment.mixup_alpha = 0.5, 10
     c.augment.freq_mask, c.augment.time_mask = 48, 192
     c.augment.mask_t_prob, c.augment.mask_f_prob = 0.2, 0.2
-    c.checkpoint.every_steps = 10 * steps_per_epoch
-    c.log_every_steps = steps_per_epoch
+    c.checkpoint.every_steps = 250
+    c.log_every_steps = 25
     if arg == "linear_probe":
         c.mode = "linear_probe"
         c.model.drop_path = 0.0

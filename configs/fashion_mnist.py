@@ -12,6 +12,8 @@ The authors' image recipe in shape, scaled down:
 - augmentations for small, centred images: crops keep >= 70% of the area, horizontal flips, no centre crop at eval.
 The probe (SPEC 4's linear probe: mean-pooled patch tokens -> LayerNorm -> linear head, AdamW) trains on the first
 10,000 train images and tests on all 10,000 test images, after every encoder phase and on the initial encoder.
+The plan is in steps, as the study's budget is CPU minutes and the tokenizer phase is sized in EMA time constants:
+at batch 128 over 60,000 images (468 steps per epoch) it is 1.5 / 0.64 / 1.5 epochs.
 """
 
 from bridle_jax import config as common

@@ -15,9 +15,6 @@ the paper's numbers could not be retrieved (SPEC 5.2), and A13 marks this recipe
 
 from bridle_jax.evaluators import finetune
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
-
-
 def get_config(arg=None):
     c = finetune.base_config("image")
     c.data.name = "imagenet2012"
@@ -27,21 +24,20 @@ def get_config(arg=None):
     if arg == "linear_probe":
         c.mode = "linear_probe"
         c.batch_size = 256
-        epochs, warmup, c.optim.lr = 200, 10, 8e-3
+        c.epochs, c.warmup_epochs, c.optim.lr = 200, 10, 8e-3
         c.model.drop_path = 0.0
         c.augment.randaugment_ops, c.augment.random_erasing = 0, 0.0
     elif not arg:
         c.batch_size = 1024
-        epochs, warmup, c.optim.lr = 200, 5, 5e-4
+        c.epochs, c.warmup_epochs, c.optim.lr = 200, 5, 5e-4
         c.model.drop_path = 0.1
         c.augment.randaugment_ops = 2
         c.augment.randaugment_magnitude, c.augment.randaugment_magnitude_std = 9.0, 0.5
         c.augment.random_erasing = 0.25
     else:
         raise ValueError(f"configs/imagenet_finetune.py: unknown argument {arg!r}; expected none or 'linear_probe'")
-    steps_per_epoch = IMAGENET_TRAIN_IMAGES // c.batch_size
-    c.num_steps, c.warmup_steps = epochs * steps_per_epoch, warmup * steps_per_epoch
-    c.eval_every_steps = steps_per_epoch
+    c.eval_every_epochs = 1  # the epochs become steps at run time: 1,281,167 // batch (1,251 at 1024)
+    c.optim.tuned_batch_size = c.batch_size
     c.checkpoint.every_steps = 2000
     c.log_every_steps = 100
     return c

@@ -4,7 +4,8 @@
 
 Plan: cold-start encoder 801 epochs (lr 1.2e-3, warm-up 40, batch 2048, decoder 4 x 384), tokenizer 50 epochs (lr
 2e-4, warm-up 2; our choice: the released video tokenizer path does not run, SPEC A16, so the image recipe's budget
-is used), encoder 801 epochs (warm-started). The tokenizer sees the full clip and the targets are read at the masked
+is used), encoder 801 epochs (warm-started): the plan is in epochs, resolved at run time from the clips your copy
+holds and the batch (the lrs were tuned at batch 2048, kept unless `--config.optim.lr_scaling=linear`). The tokenizer sees the full clip and the targets are read at the masked
 positions (A16); TE is 4 blocks of 384 predicting E's 768-d features. 8 x 14 x 14 = 1568 tokens per clip, 160
 visible; no cls token; no flip (VideoMAE pretraining). Memory: remat per block is on (see README, "Video memory").
 Preparation (README "Kinetics-400"): clips named {youtube_id}_{start:06d}_{end:06d}.mp4 in data_dir/train and
@@ -13,9 +14,6 @@ data_dir/val with the official train.csv / validate.csv. No paper-side number is
 
 from bridle_jax import config as common
 from bridle_jax.data import video_pipeline
-
-K400_TRAIN_CLIPS = 240_000  # ~240K available (SPEC 1.8)
-
 
 def get_config(arg=None):
     del arg
@@ -33,9 +31,8 @@ def get_config(arg=None):
     c.masking.kind, c.masking.ratio = "tube", 0.9
     c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim = 4, 256, 256
     c.batch_size = 2048
-    steps_per_epoch = K400_TRAIN_CLIPS // c.batch_size
-    enc, tok = 801 * steps_per_epoch, 50 * steps_per_epoch
-    c.schedule.phases = (f"encoder_cold_start:{enc}", f"tokenizer:{tok}", f"encoder:{enc}")
+    c.optim.tuned_batch_size = 2048
+    c.schedule.phases = ("encoder_cold_start:801ep", "tokenizer:50ep", "encoder:801ep")
     c.optim.encoder.lr, c.optim.encoder.warmup_fraction = 1.2e-3, 40 / 801
     c.optim.tokenizer.lr, c.optim.tokenizer.warmup_fraction = 2e-4, 2 / 50
     c.evals.linear_probe.train_split = "train"

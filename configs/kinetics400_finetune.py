@@ -14,9 +14,6 @@ applied (SPEC 4 lists neither for BRIDLE's K400 run). No target is claimed (SPEC
 
 from bridle_jax.evaluators import finetune
 
-K400_TRAIN_CLIPS = 240_000  # ~240K available (SPEC 1.8)
-
-
 def get_config(arg=None):
     if arg:
         raise ValueError(f"configs/kinetics400_finetune.py takes no argument, got {arg!r}")
@@ -26,10 +23,8 @@ def get_config(arg=None):
     c.data.eval_short_side = 224
     c.num_classes = 400
     c.batch_size = 384
-    steps_per_epoch = K400_TRAIN_CLIPS // c.batch_size
-    c.num_steps, c.warmup_steps = 75 * steps_per_epoch, 5 * steps_per_epoch
-    c.eval_every_steps = steps_per_epoch
-    c.optim.lr = 7.5e-4
+    c.epochs, c.warmup_epochs, c.eval_every_epochs = 75, 5, 1  # steps from the clips your copy holds (~240k)
+    c.optim.lr, c.optim.tuned_batch_size = 7.5e-4, 384
     c.model.drop_path = 0.1
     c.checkpoint.every_steps = 1000
     c.log_every_steps = 100

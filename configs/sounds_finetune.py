@@ -19,9 +19,6 @@ Measured (2 shared CPU cores, from the configs/sounds.py workdir, 460 s to pretr
 
 from bridle_jax.evaluators import finetune
 
-CLIPS_PER_FOLD = 80
-
-
 def get_config(arg=None):
     c = finetune.base_config("audio")
     c.data.name = "sounds"
@@ -31,9 +28,8 @@ def get_config(arg=None):
     c.num_classes = 10
     c.cv_folds = (1, 2, 3, 4, 5)
     c.batch_size = 32
-    steps_per_epoch = (4 * CLIPS_PER_FOLD) // c.batch_size
-    c.num_steps, c.warmup_steps = 60 * steps_per_epoch, 2 * steps_per_epoch
-    c.eval_every_steps = 6 * steps_per_epoch
+    c.epochs, c.warmup_epochs, c.eval_every_epochs = 60, 2, 6  # 320 train clips // 32 = 10 steps per epoch
+    c.optim.tuned_batch_size = 32
     c.eval_batch_size = 80
     c.optim.lr = 2e-3
     c.model.drop_path = 0.1

@@ -112,7 +112,7 @@ def main() -> None:
     if args.reference_processes:
         real_iterator = train.pipeline.train_iterator
 
-        def joined(data_config, *, local_batch_size, seed, process_index, process_count):
+        def joined(data_config, *, local_batch_size, seed, process_index, process_count, source=None):
             assert (process_index, process_count) == (0, 1), (process_index, process_count)
             shard = local_batch_size // args.reference_processes
             make = lambda p: real_iterator(
@@ -121,6 +121,7 @@ def main() -> None:
                 seed=seed,
                 process_index=p,
                 process_count=args.reference_processes,
+                source=source,
             )
             return _JoinedIterator(make, args.reference_processes)
 

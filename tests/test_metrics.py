@@ -6,9 +6,10 @@ import logging
 import os
 
 import jax
+import numpy as np
 import pytest
 
-from bridle_jax import metrics, schedule, sharding, train
+from bridle_jax import metrics, resolve, schedule, sharding, train
 from bridle_jax.data import pipeline
 from bridle_jax.models.bridle import build_models
 from tests.tiny import load_config, tiny_config
@@ -109,11 +110,13 @@ def test_library_logs_are_quiet_unless_a_verbosity_is_given():
         absl_logging.set_verbosity(before)
 
 
-def test_the_train_split_size_is_read_off_the_iterator():
+def test_the_train_split_size_comes_from_the_source_and_feeds_the_iterator():
     c = tiny_config()
-    data_iter = pipeline.train_iterator(c.data, local_batch_size=16, seed=0)
-    assert train._train_split_size(data_iter) == 1438  # scikit-learn's digits, train split (README)
-    assert train._train_split_size(iter([1, 2])) is None  # not a Grain graph: unknown
+    source = pipeline.train_source(c.data)
+    assert len(source) == 1438  # scikit-learn's digits, train split (README): one epoch
+    given = next(pipeline.train_iterator(c.data, local_batch_size=16, seed=0, source=source))
+    listed = next(pipeline.train_iterator(c.data, local_batch_size=16, seed=0))
+    np.testing.assert_array_equal(given["input"], listed["input"])
 
 
 def _summary(config, **kw):
@@ -168,7 +171,7 @@ def test_the_start_up_summary_names_everything_that_will_run():
 
 def test_epochs_of_a_recipe_plan():
     """The ImageNet recipe's plan, 200 + 50 + 200 epochs of 1,281,167 images at batch 1024, reads back in epochs."""
-    c = load_config("imagenet")
+    c, _ = resolve.pretraining(load_config("imagenet"), lambda: 1_281_167)
     plan = schedule.parse_plan(c.schedule.phases)
     assert metrics._epochs(plan[0].steps, c.batch_size, 1_281_167) == "200.0 epochs"
     assert metrics._epochs(plan[1].steps, c.batch_size, 1_281_167) == "50.0 epochs"

@@ -49,8 +49,8 @@ def test_the_flag_takes_names_variants_and_overrides(tmp_path, monkeypatch):
     recipes.DEFINE_config_flag("config", flag_values=fv, sys_argv=argv)
     fv(argv)
     expected = recipes.load("audioset_finetune:as20k")
-    assert fv.config.batch_size == 8 and fv.config.num_steps == expected.num_steps
-    assert recipes.load("audioset_finetune").num_steps != expected.num_steps  # the variant reached get_config
+    assert fv.config.batch_size == 8 and fv.config.epochs == expected.epochs == 150
+    assert recipes.load("audioset_finetune").epochs != expected.epochs  # the variant reached get_config
 
     bad = ["prog", "--config=imagenett"]
     fv = flags.FlagValues()

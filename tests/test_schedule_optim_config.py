@@ -17,6 +17,7 @@ import pytest
 
 from bridle_jax import config as config_lib
 from bridle_jax import optim
+from bridle_jax import resolve
 from bridle_jax import schedule
 from tests import tiny
 
@@ -218,13 +219,16 @@ def test_each_side_uses_its_own_lr_and_weight_decay():
 def test_recipes_validate(name):
     c = load_recipe(name)
     config_lib.validate(c)
+    if name == "imagenet":   # SPEC 3.3 image recipe, in epochs: resolved with ImageNet's 1,281,167 train images
+        assert c.model.variant == "B/16" and c.batch_size == 1024 and c.masking.ratio == 0.8
+        assert (c.optim.encoder.lr, c.optim.tokenizer.lr) == (5e-4, 2e-4) and c.optim.tuned_batch_size == 1024
+        assert (c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim) == (4, 256, 256)
+        assert c.schedule.phases == ("encoder_cold_start:200ep", "tokenizer:50ep", "encoder:200ep")
+        c, _ = resolve.pretraining(c, lambda: 1_281_167)
+        steps_per_epoch = 1_281_167 // 1024
     plan = schedule.parse_plan(c.schedule.phases)
     assert [p.kind for p in plan] == ["encoder", "tokenizer", "encoder"] and plan[0].cold_start
-    if name == "imagenet":   # SPEC 3.3 image recipe
-        assert c.model.variant == "B/16" and c.batch_size == 1024 and c.masking.ratio == 0.8
-        assert (c.optim.encoder.lr, c.optim.tokenizer.lr) == (5e-4, 2e-4)
-        assert (c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim) == (4, 256, 256)
-        steps_per_epoch = 1_281_167 // 1024
+    if name == "imagenet":
         assert [p.steps for p in plan] == [200 * steps_per_epoch, 50 * steps_per_epoch, 200 * steps_per_epoch]
 
 

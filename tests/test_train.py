@@ -17,10 +17,18 @@ from tests.tiny import tiny_config
 TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder
 
 
+def epochs_config():
+    """The tiny config with its plan in epochs, as the real recipes state theirs: the 1,438 train digits // batch 16
+    = 89 steps per epoch, so 0.07 / 0.045 / 0.07 epochs resolve to the 6 / 4 / 6 steps above."""
+    c = tiny_config()
+    c.schedule.phases = ("encoder_cold_start:0.07ep", "tokenizer:0.045ep", "encoder:0.07ep")
+    return c
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("full"))
-    summary = train.train_and_evaluate(tiny_config(), workdir)
+    summary = train.train_and_evaluate(epochs_config(), workdir)
     return workdir, summary
 
 
@@ -67,14 +75,29 @@ def test_runs_every_phase_on_eight_devices(full_run):
         assert 0.0 <= result["top1_test"] <= 1.0 and np.isfinite(result["final_loss"])
 
 
+def test_a_plan_in_epochs_is_recorded_resolved_and_a_resume_at_another_batch_is_refused(full_run, tmp_path):
+    workdir, _ = full_run
+    recorded = json.load(open(os.path.join(workdir, "config.json"), encoding="utf-8"))["schedule"]
+    assert recorded["phases"] == ["encoder_cold_start:6", "tokenizer:4", "encoder:6"]
+    assert recorded["given_phases"] == list(epochs_config().schedule.phases) and recorded["steps_per_epoch"] == 89
+    other = epochs_config()
+    other.batch_size = 32  # 44 steps per epoch: the same epochs are other steps
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    before = sorted(os.listdir(os.path.join(copy, "checkpoints")))
+    with pytest.raises(ValueError, match=r"schedule\.phases: \[.*'encoder_cold_start:6'.*\] -> \[.*'encoder_cold_start:3'"):
+        train.train_and_evaluate(other, copy)
+    assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
+
+
 def test_resume_is_bit_identical(full_run, tmp_path):
     """Stopped mid cold-start phase and again mid tokenizer phase, then resumed: the same final state."""
     workdir, summary = full_run
     resumed_dir = str(tmp_path / "resumed")
-    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=5)
+    train.train_and_evaluate(epochs_config(), resumed_dir, stop_at_step=5)
     assert ckpt_lib.Checkpointer(resumed_dir, max_to_keep=2, async_save=False).latest_step() == 5
-    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=8)
-    resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+    train.train_and_evaluate(epochs_config(), resumed_dir, stop_at_step=8)
+    resumed = train.train_and_evaluate(epochs_config(), resumed_dir)
     _leaves_equal(summary["final_state"], resumed["final_state"])
     assert resumed["linear_probe"] == summary["linear_probe"]
 
@@ -83,8 +106,8 @@ def test_phase_boundary_resume_hands_over_again(full_run, tmp_path):
     """A run stopped exactly at a phase end resumes into the next phase's hand-over identically."""
     workdir, summary = full_run
     resumed_dir = str(tmp_path / "boundary")
-    train.train_and_evaluate(tiny_config(), resumed_dir, stop_at_step=10)  # end of the tokenizer phase
-    resumed = train.train_and_evaluate(tiny_config(), resumed_dir)
+    train.train_and_evaluate(epochs_config(), resumed_dir, stop_at_step=10)  # end of the tokenizer phase
+    resumed = train.train_and_evaluate(epochs_config(), resumed_dir)
     _leaves_equal(summary["final_state"], resumed["final_state"])
 
 
@@ -100,7 +123,7 @@ def test_half_written_and_unreadable_checkpoints_are_not_resumed(full_run, tmp_p
     # Damage the newest checkpoint: the resume falls back to the previous one, with a warning.
     shutil.rmtree(os.path.join(ckdir, str(TOTAL_STEPS), "state"))
     os.makedirs(os.path.join(ckdir, str(TOTAL_STEPS), "state"))
-    resumed = train.train_and_evaluate(tiny_config(), copy)
+    resumed = train.train_and_evaluate(epochs_config(), copy)
     assert steps[-2] < TOTAL_STEPS
     _leaves_equal(summary["final_state"], resumed["final_state"])
 

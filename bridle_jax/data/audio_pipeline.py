@@ -373,8 +373,19 @@ def _train_seeds(seed) -> tuple[int, int]:
     return int(shuffle_seed), int(aug_seed)
 
 
+def train_source(data_config):
+    """The train split's records (random access; its length is one epoch), reading none of them."""
+    return make_source(data_spec(data_config), "train")
+
+
 def train_dataset(
-    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_config,
+    *,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    source=None,
 ) -> grain.MapDataset:
     """The infinite, shuffled, augmented train stream of this process, batched (drop_remainder).
 
@@ -383,7 +394,7 @@ def train_dataset(
     """
     spec = data_spec(data_config)
     pipeline.check_stream_args(local_batch_size, process_index, process_count)
-    source = make_source(spec, "train")
+    source = make_source(spec, "train") if source is None else source  # `source`: train_source(...) made already
     if len(source) == 0:
         raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")
     shuffle_seed, aug_seed = _train_seeds(seed)

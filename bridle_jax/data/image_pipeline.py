@@ -190,12 +190,18 @@ def _train_seeds(seed: int) -> tuple[int, int, int]:
   return int(shuffle_seed), int(crop_seed), int(flip_seed)
 
 
+def train_source(data_config):
+  """The train split's records (random access; its length is one epoch), reading none of them."""
+  return sources.make_source(data_config, "train")
+
+
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
-  """The infinite train stream of this process as a (lazy, random-access) MapDataset of batches."""
+                  process_count: int = 1, source=None) -> grain.MapDataset:
+  """The infinite train stream of this process as a (lazy, random-access) MapDataset of batches; `source`, when
+  given, is `train_source(data_config)` made already (it is not listed twice)."""
   spec = data_spec(data_config)
   pipeline.check_stream_args(local_batch_size, process_index, process_count)
-  source = sources.make_source(data_config, "train")
+  source = train_source(data_config) if source is None else source
   if len(source) == 0:
     raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")
   shuffle_seed, crop_seed, flip_seed = _train_seeds(seed)

@@ -6,7 +6,9 @@ the probe and `load_encoder` never branch on the modality:
                                eval_split(d) when the split is configurable, as images do: config.data.eval_split)
   default_data_config()        every `config.data` field the module reads, with the defaults its recipes start from
   validate_data_config(d)      errors name `config.data.<field>` and what was expected
-  train_dataset(d, *, local_batch_size, seed, process_index, process_count) -> grain.MapDataset of batches
+  train_source(d) -> the train split's records, none read (len() = one epoch; recipes in epochs need it)
+  train_dataset(d, *, local_batch_size, seed, process_index, process_count, source=None) -> grain.MapDataset of
+      batches (`source`: train_source(d) made already)
       {"input": float32 [b, ...], "length": int32 [b], "label": ...}; infinite, reshuffled per epoch, augmented,
       sharded by process after augmentation (the process shards together are the 1-process global batch)
   eval_batches(d, split, max_examples, batch_size) -> iterator of {"input", "length", "label"} NumPy batches of
@@ -120,13 +122,26 @@ def eval_split(data_config) -> str:
     return module.DATASETS[data_config.name]
 
 
+def train_source(data_config):
+    """The train split's records, none of them read: `len()` is the split's size (one epoch, all processes
+    together). Pass it to `train_iterator` so the split is listed once."""
+    return module_for(data_config).train_source(data_config)
+
+
 def train_iterator(
-    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_config,
+    *,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    source=None,
 ) -> grain.DatasetIterator:
     """The checkpointable infinite iterator of this process's batches (see the module docstring for the record).
 
     Deterministic in `seed` (independent of `num_threads`); `get_state`/`set_state` and
-    `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume it bit-identically.
+    `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume it bit-identically. `source`: the split's
+    `train_source(data_config)`, when the caller made it already.
     """
     ds = module_for(data_config).train_dataset(
         data_config,
@@ -134,6 +149,7 @@ def train_iterator(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        source=source,
     )
     read_options = grain.ReadOptions(
         num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size

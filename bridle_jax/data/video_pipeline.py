@@ -377,8 +377,19 @@ def _train_seeds(seed: int) -> tuple[int, int, int, int]:
     return tuple(int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4, dtype=np.uint32))
 
 
+def train_source(data_config):
+    """The train split's records (random access; its length is one epoch), reading none of them."""
+    return make_source(data_spec(data_config), "train")
+
+
 def train_dataset(
-    data_config, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+    data_config,
+    *,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    source=None,
 ) -> grain.MapDataset:
     """This process's infinite, reshuffled-per-epoch, augmented stream of batches.
 
@@ -387,7 +398,7 @@ def train_dataset(
     """
     spec = data_spec(data_config)
     pipeline.check_stream_args(local_batch_size, process_index, process_count)
-    source = make_source(spec, "train")
+    source = make_source(spec, "train") if source is None else source  # `source`: train_source(...) made already
     shuffle_seed, sample_seed, crop_seed, flip_seed = _train_seeds(seed)
 
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)

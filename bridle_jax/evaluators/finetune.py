@@ -38,8 +38,9 @@ import optax
 from flax import struct
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import config as config_lib
 from bridle_jax import metrics as metrics_lib
-from bridle_jax import optim, sharding
+from bridle_jax import optim, resolve, sharding
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import augment
 from bridle_jax.evaluators import metrics as eval_metrics
@@ -69,6 +70,13 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
     c.num_steps = 1000
     c.warmup_steps = 100
     c.eval_every_steps = 100
+    # Recipes state their length in epochs (None: the *_steps above are used as given). The run resolves them from
+    # the train split's size (or augment.epoch_len) and this run's batch, so another batch keeps the epochs
+    # (bridle_jax/resolve.py); `steps_per_epoch` is recorded by the run, never set by hand.
+    c.epochs = placeholder(float)
+    c.warmup_epochs = placeholder(float)
+    c.eval_every_epochs = placeholder(float)
+    c.steps_per_epoch = placeholder(int)
     c.eval_batch_size = 256
     c.cv_folds = ()  # ESC-50: (1, 2, 3, 4, 5) = one run per test fold, the others train
     c.model = ml_collections.ConfigDict(
@@ -81,6 +89,10 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(
         {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 5e-4, "layer_decay": 0.75, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
     )
+    # the global batch `lr` was tuned for; at another batch the lr is kept (the authors' absolute lrs) unless
+    # lr_scaling="linear" (lr x batch_size / tuned_batch_size); the run says which (bridle_jax/resolve.py)
+    c.optim.tuned_batch_size = placeholder(int)
+    c.optim.lr_scaling = "none"
     c.augment = ml_collections.ConfigDict(
         {
             # audio, on device (SPEC 4, A12)
@@ -141,6 +153,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
             _fail(field, "an int >= 1", c[field])
     if not _is_int(c.warmup_steps) or not 0 <= c.warmup_steps < c.num_steps:
         _fail("warmup_steps", f"an int in [0, num_steps={c.num_steps})", c.warmup_steps)
+    if c.epochs is not None:
+        if isinstance(c.epochs, bool) or not c.epochs > 0:
+            _fail("epochs", "None (num_steps as given) or a number of epochs > 0", c.epochs)
+        if c.warmup_epochs is not None and not 0 <= c.warmup_epochs < c.epochs:
+            _fail("warmup_epochs", f"None or a number in [0, epochs={c.epochs})", c.warmup_epochs)
+        if c.eval_every_epochs is not None and not c.eval_every_epochs > 0:
+            _fail("eval_every_epochs", "None (eval_every_steps as given) or a number > 0", c.eval_every_epochs)
+    elif c.warmup_epochs is not None or c.eval_every_epochs is not None:
+        _fail("epochs", "a number of epochs when warmup_epochs or eval_every_epochs is set", c.epochs)
+    tuned = c.optim.tuned_batch_size
+    if tuned is not None and (not _is_int(tuned) or tuned < 1):
+        _fail("optim.tuned_batch_size", "None or the global batch the lr was tuned for (an int >= 1)", tuned)
+    if c.optim.lr_scaling not in config_lib.LR_SCALINGS:
+        _fail("optim.lr_scaling", f"one of {config_lib.LR_SCALINGS}", c.optim.lr_scaling)
     o = c.optim
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
         _fail("optim.lr", f"> 0 and >= optim.min_lr={o.min_lr}", o.lr)
@@ -713,9 +739,29 @@ def read_result(workdir: str) -> dict | None:
 # ================================================================================================ one run
 
 
+def schedule_record(c: ml_collections.ConfigDict) -> dict:
+    """The resolved step counts and lr a checkpoint records: a resume under other ones would not continue the run."""
+    return {k: c[k] for k in ("num_steps", "warmup_steps", "eval_every_steps", "batch_size")} | {"lr": c.optim.lr}
+
+
+def _check_same_schedule(recorded: dict | None, current: dict, workdir: str) -> None:
+    if recorded is None:  # a checkpoint from before the record
+        return
+    differences = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items() if recorded.get(k) != v]
+    if differences:
+        raise ValueError(
+            f"{workdir}: its checkpoint was made with another schedule ({'; '.join(differences)}), e.g. epochs "
+            "resolved at another batch size or train split size; resuming would not continue that run, so nothing "
+            "was changed. Resume with the same settings or use a new workdir."
+        )
+
+
 def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes (or probes) once on `c.data`'s train split and scores its eval split; resumable; returns the
     result written to `<workdir>/finetune.json`."""
+    c, notes = resolve.finetuning(c, lambda: len(pipeline.train_source(c.data)))
+    for line in notes:
+        metrics_lib.log_line(line)
     s = setup(c)
     workdir = ckpt_lib.resolve_workdir(workdir)
     done = read_result(workdir)
@@ -777,10 +823,12 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         abstract = jax.tree.map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), state, state_sharding
         )
+        plan = schedule_record(c)
         restored = ckpt.restore_latest(lambda step: abstract, data_iter)
         if restored is not None:
             state, meta = restored
             history = list(meta.get("history", []))
+            _check_same_schedule(meta.get("schedule"), plan, workdir)
             metrics_lib.log_line(f"Resumed fine-tuning at step {int(state.step)} from {ckpt.directory}")
 
         step_fn = jax.jit(
@@ -796,7 +844,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         while step < c.num_steps:
             if watch.should_stop(step):
                 if step not in ckpt.all_steps():
-                    ckpt.save(step, state, data_iter, {"step": step, "history": history})
+                    ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
                 metrics_lib.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
                 preempted = True
                 break
@@ -826,7 +874,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 _write_json(workdir, {**base, **summarize(history, metric), "history": history, "done": False})
             if step % c.checkpoint.every_steps == 0 or last:
-                ckpt.save(step, state, data_iter, {"step": step, "history": history})
+                ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
         ckpt.wait()
     finally:
         try:
