@@ -9,6 +9,9 @@ BASE_PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= workdirs/digits
 PYTEST_ARGS ?=
+# Test modules run in this many pytest-xdist workers, each module whole in one worker (its compiled fixtures are
+# shared by its tests); 2 halves the suite's time on a 2-core machine, where XLA compiles mostly on one core.
+TEST_WORKERS ?= 2
 
 # Exit status 0: pip may install into this interpreter (in a venv, or not marked externally managed, or told to
 # break system packages).
@@ -45,7 +48,7 @@ demo: install
 
 # The test suite on CPU with 8 fake devices (tests/conftest.py sets them).
 test: install-test
-	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The real-data study (README "Does it learn?"): Fashion-MNIST (apt-get install dataset-fashion-mnist), ~90 min.
 study: install-test

@@ -466,9 +466,11 @@ def test_train_log_reaches_the_bucket_periodically_and_on_sigterm(stub, tmp_path
     assert result.returncode == 0, result.stderr
     pgid = int(re.search(r"pid (\d+)\)", result.stdout).group(1))
     home = Path(env["HOME"])
-    _, content = _uploaded(home, "step 1")  # the periodic copy, while training runs
-    assert "exited" not in content
-    os.killpg(pgid, signal.SIGTERM)
+    try:
+        _, content = _uploaded(home, "step 1")  # the periodic copy, while training runs
+        assert "exited" not in content
+    finally:  # the stub training loops forever: never leave it behind, even when an assertion fails
+        os.killpg(pgid, signal.SIGTERM)
     dest, content = _uploaded(home, "training exited with status 143")
     lines = content.splitlines()  # (bash may add a "Terminated" of its own sleep)
     assert lines[0] == "step 1" and "saving checkpoint" in lines and lines[-1].endswith("exited with status 143")

@@ -150,6 +150,10 @@ def test_colab_install_cell_picks_the_runtimes_jax(runtime, expected, monkeypatc
     exec(source, {})  # noqa: S102
     pip = [cmd for cmd in ran if "pip" in cmd]
     assert len(pip) == 1 and f"{expected}https://example.org/fork/bridle_jax.git" in pip[0]
+    monkeypatch.setenv("BRIDLE_REPO_URL", str(NOTEBOOK.parents[1]))  # a checkout on disk (e.g. on Google Drive)
+    exec(source, {})  # noqa: S102
+    extras = expected.split("[")[1].split("]")[0]
+    assert [cmd for cmd in ran if "pip" in cmd][-1][5] == f"{NOTEBOOK.parents[1]}[{extras}]"
 
 
 def test_auth_and_demo_cells(tmp_path, monkeypatch):

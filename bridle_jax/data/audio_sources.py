@@ -456,6 +456,8 @@ def write_synthetic_sounds(
             "only (leave config.data.data_dir unset, or copy a generated set there)"
         )
     if os.path.exists(root) and os.listdir(root):
+        if _synthetic_complete(root, params):  # another process renamed its copy into place meanwhile
+            return root
         raise ValueError(f"{root!r} exists and is not a complete synthetic sound set; refusing to overwrite it")
 
     os.makedirs(os.path.dirname(root), exist_ok=True)

@@ -347,6 +347,8 @@ def write_moving_digits(
             raise ValueError(f"{root} holds moving digits made with {existing}, not the requested {params}")
         return csv_path
     if os.path.exists(root):
+        if moving_digits_complete(root) == params:  # another process renamed its copy into place meanwhile
+            return csv_path
         raise FileExistsError(f"{root} exists but is not a complete moving-digits folder; remove it to regenerate")
 
     from sklearn.datasets import load_digits  # slow import, needed only here
