@@ -153,7 +153,7 @@ def plot(summary: dict, path: str) -> None:
     ax.invert_yaxis()
     lo = min(100 * rows[n]["mean"] for n in names)
     ax.set_xlim(max(0.0, lo - 5), 100)
-    ax.set_xlabel("linear-probe top-1 on the 10,000 test images (%), mean ± std over seeds")
+    ax.set_xlabel(f"linear-probe top-1 on the {summary['raw']['num_test']:,} test examples (%), mean ± std over seeds")
     for name, u in summary["usage"].items():
         bx.errorbar(range(len(u)), [x["mean"] for x in u], yerr=[x["std"] for x in u], marker="o", label=name)
     bx.axhline(0.9, color="grey", ls="--", lw=0.8)
@@ -161,7 +161,7 @@ def plot(summary: dict, path: str) -> None:
     bx.set_ylabel("codebook usage over the test set")
     bx.set_ylim(0, 1.05)
     bx.legend(fontsize=8)
-    fig.suptitle("BRIDLE on Fashion-MNIST (benchmarks/study.py)")
+    fig.suptitle(f"BRIDLE, {summary['recipe']} (benchmarks/study.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -230,6 +230,7 @@ def main(argv=None) -> dict | None:
     summary = aggregate(runs, raw)
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     summary["raw"] = raw
+    summary["recipe"] = os.path.relpath(os.path.abspath(args.config), REPO)
     write_json(os.path.join(args.out, "study.json"), summary)
     plot(summary, os.path.join(args.out, "study.png"))
     print(markdown(summary))
