@@ -87,6 +87,23 @@ def run_one(args, variant: str, seed: int) -> dict:
 # ------------------------------------------------------------------------------------------- raw-pixel baselines
 
 
+def raw_input_features(c, arrays: dict):
+    """The model's input, flattened: normalised pixels (one channel of a grey image, whose 3 channels are the same
+    values under each channel's normalisation), the normalised log-mels of audio (the front-end the encoder sees),
+    normalised video frames."""
+    import numpy as np
+
+    from bridle_jax.models.bridle import build_models
+
+    x, _ = build_models(c).model_input({k: arrays[k] for k in ("input", "length") if k in arrays})
+    x = np.asarray(x)
+    if c.modality == "image":
+        z = lambda v: (v - v.mean()) / v.std()
+        if all(np.allclose(z(x[..., 0]), z(x[..., k]), atol=1e-4) for k in (1, 2)):
+            x = x[..., 0]
+    return x.reshape(len(x), -1)
+
+
 def raw_pixel_rows(args) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
@@ -98,7 +115,7 @@ def raw_pixel_rows(args) -> dict:
     p = c.evals.linear_probe
     data = train_lib._ProbeData(c)  # the very splits the in-loop probe reads  # pylint: disable=protected-access
     train, test = data.train, data.test
-    flat = lambda a: a["input"][..., 0].reshape(len(a["input"]), -1)  # grey: the 3 channels are equal
+    flat = lambda a: raw_input_features(c, a)
     probe = [linear_probe.linear_probe(flat(train), train["label"], flat(test), test["label"], steps=p.steps,
                                        lr=p.lr, batch_size=p.batch_size, seed=s)["top1_test"] for s in args.seeds]
     t = time.time()
