@@ -61,10 +61,13 @@ def variant_config(args, variant: str, seed: int):
 
 
 def run_one(args, variant: str, seed: int) -> dict:
-    from bridle_jax import schedule, train
+    from bridle_jax import resolve, schedule, train
+    from bridle_jax.data import pipeline
     from bridle_jax.evaluators import codebook
 
+    # a plan in epochs in steps, as the run resolves it (the run finds it resolved and leaves it)
     c = variant_config(args, variant, seed)
+    c, _ = resolve.pretraining(c, lambda: len(pipeline.train_source(c.data)))
     workdir = os.path.join(args.out, f"{variant}_seed{seed}")
     plan = schedule.parse_plan(c.schedule.phases)
     tokenizer_ends = [p.end_step for p in plan if p.kind == "tokenizer"]
