@@ -28,16 +28,17 @@ def _lr_notes(c: ml_collections.ConfigDict, where: str, lrs: dict) -> list[str]:
     tuned, batch = c.optim.get("tuned_batch_size", None), int(c.batch_size)
     if tuned is None or tuned == batch:
         return []
-    if c.optim.get("lr_scaling", "none") == "linear":
+    linear = c.optim.get("lr_scaling", "none") == "linear"
+    if linear:
         for parent, field in lrs.values():
             parent[field] = parent[field] * batch / tuned
         c.optim.tuned_batch_size = batch  # applied: a second resolution leaves the lrs alone
-        used = ", ".join(f"{label} {parent[field]:.4g}" for label, (parent, field) in lrs.items())
+    used = ", ".join(f"{label} {parent[field]:.4g}" for label, (parent, field) in lrs.items())
+    if linear:
         return [
             f"{where}: the learning rates were tuned at batch {tuned:,}; this run's batch is {batch:,}, so "
             f"optim.lr_scaling=linear scales them by {batch / tuned:.4g}: {used}"
         ]
-    used = ", ".join(f"{label} {parent[field]:.4g}" for label, (parent, field) in lrs.items())
     return [
         f"{where}: the learning rates were tuned at batch {tuned:,}; this run's batch is {batch:,} and it uses them "
         f"unchanged ({used}), as the authors give absolute rates. --config.optim.lr_scaling=linear scales them by "

@@ -441,16 +441,7 @@ def _eval_reader(data_config, split: str, max_examples: int | None, batch_size: 
     read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
     # ordered whatever the thread count; None (unreadable) records are dropped by Grain
     batches = pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size))
-    return n, _nonempty(batches, spec.name, split)
-
-
-def _nonempty(batches, name: str, split: str):
-    any_batch = False
-    for batch in batches:
-        any_batch = True
-        yield batch
-    if not any_batch:
-        raise ValueError(f"config.data.name={name!r} split {split!r}: no readable record")
+    return n, pipeline.nonempty(batches, spec.name, split)
 
 
 def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:

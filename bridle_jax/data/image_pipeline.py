@@ -261,18 +261,9 @@ def _eval_reader(data_config, split: str, max_examples: int | None, batch_size: 
     ds = ds.map(t)
   ds = ds.map(_ToModelRecord(spec.image_size))
   read_options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-  batches = pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size), np.int32)
-  return n, _nonempty(batches, spec.name, split)
-
-
-def _nonempty(batches, name: str, split: str):
   # ordered, whatever the thread count; None (undecodable) records are dropped by Grain
-  any_batch = False
-  for batch in batches:
-    any_batch = True
-    yield batch
-  if not any_batch:
-    raise ValueError(f"config.data.name={name!r} split {split!r}: no readable image")
+  batches = pipeline.batch_records(ds.to_iter_dataset(read_options), n, int(batch_size), np.int32)
+  return n, pipeline.nonempty(batches, spec.name, split, "image")
 
 
 def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dict:

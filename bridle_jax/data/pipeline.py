@@ -229,6 +229,17 @@ def batch_records(records, n: int, batch_size: int, label_dtype=None):
         yield _stack(buffer, label_dtype)
 
 
+def nonempty(batches, name: str, split: str, what: str = "record"):
+    """The batches of an eval reader, passed through; a ValueError naming the dataset and split when there is none
+    (every record of the split unreadable)."""
+    any_batch = False
+    for batch in batches:
+        any_batch = True
+        yield batch
+    if not any_batch:
+        raise ValueError(f"config.data.name={name!r} split {split!r}: no readable {what}")
+
+
 def _stack(records: list, label_dtype) -> dict:
     labels = np.stack([np.asarray(r["label"]) for r in records])
     return {
