@@ -276,11 +276,15 @@ def _read_probe(workdir: str) -> dict:
 
 
 def _record_probe(workdir: str, key: str, result: dict) -> dict:
+    """Process 0 writes; the others wait for that write, so any later read of the file on any process (the next
+    `_probe_once`, the run's summary) sees `key`: without the barrier process 1 could read the file first."""
     results = _read_probe(workdir)
     results[key] = result
     if jax.process_index() == 0:
         path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
         ckpt_lib.write_text_atomic(path, json.dumps(results, indent=2, sort_keys=True))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"linear_probe.json:{key}")
     return results
 
 
