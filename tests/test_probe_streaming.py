@@ -22,7 +22,7 @@ from bridle_jax.models import bridle
 from tests.tiny import load_config, tiny_config
 
 BATCH = 32  # 8 devices: 4 rows each
-MAX = 100  # 3 full batches + one of 4: the padded, trimmed last batch is exercised
+MAX = 200  # 6 full batches + one of 8: the padded, trimmed last batch is exercised
 
 
 def _probe_config():
@@ -152,10 +152,10 @@ def test_probe_streams_one_batch_and_matches_the_preload_path(monkeypatch):
     monkeypatch.setattr(module, "eval_arrays", refuse)
     data = train._ProbeData(config)  # pylint: disable=protected-access
     result = train.run_linear_probe(models, params, data, config, mesh)
-    assert stats["batches"] == 2 * 4 and stats["max_rows"] == BATCH
-    # when a batch is read, at most the one before it is still alive (its features in flight on the devices, which
-    # on CPU may alias the host array): never the split (4 batches per split here)
-    assert stats["max_alive_before"] <= 1
+    assert stats["batches"] == 2 * 7 and stats["max_rows"] == BATCH
+    # when a batch is read, at most the two before it are still alive (features in flight on the devices, which on
+    # CPU may alias the host arrays; how many have finished depends on timing): never the split (7 batches here)
+    assert stats["max_alive_before"] <= 2
     assert result == expected
 
 
