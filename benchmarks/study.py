@@ -11,10 +11,12 @@ whole 10,000-image test set):
   regression on the same images);
 - random init: the encoder as initialised (iteration 0) of each BRIDLE-RQ seed;
 - BRIDLE-RQ: `configs/fashion_mnist.py` (RQ M x K), after every iteration;
-- BRIDLE-VQ: the BEATs-style baseline with the same code budget: 1 x M*K codes, re-normalised EMA (SPEC 2.7).
+- BRIDLE-VQ: the BEATs-style baseline with the same code budget: 1 x M*K codes, re-normalised EMA (SPEC 2.7);
+- BRIDLE-JOINT: the authors' joint variant (`<recipe>:joint`, one "joint" phase) at the interleaved plan's compute:
+  the FLOPs of both plans, from XLA's cost analysis of each phase kind's step, are recorded next to the row.
 An MAE-style pixel-target baseline is not offered: the framework has no pixel-regression head.
 
-Codebook usage: at the end of every tokenizer phase the run stops (a planned stop, resumed bit-identically), and
+Codebook usage: at the end of every tokenizer (or joint) phase the run stops (a planned stop, resumed bit-identically), and
 `evaluators.codebook.codebook_health` counts, per level, the codes the tokenizer uses over the whole test set.
 
 Each (variant, seed) runs in its own subprocess and workdir under `--out`, and writes `<variant>_seed<s>.json`;
@@ -35,18 +37,18 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # runs from a checkout without an install
-VARIANTS = ("rq", "vq")
+VARIANTS = ("rq", "vq", "joint")
 
 
-def load_recipe(path: str):
+def load_recipe(path: str, variant: str | None = None):
     spec = importlib.util.spec_from_file_location("recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant)
 
 
 def variant_config(args, variant: str, seed: int):
-    c = load_recipe(args.config)
+    c = load_recipe(args.config, "joint" if variant == "joint" else None)
     c.seed = seed
     if args.data_dir:
         c.data.data_dir = args.data_dir
@@ -70,7 +72,7 @@ def run_one(args, variant: str, seed: int) -> dict:
     c, _ = resolve.pretraining(c, lambda: len(pipeline.train_source(c.data)))
     workdir = os.path.join(args.out, f"{variant}_seed{seed}")
     plan = schedule.parse_plan(c.schedule.phases)
-    tokenizer_ends = [p.end_step for p in plan if p.kind == "tokenizer"]
+    tokenizer_ends = [p.end_step for p in plan if p.kind in ("tokenizer", "joint")]
     usage, health_seconds = {}, 0.0
     start = time.time()
     for end in tokenizer_ends:
@@ -85,6 +87,55 @@ def run_one(args, variant: str, seed: int) -> dict:
     return {"variant": variant, "seed": seed, "probe_top1": probes, "usage": usage, "train_seconds": wall,
             "config": {"num_levels": c.quantizer.num_levels, "codebook_size": c.quantizer.codebook_size,
                        "phases": list(c.schedule.phases)}}
+
+
+def plan_gflops(c) -> dict:
+    """XLA's cost analysis of one step of each phase kind of `c`'s plan (GFLOP, one global batch) and the plan's
+    total: what "equal compute" between the interleaved and joint plans means. A joint step's analysis counts both
+    branches of its `lax.cond` (a warm encoder step + a tokenizer step): the plan total counts that for the steps
+    that train the tokenizer and a warm encoder step for the others."""
+    import jax
+    import numpy as np
+
+    from bridle_jax import optim, schedule, sharding, state as state_lib, steps
+    from bridle_jax.models.bridle import build_models
+
+    models, mesh = build_models(c), sharding.make_mesh(c.mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    local = {k: np.asarray(v[:1]) for k, v in pipeline_example(c).items()}
+    batch = {k: jax.ShapeDtypeStruct((c.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+             for k, v in local.items()}
+
+    def gflop(kind, cold_start):
+        phase = schedule.Phase(index=0, kind=kind, cold_start=cold_start, steps=100, iteration=1, start_step=0)
+        tx, lr = optim.make_optimizer(c.optim, state_lib.trained_side(phase), phase.steps)
+        abstract = state_lib.abstract_for(models, c, tx, phase, 0, mesh)
+        fn = steps.jit_step(phase, models=models, config=c, tx=tx, lr_schedule=lr,
+                            state_shardings=jax.tree.map(lambda x: x.sharding, abstract), batch_sharding=batch_sharding)
+        analysis = fn.lower(abstract, batch).compile().cost_analysis()
+        return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"]) / 1e9
+
+    per_step = {"encoder_cold_start": gflop("encoder", True), "encoder": gflop("encoder", False),
+                "tokenizer": gflop("tokenizer", False)}
+    total = 0.0
+    for phase in schedule.parse_plan(c.schedule.phases):
+        if phase.kind == "joint":
+            every = int(c.joint.tokenizer_every)
+            with_tokenizer = sum(bool(schedule.joint_tokenizer_step(phase, s, every, c.schedule.get("steps_per_epoch")))
+                                 for s in range(phase.start_step, phase.end_step))
+            total += phase.steps * per_step["encoder"] + with_tokenizer * per_step["tokenizer"]
+        else:
+            total += phase.steps * per_step["encoder_cold_start" if phase.cold_start else phase.kind]
+    return {"per_step_gflop": per_step, "plan_gflop": total}
+
+
+def pipeline_example(c) -> dict:
+    """One example of the train split as the step sees it ({"input", "length"})."""
+    from bridle_jax.data import pipeline
+
+    it = pipeline.train_iterator(c.data, local_batch_size=1, seed=0)
+    example = next(it)
+    return {k: example[k] for k in ("input", "length")}
 
 
 # ------------------------------------------------------------------------------------------- raw-pixel baselines
@@ -197,6 +248,12 @@ def markdown(summary: dict) -> str:
     lines += ["", "| training wall time per run | seconds (mean ± std) |", "|---|---|"]
     for name, t in summary["train_seconds"].items():
         lines.append(f"| {name} | {t['mean']:.0f} ± {t['std']:.0f} |")
+    if "compute" in summary:
+        lines += ["", "| plan | GFLOP per step (cold-start encoder / encoder / tokenizer) | plan GFLOP |", "|---|---|---|"]
+        for name, g in summary["compute"].items():
+            per = g["per_step_gflop"]
+            lines.append(f"| {name} | {per['encoder_cold_start']:.2f} / {per['encoder']:.2f} / {per['tokenizer']:.2f} "
+                         f"| {g['plan_gflop']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -251,6 +308,8 @@ def main(argv=None) -> dict | None:
     summary["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     summary["raw"] = raw
     summary["recipe"] = os.path.relpath(os.path.abspath(args.config), REPO)
+    if "joint" in args.variants:  # equal compute, checked: both plans' FLOPs
+        summary["compute"] = {v: plan_gflops(variant_config(args, v, 0)) for v in ("rq", "joint")}
     write_json(os.path.join(args.out, "study.json"), summary)
     plot(summary, os.path.join(args.out, "study.png"))
     print(markdown(summary))

@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.masking = ml_collections.ConfigDict(dict(kind="random", ratio=0.8))  # video: kind "tube", ratio 0.9
 
-    # The interleaved plan, as data: "kind:steps" with kind in {encoder_cold_start, encoder, tokenizer}.
+    # The interleaved plan, as data: "kind:steps" with kind in {encoder_cold_start, encoder, tokenizer, joint}.
     c.schedule = ml_collections.ConfigDict(
         dict(
             phases=("encoder_cold_start:1000", "tokenizer:250", "encoder:1000"),
@@ -93,12 +93,19 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # A "joint" phase (the authors' jointBRIDLE, SPEC 3.5): every step trains E+D on the codes; every
+    # `tokenizer_every`-th step (counted within the epoch, as their loop does) it also adds
+    # `tokenizer_loss_ratio` x the tokenizer loss, the only sub-step with the codebook EMA on (submit_pt_dual.sh).
+    c.joint = ml_collections.ConfigDict(dict(tokenizer_every=4, tokenizer_loss_ratio=0.2))
+
     c.batch_size = 1024  # global batch, split over the mesh's data axes and the hosts
 
     c.optim = ml_collections.ConfigDict(
         dict(
             encoder=ml_collections.ConfigDict(dict(lr=5e-4, warmup_fraction=0.05, weight_decay=1e-4)),
             tokenizer=ml_collections.ConfigDict(dict(lr=2e-4, warmup_fraction=0.04, weight_decay=1e-4)),
+            # a "joint" phase: one AdamW over E, D, T and TE (submit_pt_dual.sh: lr 5e-4, 10 of 200 epochs warm-up)
+            joint=ml_collections.ConfigDict(dict(lr=5e-4, warmup_fraction=0.05, weight_decay=1e-4)),
             b1=0.9,
             b2=0.95,
             eps=1e-8,
@@ -196,6 +203,20 @@ def _check_masking_trains(c, patch: int, masking) -> None:
         )
 
 
+def _check_joint(c: ml_collections.ConfigDict) -> None:
+    """The settings a plan with a "joint" phase needs (configs written before that kind existed lack them)."""
+    if "joint" not in c.optim:
+        _fail("optim.joint", "the joint phase's {lr, warmup_fraction, weight_decay} (base_config has them)", None)
+    j = c.get("joint")
+    if j is None:
+        _fail("joint", "{tokenizer_every, tokenizer_loss_ratio} (base_config has them)", None)
+    every = j.get("tokenizer_every")
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        _fail("joint.tokenizer_every", "an int >= 1 (the tokenizer trains every that many steps)", every)
+    if not j.get("tokenizer_loss_ratio", -1) > 0:
+        _fail("joint.tokenizer_loss_ratio", "> 0 (the weight of the tokenizer loss)", j.get("tokenizer_loss_ratio"))
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks a config before anything is compiled; every error names the field and what was expected."""
     # Imported here: the config module must stay importable without the models (configs import it).
@@ -287,13 +308,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     except ValueError as e:
         _fail(
             "schedule.phases",
-            f"a tuple of 'kind:steps' or 'kind:<epochs>ep' starting with encoder_cold_start ({e})",
+            f"a tuple of 'kind:steps' or 'kind:<epochs>ep' starting with encoder_cold_start or joint ({e})",
             c.schedule.phases,
         )
 
     if c.batch_size < 1:
         _fail("batch_size", ">= 1", c.batch_size)
-    for side in ("encoder", "tokenizer"):
+    joint = any(str(entry).partition(":")[0] == "joint" for entry in c.schedule.phases)
+    if joint:
+        _check_joint(c)
+    for side in ("encoder", "tokenizer") + (("joint",) if joint else ()):
         o = c.optim[side]
         if o.lr <= 0:
             _fail(f"optim.{side}.lr", "> 0", o.lr)

@@ -10,19 +10,24 @@ states what its authors state, and a changed batch size keeps the epochs. Epochs
 train split's size is known (`resolve_epochs`: one step is one global batch, an epoch is
 train_examples // batch_size steps, the partial batch dropped as the authors' loaders do); `parse_plan` takes the
 resolved plan only.
+
+A "joint:N" phase is the authors' experimental joint variant (README "Joint training"): E, D, T and TE train
+together with one optimizer, every step on the encoder loss and every `config.joint.tokenizer_every`-th step also on
+`config.joint.tokenizer_loss_ratio` x the tokenizer loss. It may start a plan (the authors' joint run: no cold
+start, fresh codebooks) or follow any phase, and it serves as the teacher or the targets of the phase after it.
 """
 
 import dataclasses
 import re
 from typing import Sequence
 
-KINDS = ("encoder_cold_start", "encoder", "tokenizer")
+KINDS = ("encoder_cold_start", "encoder", "tokenizer", "joint")
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
     index: int  # position in the plan
-    kind: str  # "encoder" | "tokenizer"
+    kind: str  # "encoder" | "tokenizer" | "joint"
     cold_start: bool  # encoder phase whose targets come from the cold-start tokenizer
     steps: int
     iteration: int  # BRIDLE iteration (1 = cold start)
@@ -34,7 +39,34 @@ class Phase:
 
     @property
     def name(self) -> str:
-        return f"iter{self.iteration}_{'encoder' if self.kind == 'encoder' else 'tokenizer'}"
+        return f"iter{self.iteration}_{self.kind}"
+
+    @property
+    def trains_encoder(self) -> bool:
+        """Whether the phase ends with a new encoder (kept as `encoders/iteration_k` and probed)."""
+        return self.kind in ("encoder", "joint")
+
+    @property
+    def fresh_codebooks(self) -> bool:
+        """Whether the phase starts from fresh codebooks, k-means'd on its first batch (A3b): the cold start, a
+        tokenizer phase, a joint phase (the authors' joint run k-means its codebooks on its first forward)."""
+        return self.cold_start or self.kind in ("tokenizer", "joint")
+
+    @property
+    def restarts_codes(self) -> bool:
+        """Whether the one-shot dead-code restart follows that k-means (A4): the phases that train the codebooks."""
+        return self.kind in ("tokenizer", "joint")
+
+
+def joint_tokenizer_step(phase: Phase, step, every: int, steps_per_epoch: int | None):
+    """Whether the step after `step` completed steps (a Python int, or the traced `state.step`) of the joint phase
+    `phase` also trains the tokenizer. The authors' loop tests `data_iter_step % tokenizer_train_step == 0` with the
+    batch index *within the epoch*, so the count restarts every epoch: with `steps_per_epoch` (a plan in epochs) so
+    does this one; a plan in steps counts from the phase's start."""
+    i = step - phase.start_step
+    if steps_per_epoch:
+        i = i % steps_per_epoch
+    return i % every == 0
 
 
 _EPOCHS = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*ep\s*$")  # "200ep", "0.5ep", "12.5 ep"
@@ -112,18 +144,22 @@ def _parse(phases: Sequence[str], epochs_allowed: bool) -> list[Phase]:
                 "positive length"
             )
         previous = plan[-1].kind if plan else None
-        if (i == 0) != (kind == "encoder_cold_start"):
-            raise ValueError(f"entry {i} {entry!r}: the plan starts with encoder_cold_start, and only there")
-        if kind == "tokenizer" and previous != "encoder":
-            raise ValueError(f"entry {i} {entry!r}: a tokenizer phase needs an encoder phase before it (its teacher)")
-        if kind == "encoder" and previous != "tokenizer":
-            raise ValueError(f"entry {i} {entry!r}: an encoder phase follows a tokenizer phase (its targets)")
+        if i == 0 and kind not in ("encoder_cold_start", "joint"):
+            raise ValueError(f"entry {i} {entry!r}: the plan starts with encoder_cold_start or joint")
+        if i > 0 and kind == "encoder_cold_start":
+            raise ValueError(f"entry {i} {entry!r}: encoder_cold_start comes first in a plan, and only there")
+        if kind == "tokenizer" and previous not in ("encoder", "joint"):
+            raise ValueError(
+                f"entry {i} {entry!r}: a tokenizer phase needs an encoder or joint phase before it (its teacher)"
+            )
+        if kind == "encoder" and previous not in ("tokenizer", "joint"):
+            raise ValueError(f"entry {i} {entry!r}: an encoder phase follows a tokenizer or joint phase (its targets)")
         if kind != "encoder":
             iteration += 1
         plan.append(
             Phase(
                 index=i,
-                kind="tokenizer" if kind == "tokenizer" else "encoder",
+                kind="encoder" if kind == "encoder_cold_start" else kind,
                 cold_start=kind == "encoder_cold_start",
                 steps=int(steps),
                 iteration=iteration,

@@ -23,13 +23,30 @@ class TrainState:
     step: jax.Array  # int32 scalar: completed steps over the whole plan
     params: dict  # {"encoder": {encoder, decoder}, "tokenizer": {tokenizer, estimator}, "cold_start": ...}
     codebooks: quantizer.CodebookState
-    opt_state: Any  # optimizer state of the side the current phase trains (fresh every phase, SPEC 3.1)
+    opt_state: Any  # optimizer state of what the current phase trains (fresh every phase, SPEC 3.1)
     rng: jax.Array  # uint32[2]; every step folds in its step number
     nonfinite: jax.Array  # int32[2]: (refused steps in the run, refused steps in a row), across phases
 
 
 def trained_side(phase: Phase) -> str:
-    return "encoder" if phase.kind == "encoder" else "tokenizer"
+    """The optimizer group of `phase` (`config.optim[side]`): "encoder", "tokenizer" or "joint"."""
+    return phase.kind
+
+
+JOINT_PARTS = ("encoder", "tokenizer")  # what a joint phase trains: E+D and T+TE, under one optimizer
+
+
+def trained_params(params: dict, side: str):
+    """The parameters `side` trains: params[side], or {"encoder", "tokenizer"} for a joint phase (the cold-start
+    projection is never trained)."""
+    return {k: params[k] for k in JOINT_PARTS} if side == "joint" else params[side]
+
+
+def with_trained(params: dict, side: str, trained) -> dict:
+    """`params` with the trained part replaced (the inverse of `trained_params`)."""
+    params = dict(params)
+    params.update(trained if side == "joint" else {side: trained})
+    return params
 
 
 def _fresh_codebooks(config: ml_collections.ConfigDict, key) -> quantizer.CodebookState:
@@ -45,7 +62,7 @@ def _create(models: BridleModels, config, tx, phase: Phase, seed: int, *, boxed:
         step=jnp.asarray(phase.start_step, jnp.int32),
         params=params,
         codebooks=_fresh_codebooks(config, k_codebooks),
-        opt_state=tx.init(params[trained_side(phase)]),  # boxed params -> boxed Adam moments, same names
+        opt_state=tx.init(trained_params(params, trained_side(phase))),  # boxed params -> boxed Adam moments
         rng=k_run,
         nonfinite=jnp.zeros((2,), jnp.int32),
     )
@@ -95,7 +112,7 @@ def imported_sharded(models, config, tx, phase, seed, mesh, params, codebooks) -
             step=jnp.asarray(phase.end_step, jnp.int32),
             params=params,
             codebooks=codebooks.replace(initialized=jnp.asarray(True)),
-            opt_state=tx.init(params[trained_side(phase)]),
+            opt_state=tx.init(trained_params(params, trained_side(phase))),
         )
 
     return jax.jit(build, out_shardings=shardings_for(models, config, tx, phase, mesh))(params, codebooks)
@@ -118,8 +135,9 @@ def hand_over(
     """Prepares `state` (the end of the previous phase) for `phase`, following SPEC 3.1 (A3b, A7):
 
     - every phase gets a fresh optimizer state (and its own schedule, built by the caller);
-    - a tokenizer phase re-initialises the codebooks (`initialized=False`: k-means runs on its first batch, then the
-        one-shot dead-code restart); the tokenizer's ViT continues from its previous weights;
+    - a tokenizer or joint phase re-initialises the codebooks (`initialized=False`: k-means runs on its first
+        batch, then the one-shot dead-code restart); the tokenizer's ViT continues from its previous weights (the
+        authors' prev_phase loading drops only the codebook keys);
     - an encoder phase keeps the codebooks the tokenizer phase trained (they are never k-means'd again) and
         warm-starts E and D from the previous encoder unless `config.schedule.encoder_warm_start` is False.
     Deterministic in (state.rng, phase.index), so a resumed run hands over identically.
@@ -127,14 +145,14 @@ def hand_over(
     key = jax.random.fold_in(state.rng, 1_000_003 + phase.index)
     params = dict(state.params)
     codebooks = state.codebooks
-    if phase.kind == "tokenizer":
+    if phase.kind in ("tokenizer", "joint"):
         codebooks = _fresh_codebooks(config, key)
     elif not config.schedule.encoder_warm_start:
         params["encoder"] = models.init_params(key)["encoder"]
     return state.replace(
         params=params,
         codebooks=codebooks,
-        opt_state=tx.init(params[trained_side(phase)]),
+        opt_state=tx.init(trained_params(params, trained_side(phase))),
     )  # `nonfinite` carries over: refused steps in a row are counted across the hand-over too
 
 

@@ -3,7 +3,9 @@
 `encoder_step`: the tokenizer is frozen; its codes (under stop_gradient) are the targets of E+D on the masked
 patches. `tokenizer_step`: E is frozen as the teacher; T+TE learn to reproduce E's last-layer features through the
 RQ bottleneck, then the codebooks take one EMA step. `prepare_codebooks` runs once, at the first step of a phase
-whose codebooks are fresh: k-means on that batch, then (tokenizer phases) the one-shot dead-code restart.
+whose codebooks are fresh: k-means on that batch, then (tokenizer and joint phases) the one-shot dead-code restart.
+`joint_step`: the authors' joint variant, both in one step (the encoder pass and, every k-th step, the tokenizer
+pass, under one optimizer).
 
 Every step maps (state, batch) -> (state, metrics) and folds its step number into the state's rng, so a resumed
 run draws the same masks. A step whose loss, gradients or update are not finite, or whose update is out of all
@@ -19,6 +21,7 @@ inputs of all micro-batches.
 """
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,7 +32,9 @@ import optax
 from bridle_jax import losses
 from bridle_jax import masking
 from bridle_jax import quantizer
+from bridle_jax import schedule
 from bridle_jax import sharding
+from bridle_jax import state as state_lib
 from bridle_jax.models.bridle import BridleModels
 from bridle_jax.state import TrainState
 
@@ -189,7 +194,8 @@ def _applied_lr(state: TrainState, lr_schedule):
 
 
 def _apply_update(state: TrainState, side: str, grads, tx, loss, max_update_ratio: float):
-    """Optimizer step on one side's params, guarded twice; returns (ok, grad_norm, update_norm, params, opt_state).
+    """Optimizer step on what `side` trains (`state.trained_params`), guarded twice; returns (ok, grad_norm,
+    update_norm, params, opt_state).
 
     1. The loss and gradients are finite. One scalar decides: the global gradient norm is finite iff every gradient
        is (a norm that overflows counts as non-finite too). A per-leaf `all(isfinite)` chain instead gets copied by
@@ -222,12 +228,9 @@ def _apply_update(state: TrainState, side: str, grads, tx, loss, max_update_rati
         _, side_params, opt_state = operands
         return jnp.asarray(False), jnp.asarray(jnp.nan, jnp.float32), side_params, opt_state
 
-    ok, update_norm, new_side, opt_state = jax.lax.cond(
-        grads_ok, update, skip, (grads, state.params[side], state.opt_state)
-    )
-    params = dict(state.params)
-    params[side] = new_side
-    return ok, grad_norm, update_norm, params, opt_state
+    trained = state_lib.trained_params(state.params, side)
+    ok, update_norm, new_trained, opt_state = jax.lax.cond(grads_ok, update, skip, (grads, trained, state.opt_state))
+    return ok, grad_norm, update_norm, state_lib.with_trained(state.params, side, new_trained), opt_state
 
 
 def prepare_codebooks(
@@ -257,19 +260,20 @@ def prepare_codebooks(
     return state.replace(codebooks=codebooks)
 
 
-def encoder_step(
-    state: TrainState,
-    batch,
-    *,
-    models: BridleModels,
-    config: ml_collections.ConfigDict,
-    tx: optax.GradientTransformation,
-    lr_schedule,
-    cold_start: bool,
-):
-    """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
+class _EncoderPass(NamedTuple):
+    loss: jax.Array  # the masked code cross-entropy (batch mean)
+    per_level: jax.Array  # [M] its value per level
+    accuracy: jax.Array  # [M] masked-prediction accuracy per level
+    grads: dict  # d loss / d params["encoder"]
+    codes: jax.Array  # [B, N, M] the frozen tokenizer's codes (the targets where masked)
+    mask: masking.Mask
+    targets: jax.Array  # [B, N] the loss's tokens: masked (and valid)
+
+
+def _encoder_pass(state: TrainState, x, valid, *, models, config, cold_start: bool) -> _EncoderPass:
+    """E+D's loss and gradients against the codes of the tokenizer in `state` (under stop_gradient), with the mask
+    drawn from the state's rng at its step."""
     acc = accumulation_steps(config)
-    x, valid = models.model_input(batch)
     key = jax.random.fold_in(state.rng, state.step)
     # the masks of the whole batch, drawn once (micro-batches get their rows: same masks as without accumulation)
     mask = masking.make_mask(config.masking.kind, key, x.shape[0], models.patch_grid, config.masking.ratio)
@@ -277,7 +281,7 @@ def encoder_step(
     total = jnp.maximum(jnp.sum(targets, dtype=jnp.float32), 1.0)
 
     def micro_fn(mb):
-        if config.model.get("video_tokenizer_masked_only", False) and models.modality == "video":
+        if _masked_only(models, config):
             codes = jax.lax.stop_gradient(
                 _masked_only_codes(
                     models, state.params, state.codebooks, mb["x"], mb["keep_idx"], config.quantizer, cold_start
@@ -297,31 +301,113 @@ def encoder_step(
 
     inputs = {"x": x, "keep_idx": mask.keep_idx, "restore_idx": mask.restore_idx, "targets": targets}
     (loss, (per_level, accuracy), grads), codes = _accumulate(micro_fn, inputs, acc)
-    ok, grad_norm, update_norm, params, opt_state = _apply_update(
-        state, "encoder", grads, tx, loss, config.optim.max_update_ratio
-    )
-    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, config.quantizer.codebook_size, valid)
-    metrics["train/update_norm"] = update_norm
-    # the baseline of those accuracies: the most frequent code per (position, level) over the same targets of the
-    # whole batch (`codes` and `targets` are full-batch here, also under gradient accumulation)
-    position_only = losses.position_only_accuracy(codes, targets, config.quantizer.codebook_size)
-    for m in range(per_level.shape[0]):
-        metrics[f"train/encoder/ce_level{m}"] = per_level[m]
-        metrics[f"train/encoder/accuracy_level{m}"] = accuracy[m]
+    return _EncoderPass(loss, per_level, accuracy, grads, codes, mask, targets)
+
+
+def _masked_only(models, config) -> bool:
+    return config.model.get("video_tokenizer_masked_only", False) and models.modality == "video"
+
+
+def _encoder_metrics(enc: _EncoderPass, codebook_size: int) -> dict:
+    """The masked-prediction cross-entropy and accuracy per level, next to their baseline: the most frequent code
+    per (position, level) over the same targets of the whole batch (`codes` and `targets` are full-batch here,
+    also under gradient accumulation)."""
+    position_only = losses.position_only_accuracy(enc.codes, enc.targets, codebook_size)
+    metrics = {}
+    for m in range(enc.per_level.shape[0]):
+        metrics[f"train/encoder/ce_level{m}"] = enc.per_level[m]
+        metrics[f"train/encoder/accuracy_level{m}"] = enc.accuracy[m]
         metrics[f"train/encoder/position_only_accuracy_level{m}"] = position_only[m]
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, nonfinite=_count_nonfinite(state.nonfinite, ok)
-    )
+    return metrics
+
+
+def _cluster_sizes_seen(codebooks, enc: _EncoderPass, valid, models, config):
+    """config.quantizer.encoder_cluster_size_ema: the authors' frozen codebooks still count their codes in the
+    eval-mode forward that makes the targets (a statistic only: codes and targets are unchanged)."""
     q = config.quantizer
-    if q.get("encoder_cluster_size_ema", False):  # the authors' frozen codebooks still count their codes
-        seen = valid  # the tokens the tokenizer quantised: all valid ones, or the masked ones (video switch)
-        if config.model.get("video_tokenizer_masked_only", False) and models.modality == "video":
-            seen = mask.masked if valid is None else mask.masked & valid
-        counts = quantizer.usage_stats(codes, q.codebook_size, mask=seen)["counts"]
-        sizes = q.decay * state.codebooks.cluster_size + (1.0 - q.decay) * counts
-        sizes = jnp.where(ok, sizes, state.codebooks.cluster_size)
-        new_state = new_state.replace(codebooks=state.codebooks.replace(cluster_size=sizes))
+    seen = valid  # the tokens the tokenizer quantised: all valid ones, or the masked ones (video switch)
+    if _masked_only(models, config):
+        seen = enc.mask.masked if valid is None else enc.mask.masked & valid
+    counts = quantizer.usage_stats(enc.codes, q.codebook_size, mask=seen)["counts"]
+    return codebooks.replace(cluster_size=q.decay * codebooks.cluster_size + (1.0 - q.decay) * counts)
+
+
+def encoder_step(
+    state: TrainState,
+    batch,
+    *,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    lr_schedule,
+    cold_start: bool,
+):
+    """One step of E and D against the frozen tokenizer's codes (masked code prediction, SPEC 2.1)."""
+    q = config.quantizer
+    x, valid = models.model_input(batch)
+    enc = _encoder_pass(state, x, valid, models=models, config=config, cold_start=cold_start)
+    ok, grad_norm, update_norm, params, opt_state = _apply_update(
+        state, "encoder", enc.grads, tx, enc.loss, config.optim.max_update_ratio
+    )
+    metrics = _common_metrics(state, enc.loss, grad_norm, ok, lr_schedule, enc.codes, q.codebook_size, valid)
+    metrics["train/update_norm"] = update_norm
+    metrics.update(_encoder_metrics(enc, q.codebook_size))
+    codebooks = state.codebooks
+    if q.get("encoder_cluster_size_ema", False):
+        codebooks = _guarded(ok, _cluster_sizes_seen(codebooks, enc, valid, models, config), codebooks)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        codebooks=codebooks,
+        nonfinite=_count_nonfinite(state.nonfinite, ok),
+    )
     return new_state, metrics
+
+
+class _TokenizerPass(NamedTuple):
+    loss: jax.Array  # cosine distance + codebook loss (batch mean)
+    cos: jax.Array
+    codebook_loss: jax.Array
+    grads: dict  # d loss / d params["tokenizer"]
+    stage_inputs: jax.Array  # the quantizer's per-level inputs, for the EMA
+    codes: jax.Array  # [B, N, M]
+
+
+def _tokenizer_pass(state: TrainState, codebooks, x, valid, *, models, config) -> _TokenizerPass:
+    """T+TE's distillation loss and gradients against the features of the encoder in `state` (the teacher, under
+    stop_gradient), through `codebooks`."""
+    q = config.quantizer
+    acc = accumulation_steps(config)
+    total = None if valid is None else jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
+
+    def micro_fn(mb):
+        target = jax.lax.stop_gradient(teacher_features(models, state.params, mb["x"]))
+        if acc == 1:
+            share = 1.0
+        else:  # both terms are means over the (valid) patches of the micro-batch
+            share = 1.0 / acc if total is None else _share(mb["valid"], total)
+
+        def loss_fn(params):
+            loss, (cos, out) = tokenizer_loss(params, models, codebooks, q, mb, target)
+            return loss * share, (cos * share, out.loss * share, out.stage_inputs, out.codes)
+
+        (loss, (cos, cb_loss, stage_inputs, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params["tokenizer"]
+        )
+        return (loss, cos, cb_loss, grads), (stage_inputs, codes)
+
+    (loss, cos, cb_loss, grads), (stage_inputs, codes) = _accumulate(micro_fn, {"x": x, "valid": valid}, acc)
+    return _TokenizerPass(loss, cos, cb_loss, grads, stage_inputs, codes)
+
+
+def _ema_step(codebooks, tok: _TokenizerPass, q: ml_collections.ConfigDict, valid):
+    """One EMA step of the codebooks on the statistics of the whole batch (all micro-batches' stage inputs)."""
+    if q.get("ema_kind", "normalized") == "vqvae":  # the authors' video EMA (README "Parity")
+        return quantizer.ema_update_vqvae(codebooks, None, tok.stage_inputs, tok.codes, decay=q.decay, mask=valid)[0]
+    return quantizer.ema_update(
+        codebooks, tok.stage_inputs, tok.codes, decay=q.decay, renormalize=q.renormalize, mask=valid
+    )
 
 
 def tokenizer_step(
@@ -335,45 +421,96 @@ def tokenizer_step(
 ):
     """One step of T and TE distilling the frozen E, then one EMA step of the codebooks (SPEC 2.2, 2.4)."""
     q = config.quantizer
-    acc = accumulation_steps(config)
     x, valid = models.model_input(batch)
-    total = None if valid is None else jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
-
-    def micro_fn(mb):
-        target = jax.lax.stop_gradient(teacher_features(models, state.params, mb["x"]))
-        if acc == 1:
-            share = 1.0
-        else:  # both terms are means over the (valid) patches of the micro-batch
-            share = 1.0 / acc if total is None else _share(mb["valid"], total)
-
-        def loss_fn(params):
-            loss, (cos, out) = tokenizer_loss(params, models, state.codebooks, q, mb, target)
-            return loss * share, (cos * share, out.loss * share, out.stage_inputs, out.codes)
-
-        (loss, (cos, cb_loss, stage_inputs, codes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params["tokenizer"]
-        )
-        return (loss, cos, cb_loss, grads), (stage_inputs, codes)
-
-    (loss, cos, cb_loss, grads), (stage_inputs, codes) = _accumulate(micro_fn, {"x": x, "valid": valid}, acc)
+    tok = _tokenizer_pass(state, state.codebooks, x, valid, models=models, config=config)
     ok, grad_norm, update_norm, params, opt_state = _apply_update(
-        state, "tokenizer", grads, tx, loss, config.optim.max_update_ratio
+        state, "tokenizer", tok.grads, tx, tok.loss, config.optim.max_update_ratio
     )
-    # one EMA step on the statistics of the whole batch (all micro-batches' stage inputs)
-    if q.get("ema_kind", "normalized") == "vqvae":  # the authors' video EMA (README "Parity")
-        codebooks, _ = quantizer.ema_update_vqvae(state.codebooks, None, stage_inputs, codes, decay=q.decay, mask=valid)
-    else:
-        codebooks = quantizer.ema_update(
-            state.codebooks, stage_inputs, codes, decay=q.decay, renormalize=q.renormalize, mask=valid
-        )
-    codebooks = _guarded(ok, codebooks, state.codebooks)
-    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, codes, q.codebook_size, valid)
-    metrics.update({"train/tokenizer/cos": cos, "train/tokenizer/codebook_loss": cb_loss, "train/update_norm": update_norm})
+    codebooks = _guarded(ok, _ema_step(state.codebooks, tok, q, valid), state.codebooks)
+    metrics = _common_metrics(state, tok.loss, grad_norm, ok, lr_schedule, tok.codes, q.codebook_size, valid)
+    metrics.update(
+        {
+            "train/tokenizer/cos": tok.cos,
+            "train/tokenizer/codebook_loss": tok.codebook_loss,
+            "train/update_norm": update_norm,
+        }
+    )
     new_state = state.replace(
         step=state.step + 1,
         params=params,
         opt_state=opt_state,
         codebooks=codebooks,
+        nonfinite=_count_nonfinite(state.nonfinite, ok),
+    )
+    return new_state, metrics
+
+
+# The tokenizer's metrics of a joint step: NaN on the steps that do not train the tokenizer (the training loop logs
+# the last computed values instead, `train.py`).
+JOINT_TOKENIZER_METRICS = ("train/tokenizer/loss", "train/tokenizer/cos", "train/tokenizer/codebook_loss")
+
+
+def joint_step(
+    state: TrainState,
+    batch,
+    *,
+    models: BridleModels,
+    config: ml_collections.ConfigDict,
+    tx: optax.GradientTransformation,
+    lr_schedule,
+    phase: schedule.Phase,
+):
+    """One step of the authors' joint variant (jointBRIDLE, SPEC 3.5): E, D, T and TE under one optimizer.
+
+    In the authors' order, all on the parameters the step starts from:
+    1. the codebook EMA off: T's codes for the batch (no gradient; the eval-mode cluster-size count where
+       `quantizer.encoder_cluster_size_ema`), and E+D's masked code cross-entropy L_enc on them;
+    2. only every `joint.tokenizer_every`-th step (`schedule.joint_tokenizer_step`): the EMA on, E's features of the
+       unmasked batch (no gradient), and T+TE's loss L_tok through the codebooks, whose EMA step this is (with
+       `quantizer.lookup_after_ema` the look-up uses the updated codes, as in the tokenizer phase);
+    3. one AdamW step on L_enc + `joint.tokenizer_loss_ratio` x L_tok (L_enc alone on the other steps).
+    No loss reaches across: the codes carry no gradient into T, the teacher features none into E. On the steps
+    without L_tok the tokenizer's gradients are zeros, not absent: the authors' environment (PyTorch 1.7, whose
+    `zero_grad` keeps zero tensors) still applies AdamW to them, so their moments decay, their weight decay applies
+    and momentum keeps moving them; one optimizer state over both parts does exactly that. A refused (non-finite)
+    step changes nothing, the codebooks included.
+    """
+    q, j = config.quantizer, config.joint
+    x, valid = models.model_input(batch)
+    enc = _encoder_pass(state, x, valid, models=models, config=config, cold_start=False)
+    codebooks = state.codebooks
+    if q.get("encoder_cluster_size_ema", False):
+        codebooks = _cluster_sizes_seen(codebooks, enc, valid, models, config)
+    steps_per_epoch = config.schedule.get("steps_per_epoch", None)
+    trains_tokenizer = schedule.joint_tokenizer_step(phase, state.step, int(j.tokenizer_every), steps_per_epoch)
+    ratio = float(j.tokenizer_loss_ratio)
+
+    def with_tokenizer(codebooks):
+        tok = _tokenizer_pass(state, codebooks, x, valid, models=models, config=config)
+        grads = jax.tree.map(lambda g: ratio * g, tok.grads)
+        return grads, _ema_step(codebooks, tok, q, valid), jnp.stack([tok.loss, tok.cos, tok.codebook_loss])
+
+    def without_tokenizer(codebooks):
+        zeros = jax.tree.map(jnp.zeros_like, state.params["tokenizer"])
+        return zeros, codebooks, jnp.full((3,), jnp.nan, jnp.float32)
+
+    tok_grads, new_codebooks, tok_values = jax.lax.cond(trains_tokenizer, with_tokenizer, without_tokenizer, codebooks)
+    loss = enc.loss + jnp.where(trains_tokenizer, ratio * tok_values[0], 0.0)
+    grads = {"encoder": enc.grads, "tokenizer": tok_grads}
+    ok, grad_norm, update_norm, params, opt_state = _apply_update(
+        state, "joint", grads, tx, loss, config.optim.max_update_ratio
+    )
+    metrics = _common_metrics(state, loss, grad_norm, ok, lr_schedule, enc.codes, q.codebook_size, valid)
+    metrics["train/update_norm"] = update_norm
+    metrics["train/encoder/loss"] = enc.loss
+    metrics["train/joint/tokenizer_step"] = trains_tokenizer.astype(jnp.int32)
+    metrics.update(dict(zip(JOINT_TOKENIZER_METRICS, tok_values)))
+    metrics.update(_encoder_metrics(enc, q.codebook_size))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        codebooks=_guarded(ok, new_codebooks, state.codebooks),
         nonfinite=_count_nonfinite(state.nonfinite, ok),
     )
     return new_state, metrics
@@ -395,12 +532,13 @@ def _under_rules(fn, config, batch_sharding):
 def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_sharding):
     """The jitted step of `phase` with explicit input/output shardings (the state is donated)."""
     sharding.check_batch_split(config.batch_size, batch_sharding.mesh, accumulation_steps(config))
+    common = dict(models=models, config=config, tx=tx, lr_schedule=lr_schedule)
     if phase.kind == "encoder":
-        fn = functools.partial(
-            encoder_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule, cold_start=phase.cold_start
-        )
+        fn = functools.partial(encoder_step, cold_start=phase.cold_start, **common)
+    elif phase.kind == "joint":
+        fn = functools.partial(joint_step, phase=phase, **common)
     else:
-        fn = functools.partial(tokenizer_step, models=models, config=config, tx=tx, lr_schedule=lr_schedule)
+        fn = functools.partial(tokenizer_step, **common)
     return jax.jit(
         _under_rules(fn, config, batch_sharding),
         in_shardings=(state_shardings, batch_sharding),
@@ -411,7 +549,7 @@ def jit_step(phase, *, models, config, tx, lr_schedule, state_shardings, batch_s
 
 def jit_prepare_codebooks(phase, *, models, config, state_shardings, batch_sharding):
     fn = functools.partial(
-        prepare_codebooks, models=models, config=config, cold_start=phase.cold_start, restart=phase.kind == "tokenizer"
+        prepare_codebooks, models=models, config=config, cold_start=phase.cold_start, restart=phase.restarts_codes
     )
     return jax.jit(
         _under_rules(fn, config, batch_sharding),

@@ -260,12 +260,18 @@ def _pending_probes(workdir: str, plan, step: int, state):
     yield "iteration_0", None, current if step == 0 else kept(0)
     saved = set(ckpt_lib.saved_iterations(workdir))
     for phase in plan:
-        if phase.kind == "encoder" and phase.end_step <= step:
+        if phase.trains_encoder and phase.end_step <= step:
             if phase.iteration in saved:
                 yield f"iteration_{phase.iteration}", phase, kept(phase.iteration)
             elif f"iteration_{phase.iteration}" not in _read_probe(workdir):
                 kept_dir = f"encoders/iteration_{phase.iteration}"
                 metrics_lib.log_line(f"No kept encoder for {phase.name} ({kept_dir}): its probe is left out")
+
+
+def _trains_tokenizer(phase, step: int, config) -> bool:
+    """Whether the joint phase's step after `step` completed steps also trains the tokenizer (as the step decides)."""
+    every, per_epoch = int(config.joint.tokenizer_every), config.schedule.get("steps_per_epoch", None)
+    return bool(schedule.joint_tokenizer_step(phase, step, every, per_epoch))
 
 
 def _read_probe(workdir: str) -> dict:
@@ -330,7 +336,9 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
     )
     workdir_lib.record_start(workdir, config, changes)
     for field, (old, new) in changes.items():
-        metrics_lib.log_line(f"Resuming with an allowed change (config.resume.allow_changes): {field}: {old!r} -> {new!r}")
+        metrics_lib.log_line(
+            f"Resuming with an allowed change (config.resume.allow_changes): {field}: {old!r} -> {new!r}"
+        )
     writer = metrics_lib.MetricWriter(workdir)
     progress = metrics_lib.Progress(schedule.total_steps(plan))
     probe_data = _ProbeData(config) if config.evals.linear_probe.enabled else None
@@ -405,8 +413,8 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
             )
             train_step = steps.jit_step(phase, tx=tx, lr_schedule=lr_schedule, **kw)
             prepare = steps.jit_prepare_codebooks(phase, **kw)
-            needs_codebooks = phase.cold_start or phase.kind == "tokenizer"
             metrics_lib.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
+            tokenizer_metrics = {}  # a joint phase: none yet since this start (a resume logs them once computed)
             progress.start(step)
 
             while step < phase.end_step:
@@ -415,9 +423,11 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 local = next(data_iter)
                 data_log.batch(step + 1, local)
                 batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"]})
-                if step == phase.start_step and needs_codebooks:
+                if step == phase.start_step and phase.fresh_codebooks:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
                 state, metrics = train_step(state, batch)
+                if phase.kind == "joint" and _trains_tokenizer(phase, step, config):
+                    tokenizer_metrics = {k: metrics[k] for k in steps.JOINT_TOKENIZER_METRICS}  # still on device
                 step += 1
                 progress.after_step(step, state)  # the rate starts after the phase's first (compiling) step
                 last = step == phase.end_step
@@ -425,12 +435,15 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                     skipped = _check_nonfinite(state, config, step, ckpt, writer, phase.name)
                     rate, line = progress.update(step, phase.end_step, phase.name)
                     values = {**jax.device_get(metrics), **skipped}
+                    if phase.kind == "joint":  # the tokenizer's losses of the last step that computed them (NaN here)
+                        values = {k: v for k, v in values.items() if k not in steps.JOINT_TOKENIZER_METRICS}
+                        values.update(jax.device_get(tokenizer_metrics))
                     if rate is not None:  # not yet measured after compilation
                         values["perf/steps_per_sec"] = rate
                     values["data/skipped_records"] = _skipped_records(config.data)
                     writer.write(step, values, phase=phase.name)
                     metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
-                if last and phase.kind == "encoder":  # keep this iteration's encoder before its phase-end checkpoint
+                if last and phase.trains_encoder:  # keep this iteration's encoder before its phase-end checkpoint
                     ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
                 stopping = step == stop_at_step
                 if step % config.checkpoint.every_steps == 0 or last or stopping:
@@ -440,7 +453,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 # The probe runs after the phase-end checkpoint (written in the background meanwhile): a run stopped
                 # during the probe resumes at the phase end and probes the kept encoder (`_pending_probes`) instead
                 # of training the phase's last steps again.
-                if last and phase.kind == "encoder" and probe_data is not None:
+                if last and phase.trains_encoder and probe_data is not None:
                     params, key = state.params["encoder"]["encoder"], f"iteration_{phase.iteration}"
                     result, reused = _probe_once(workdir, key, models, params, probe_data, config, mesh)
                     if result is not None:

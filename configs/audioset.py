@@ -13,13 +13,20 @@ AudioSet is multi-label: the in-loop top-1 probe is off; evaluate with mAP (see 
 Preparation (README "AudioSet"): 16 kHz mono clips under data_dir/unbalanced_train (+ balanced_train) and
 data_dir/eval, the official segment CSVs and class_labels_indices.csv in data_dir. The paper-side numbers of this
 recipe could not be retrieved (SPEC 5.2); BEATs iter3 for reference: AS-2M 48.0 mAP fine-tuned.
+
+    --config=configs/audioset.py:joint         the authors' experimental joint variant (submit_pt_dual.sh)
+
+One "joint" phase of 200 epochs (warm-up 10) at lr 5e-4 for E, D, T and TE under one AdamW, batch 1024, mask 0.8,
+RQ 4x256 k-means'd on the first batch: every step trains E+D on T's codes, every 4th step (counted within the
+epoch) also adds 0.2 x the tokenizer loss, the only sub-step with the codebook EMA on (README "Joint training").
 """
 
 from bridle_jax import config as common
 from bridle_jax.data import audio_pipeline
 
 def get_config(arg=None):
-    del arg
+    if arg not in (None, "", "joint"):
+        raise ValueError(f"configs/audioset.py: unknown variant {arg!r}; expected none or 'joint'")
     c = common.base_config()
     c.modality = "audio"
     c.data = audio_pipeline.default_data_config()  # the AudioSet front-end preset
@@ -40,4 +47,8 @@ def get_config(arg=None):
     c.evals.linear_probe.enabled = False  # multi-label: top-1 does not apply
     c.checkpoint.every_steps = 2000
     c.log_every_steps = 100
+    if arg == "joint":
+        c.schedule.phases = ("joint:200ep",)
+        c.optim.joint.lr, c.optim.joint.warmup_fraction, c.optim.joint.weight_decay = 5e-4, 10 / 200, 1e-4
+        c.joint.tokenizer_every, c.joint.tokenizer_loss_ratio = 4, 0.2
     return c
