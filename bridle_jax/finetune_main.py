@@ -4,9 +4,10 @@
 
 The result (best- and last-eval numbers, the whole eval history, mean +- std over folds for cross-validated
 recipes) is printed and kept in OUT/finetune.json; re-running the same command resumes an interrupted run. Several
-processes (GPU clusters, TPU pods) join through `jax.distributed` as `bridle_jax.main` does: --coordinator_address,
---num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or a bare
-`jax.distributed.initialize()` on Cloud TPU VMs.
+processes (GPU clusters, TPU pods) join through `jax.distributed` by the start-up `bridle_jax.main` uses
+(`bridle_jax.distributed`): --coordinator_address, --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID), or a bare `jax.distributed.initialize()` on a Cloud TPU VM, recognised by its
+environment or by JAX's own check; --distributed=off runs one process.
 """
 
 import os
@@ -14,6 +15,7 @@ import os
 from absl import app, flags
 
 from bridle_jax import recipes
+from bridle_jax.distributed import initialize_distributed
 
 _CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)  # a recipe name (esc50) or a path, [:variant]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the fine-tune's checkpoints, metrics and finetune.json.")
@@ -22,22 +24,10 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "off"], "auto: join the other processes (see above); off: run as one process."
+)
 flags.mark_flags_as_required(["config", "workdir"])
-
-_TPU_ENV_VARS = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID", "TPU_WORKER_HOSTNAMES")
-
-
-def _initialize_distributed() -> None:
-    import jax
-
-    if jax.distributed.is_initialized():
-        return
-    if _COORDINATOR.value:
-        num = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else int(os.environ["JAX_NUM_PROCESSES"])
-        pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ["JAX_PROCESS_ID"])
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=num, process_id=pid)
-    elif any(os.environ.get(name) for name in _TPU_ENV_VARS):
-        jax.distributed.initialize()
 
 
 def main(argv) -> None:
@@ -45,7 +35,8 @@ def main(argv) -> None:
     from bridle_jax import metrics
 
     metrics.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
-    _initialize_distributed()
+    if _DISTRIBUTED.value == "auto":
+        initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend
 
     result = finetune.run(_CONFIG.value, _WORKDIR.value)

@@ -4,14 +4,9 @@
 command runs from any folder after `pip install` (bridle_jax/recipes.py). Library logs (Orbax, JAX) are kept at
 WARNING unless --verbosity asks for more; the run's own lines are always printed.
 
-On several hosts it joins them through `jax.distributed` first (`initialize_distributed`):
-  - explicit (GPU clusters, local tests): --coordinator_address/--num_processes/--process_id, or JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID; CPU processes talk through gloo collectives;
-  - Cloud TPU VMs: `jax.distributed.initialize()` with no arguments, which reads the slice's topology from the TPU
-    metadata server (TPU_WORKER_HOSTNAMES is not set on every TPU VM, so its absence proves nothing). A TPU VM is
-    recognised by JAX's own Cloud TPU check (libtpu and TPU chips present) or by any of TPU_ACCELERATOR_TYPE,
-    TPU_WORKER_ID, CLOUD_TPU_TASK_ID, TPU_WORKER_HOSTNAMES, TPU_PROCESS_ADDRESSES, MEGASCALE_COORDINATOR_ADDRESS. On a
-    single-host TPU VM that is a one-process cluster (harmless); --distributed=off skips it.
+On several hosts it joins them through `jax.distributed` first (`bridle_jax.distributed`, shared with
+`bridle_jax.finetune_main`): --coordinator_address/--num_processes/--process_id or the JAX_* variables, or a bare
+`jax.distributed.initialize()` on a Cloud TPU VM; --distributed=off skips it.
 """
 
 import os
@@ -24,6 +19,7 @@ from absl import app
 from absl import flags
 
 from bridle_jax import recipes
+from bridle_jax.distributed import TPU_ENV_VARS, initialize_distributed  # noqa: F401  (re-exported: tests, callers)
 
 _CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and kept encoders.")
@@ -38,62 +34,6 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "off"], "auto: join the other processes (see above); off: run as one process."
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-TPU_ENV_VARS = (
-    "TPU_ACCELERATOR_TYPE",
-    "TPU_WORKER_ID",
-    "CLOUD_TPU_TASK_ID",
-    "TPU_WORKER_HOSTNAMES",
-    "TPU_PROCESS_ADDRESSES",
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
-
-
-def _on_cloud_tpu() -> bool:
-    if any(os.environ.get(name) for name in TPU_ENV_VARS):
-        return True
-    try:  # set by `import jax` when libtpu and TPU chips are present (no env var needed)
-        from jax._src import cloud_tpu_init
-
-        return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
-    except (ImportError, AttributeError):
-        return False
-
-
-def _env_int(name: str, flag: str) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        raise ValueError(f"a coordinator address is set, so --{flag} or the environment variable {name} is required")
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}: expected an integer, got {value!r}") from None
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> bool:
-    """Joins the other processes of a multi-process run (see the module docstring); returns whether
-    `jax.distributed` is initialised. Must run before anything touches a JAX backend; a second call is a no-op."""
-    import jax
-
-    if jax.distributed.is_initialized():
-        return True
-    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):  # CPU processes need gloo for cross-process ops
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator_address:
-        num = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES", "num_processes")
-        pid = process_id if process_id is not None else _env_int("JAX_PROCESS_ID", "process_id")
-        if not 0 <= pid < num:
-            raise ValueError(f"process id {pid} must lie in [0, {num}) (num_processes={num})")
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num, process_id=pid)
-        return True
-    if _on_cloud_tpu():
-        jax.distributed.initialize()  # the slice's hosts, this host's index and the coordinator come from the TPU VM
-        return True
-    return False
 
 
 def _report(error: BaseException, workdir: str) -> str:

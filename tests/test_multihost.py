@@ -291,3 +291,56 @@ def test_initialize_errors_name_the_variable(fake_initialize, monkeypatch, env, 
     with pytest.raises(ValueError, match=match):
         entry.initialize_distributed()
     assert fake_initialize == []
+
+
+_FINETUNE_START = """
+import json
+import jax
+from jax._src import cloud_tpu_init
+calls = []
+jax.distributed.initialize = lambda **kw: calls.append(kw)
+jax.distributed.is_initialized = lambda: False
+cloud_tpu_init.running_in_cloud_tpu_vm = False
+from absl import flags
+from bridle_jax import finetune_main
+from bridle_jax.evaluators import finetune
+finetune.run = lambda config, workdir: {"preempted": True}  # the start-up is under test, not the fine-tune
+flags.FLAGS(["finetune_main", "--config=configs/esc50.py", "--workdir=unused"] + EXTRA)
+finetune_main.main([])
+print("CALLS " + json.dumps(calls))
+"""
+
+
+@pytest.mark.parametrize(
+    "env, extra, expected",
+    [
+        ({"TPU_WORKER_ID": "1"}, [], [{}]),  # a Cloud TPU VM: every host joins the slice
+        ({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8476,10.0.0.2:8476"}, [], [{}]),  # a variable the old copy missed
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, [],
+         [{"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}]),
+        ({"TPU_WORKER_ID": "1"}, ["--distributed=off"], []),
+        ({}, [], []),
+    ],
+)
+def test_finetune_entry_joins_the_hosts_as_pretraining_does(env, extra, expected):
+    """`bridle_jax.finetune_main` starts through the same `initialize_distributed` as `bridle_jax.main`: on a simulated
+    TPU VM (a TPU variable set, no coordinator) it joins the slice, where its old copy of the start-up checked fewer
+    variables (not TPU_PROCESS_ADDRESSES) and left each such host fine-tuning alone."""
+    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS + entry.TPU_ENV_VARS}
+    code = f"EXTRA = {extra!r}\n" + _FINETUNE_START
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**base, **env}, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("CALLS "))
+    assert json.loads(line[len("CALLS "):]) == expected
+
+
+def test_finetune_entry_names_a_missing_process_count():
+    base = {k: v for k, v in os.environ.items() if k not in DIST_VARS + entry.TPU_ENV_VARS}
+    code = "EXTRA = []\n" + _FINETUNE_START
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**base, "JAX_COORDINATOR_ADDRESS": "h:1"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert out.returncode != 0 and "JAX_NUM_PROCESSES" in out.stderr and "KeyError" not in out.stderr
