@@ -15,8 +15,7 @@ import tempfile
 import time
 import traceback
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from bridle_jax import recipes
 from bridle_jax.distributed import TPU_ENV_VARS, initialize_distributed  # noqa: F401  (re-exported: tests, callers)
