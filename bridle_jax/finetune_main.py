@@ -11,6 +11,7 @@ environment or by JAX's own check; --distributed=off runs one process.
 """
 
 import os
+import sys
 
 from absl import app, flags
 
@@ -39,7 +40,12 @@ def main(argv) -> None:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend
 
-    result = finetune.run(_CONFIG.value, _WORKDIR.value)
+    from bridle_jax import train  # its run errors: one clear line instead of a traceback
+
+    try:
+        result = finetune.run(_CONFIG.value, _WORKDIR.value)
+    except train.RUN_ERRORS as e:
+        sys.exit(f"bridle_jax.finetune_main: {type(e).__name__}: {e}")
     if result.get("preempted"):
         print("Preempted: checkpoint saved; re-run the same command to resume.")
         return

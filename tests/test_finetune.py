@@ -500,3 +500,49 @@ def test_video_finetune_streams_the_eval_split(tmp_path):
     result = finetune.run(c, str(tmp_path / "ft"))
     assert result["done"] and result["num_eval_examples"] == 20 and [h["step"] for h in result["history"]] == [2, 4]
     assert 0.0 <= result["best"]["top1"] <= result["best"]["top5"] <= 1.0
+
+
+class _NaNFrom:
+    """The fine-tune's train iterator with NaN inputs from batch `start` on; checkpointable like the real one."""
+
+    def __init__(self, inner, start: int):
+        self._inner, self._start, self._count = inner, start, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self._inner))
+        self._count += 1
+        if self._count > self._start:
+            batch["input"] = np.full_like(batch["input"], np.nan)
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._inner.get_state()).encode()
+
+    def set_state(self, state: bytes):
+        self._inner.set_state(json.loads(state))
+
+
+def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
+    """As pretraining: non-finite steps are skipped, `optim.max_consecutive_nonfinite` in a row stop the run without
+    saving, and the newest checkpoint is the last good step's."""
+    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import train
+
+    real = finetune.train_iterator
+    monkeypatch.setattr(finetune, "train_iterator", lambda *a, **k: _NaNFrom(real(*a, **k), 3))
+    c = _digits_config(pretrained, "finetune", steps=12)
+    c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 1, 100, 1
+    c.optim.max_consecutive_nonfinite = 3
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(train.NonFiniteError, match=r"step 6: 3 consecutive steps .*the newest checkpoint, step 3, is kept"):
+        finetune.run_single(c, workdir)
+    assert ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False).all_steps() == [3]
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]
+    assert [line["train/nonfinite_skipped_in_a_row"] for line in lines if "train/loss" in line] == [0, 0, 0, 1, 2]
+    bad = c.copy_and_resolve_references()
+    bad.optim.max_consecutive_nonfinite = 0
+    with pytest.raises(ValueError, match="config.optim.max_consecutive_nonfinite"):
+        finetune.validate(bad)

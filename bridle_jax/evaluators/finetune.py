@@ -89,6 +89,8 @@ def base_config(modality: str) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(
         {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 5e-4, "layer_decay": 0.75, "b1": 0.9, "b2": 0.999, "eps": 1e-8}
     )
+    # non-finite steps are skipped; this many in a row stop the run (as pretraining's optim field)
+    c.optim.max_consecutive_nonfinite = 5
     # the global batch `lr` was tuned for; at another batch the lr is kept (the authors' absolute lrs) unless
     # lr_scaling="linear" (lr x batch_size / tuned_batch_size); the run says which (bridle_jax/resolve.py)
     c.optim.tuned_batch_size = placeholder(int)
@@ -172,6 +174,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         _fail("optim.lr", f"> 0 and >= optim.min_lr={o.min_lr}", o.lr)
     if o.weight_decay < 0:
         _fail("optim.weight_decay", ">= 0", o.weight_decay)
+    limit = o.get("max_consecutive_nonfinite", 5)
+    if not _is_int(limit) or limit < 1:
+        _fail("optim.max_consecutive_nonfinite", "an int >= 1", limit)
     if not 0 < o.layer_decay <= 1:
         _fail("optim.layer_decay", "a value in (0, 1] (1 = no decay)", o.layer_decay)
     if not 0 <= c.model.drop_path < 1:
@@ -756,6 +761,31 @@ def _check_same_schedule(recorded: dict | None, current: dict, workdir: str) -> 
         )
 
 
+@jax.jit
+def _count_refused(counters, refused):
+    """(refused steps since this start, refused steps in a row) after one step (`refused`: 0 or 1), on device."""
+    return jnp.stack([counters[0] + refused, (counters[1] + refused) * refused])
+
+
+def _check_refused(counters, c, step: int, ckpt) -> dict:
+    """Stops the fine-tune after `optim.max_consecutive_nonfinite` refused steps in a row, as pretraining does
+    (`train._check_nonfinite`), without saving; returns the counters for the log."""
+    from bridle_jax import train  # pylint: disable=import-outside-toplevel  (its error type; train imports heavier)
+
+    total, in_a_row = (int(v) for v in np.asarray(counters))
+    limit = int(c.optim.get("max_consecutive_nonfinite", 5))
+    if in_a_row >= limit:
+        ckpt.wait()
+        newest = ckpt.latest_step()
+        kept = "there is no checkpoint yet" if newest is None else f"the newest checkpoint, step {newest}, is kept"
+        raise train.NonFiniteError(
+            f"fine-tuning step {step}: {in_a_row} consecutive steps had a non-finite loss or gradient and were "
+            f"skipped ({total} since this start); stopping without saving ({kept}): lower config.optim.lr or use "
+            "config.model.dtype=float32, and re-run."
+        )
+    return {"train/nonfinite_skipped_total": total, "train/nonfinite_skipped_in_a_row": in_a_row}
+
+
 def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes (or probes) once on `c.data`'s train split and scores its eval split; resumable; returns the
     result written to `<workdir>/finetune.json`."""
@@ -838,6 +868,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
             donate_argnums=(0,),
         )
         step = int(state.step)
+        refused = jax.device_put(np.zeros(2, np.int32), replicated)  # counted since this start (not checkpointed)
         progress = metrics_lib.Progress(int(c.num_steps))
         progress.start(step)
         name = f"{c.mode}[{c.data.name}]"
@@ -854,12 +885,13 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"], "target": target})
             state, m = step_fn(state, batch)
+            refused = _count_refused(refused, m["train/nonfinite"])
             step += 1
             progress.after_step(step, state)  # the rate starts after the first (compiling) step
             last = step == c.num_steps
             if step % c.log_every_steps == 0 or last:
                 rate, line = progress.update(step, int(c.num_steps), name)
-                values = dict(jax.device_get(m))
+                values = {**jax.device_get(m), **_check_refused(refused, c, step, ckpt)}
                 if rate is not None:  # not yet measured after compilation
                     values["perf/steps_per_sec"] = rate
                 writer.write(step, values, phase=c.mode)
@@ -874,7 +906,10 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 )
                 _write_json(workdir, {**base, **summarize(history, metric), "history": history, "done": False})
             if step % c.checkpoint.every_steps == 0 or last:
-                ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
+                if _check_refused(refused, c, step, ckpt)["train/nonfinite_skipped_in_a_row"]:
+                    metrics_lib.log_line(f"Step {step}: not saving a checkpoint: the last step(s) were skipped")
+                else:
+                    ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
         ckpt.wait()
     finally:
         try:
