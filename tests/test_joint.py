@@ -136,6 +136,7 @@ class _Runner:
         self.mesh = sharding.make_mesh(config.mesh)
         self.shardings = state_lib.shardings_for(self.models, config, tx, _phase("joint"), self.mesh)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._steps = {}
 
     def initial(self, images):
         """A joint phase's first state, its codebooks prepared (k-means + restart) on `images`."""
@@ -157,7 +158,9 @@ class _Runner:
     def step(self, kind, snapshot, images, step=None):
         if step is not None:
             snapshot = snapshot.replace(step=np.int32(step))
-        fn = steps.jit_step(_phase(kind), tx=self.tx, lr_schedule=lambda count: 1.0, **self._kw())
+        if kind not in self._steps:  # one jitted step per kind (each call of jit_step traces anew)
+            self._steps[kind] = steps.jit_step(_phase(kind), tx=self.tx, lr_schedule=lambda count: 1.0, **self._kw())
+        fn = self._steps[kind]
         state, metrics = fn(jax.device_put(snapshot, self.shardings, may_alias=False), self.batch(images))
         return host(state), host(metrics)
 
@@ -253,7 +256,7 @@ def test_a_nonfinite_joint_step_changes_nothing(recorded):
     _assert_equal(state.opt_state, start.opt_state, "opt_state")
 
 
-def test_one_adamw_state_keeps_moving_the_tokenizer_between_its_steps():
+def test_one_adamw_state_keeps_moving_the_tokenizer_between_its_steps(recorded):
     """Step 0 trains T+TE; step 1 gives them zero gradients, and AdamW (as the authors' PyTorch 1.7 applies it to
     zero-filled gradients) still moves them: m <- b1 m, v <- b2 v, p <- p - lr (m^ / (sqrt(v^) + eps) + wd p)."""
     c = _step_config()
@@ -262,13 +265,14 @@ def test_one_adamw_state_keeps_moving_the_tokenizer_between_its_steps():
     # default eps 1e-8 lets that noise pick the sign; 1e-4 keeps d(update)/dg <= lr/eps (as tests/test_steps.py)
     c.optim.eps = 1e-4
     tx, lr = optim.make_optimizer(c.optim, "joint", 8)
-    recorder = _Runner(c, recording_tx())
-    start = recorder.initial(_images(0))
-    tok_delta = _delta(recorder.step("tokenizer", start, _images(1))[0].params["tokenizer"], start.params["tokenizer"])
+    start = recorded["start"]
+    tok_delta = _delta(recorded["tokenizer0"][0].params["tokenizer"], start.params["tokenizer"])
     g0 = jax.tree.map(lambda d: -RATIO * d, tok_delta)  # step 0's tokenizer gradient in the joint loss
 
     runner = _Runner(c, tx)
     s = runner.initial(_images(0))  # the same initial params and codebooks (same seed), AdamW's zero moments
+    _assert_equal(s.params, start.params, "initial params")
+    _assert_equal(s.codebooks, start.codebooks, "prepared codebooks")
     s1, _ = runner.step("joint", s, _images(1))
     s2, m2 = runner.step("joint", s1, _images(2))
     assert int(m2["train/joint/tokenizer_step"]) == 0
