@@ -216,10 +216,6 @@ class PreemptionWatch:
         self._flag = True  # only a flag: a signal handler must not log or print (re-entrant I/O)
         self.reason = signal.Signals(signum).name
 
-    def request_stop(self, reason: str = "requested") -> None:
-        """Same as receiving SIGTERM (for callers that learn of a preemption some other way)."""
-        self._flag, self.reason = True, reason
-
     def should_stop(self, step: int) -> bool:
         if step == self._checked_step and self._checked_result:
             return True
