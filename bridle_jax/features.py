@@ -3,7 +3,6 @@ feature extractor on raw inputs, with the eval preprocessing of the run's saved 
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from bridle_jax import checkpoint as ckpt_lib
@@ -27,7 +26,7 @@ class Encoder:
         self.params = params
         self.models = bridle.build_models(config)
         self.module = self.models.encoder
-        self.mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
+        self.mesh = sharding.data_parallel_mesh()
 
     @property
     def _mesh(self):  # the name older callers used

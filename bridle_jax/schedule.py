@@ -180,3 +180,9 @@ def phase_of_step(plan: Sequence[Phase], global_step: int) -> Phase:
         if global_step < phase.end_step:
             return phase
     return plan[-1]
+
+
+def phase_of_checkpoint(plan: Sequence[Phase], step: int) -> Phase:
+    """The phase whose step made the state after `step` completed steps (a checkpoint of step `step`): the phase
+    that ran step `step` - 1, so a phase's last step belongs to it, not to the next phase (step 0: the first)."""
+    return phase_of_step(plan, max(step - 1, 0))

@@ -29,6 +29,7 @@ derived (`state.shardings_for`) without ever materialising it.
 import contextlib
 import contextvars
 import math
+import types
 
 import flax.linen as nn
 import jax
@@ -53,6 +54,11 @@ DEFAULT_RULES = (
 RESIDUAL = ("batch", "length", "embed")  # the transformer's residual stream [B, N, width]
 
 _BOXED = contextvars.ContextVar("bridle_jax_boxed_params", default=False)
+
+
+def data_parallel_mesh(devices=None) -> Mesh:
+    """Every device on the data axis (data=-1, fsdp=1): the evaluators' mesh, whatever mesh the run trained on."""
+    return make_mesh(types.SimpleNamespace(data=-1, fsdp=1), devices)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

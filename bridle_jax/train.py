@@ -352,7 +352,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
     try:
         # ---------------------------------------------------------------- restore or create
         def abstract_for_step(step):
-            phase = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase that wrote this checkpoint
+            phase = schedule.phase_of_checkpoint(plan, step)
             return state_lib.abstract_for(models, config, phase_tx(phase)[0], phase, config.seed, mesh)
 
         restored = ckpt.restore_latest(abstract_for_step, data_iter)
@@ -386,7 +386,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 return False
             if step not in ckpt.all_steps():
                 _check_nonfinite(state, config, step, ckpt)
-                producer = schedule.phase_of_step(plan, max(step - 1, 0))  # the phase whose step made `state`
+                producer = schedule.phase_of_checkpoint(plan, step)
                 meta = {"step": step, "phase": producer.name, "phase_index": producer.index}
                 _save(ckpt, lock, step, state, data_iter, meta)
             with _explained_write_errors(ckpt, step):

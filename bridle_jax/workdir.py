@@ -124,7 +124,7 @@ def _plan_change_problem(old_phases, new_phases, newest_step: int | None) -> str
     if newest_step is None:
         return None
     old_plan, new_plan = schedule.parse_plan(old_phases), schedule.parse_plan(new_phases)
-    ran = schedule.phase_of_step(old_plan, max(newest_step - 1, 0)).index
+    ran = schedule.phase_of_checkpoint(old_plan, newest_step).index
     as_tuple = lambda p: (p.kind, p.cold_start, p.steps)
     if len(new_plan) <= ran or [as_tuple(p) for p in new_plan[: ran + 1]] != [as_tuple(p) for p in old_plan[: ran + 1]]:
         return (

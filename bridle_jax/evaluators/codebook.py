@@ -80,11 +80,7 @@ def _eval_mesh(config) -> jax.sharding.Mesh:
         return sharding.make_mesh(config.mesh)
     except ValueError as e:
         _log.warning("config.mesh does not fit the %d devices here (%s); using data=-1, fsdp=1", jax.device_count(), e)
-        return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1}))
-
-
-def _phase_of_checkpoint(plan, step: int) -> schedule.Phase:
-    return schedule.phase_of_step(plan, max(step - 1, 0))  # the phase whose last completed step this is
+        return sharding.data_parallel_mesh()
 
 
 def restore_run(workdir, *, iteration: int | None = None, step: int | None = None) -> RestoredRun:
@@ -110,13 +106,13 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
         available = sorted(manager.all_steps())
         if not available:
             raise FileNotFoundError(f"{directory}: no checkpoints in {path} (has the run saved one yet?)")
-        listing = ", ".join(f"{s} (iteration {_phase_of_checkpoint(plan, s).iteration})" for s in available)
+        listing = ", ".join(f"{s} (iteration {schedule.phase_of_checkpoint(plan, s).iteration})" for s in available)
         if step is not None:
             if step not in available:
                 raise ValueError(f"step={step}: no checkpoint of that step in {directory}; available: {listing}")
             candidates = [step]
         elif iteration is not None:
-            candidates = [s for s in available if _phase_of_checkpoint(plan, s).iteration == iteration]
+            candidates = [s for s in available if schedule.phase_of_checkpoint(plan, s).iteration == iteration]
             if not candidates:
                 raise ValueError(
                     f"iteration={iteration}: no checkpoint of that iteration in {directory}; available: {listing}"
@@ -127,7 +123,7 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
         mesh = _eval_mesh(config)
         errors = []
         for s in reversed(candidates):
-            phase = _phase_of_checkpoint(plan, s)
+            phase = schedule.phase_of_checkpoint(plan, s)
             tx, _ = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
             abstract = state_lib.abstract_for(models, config, tx, phase, config.seed, mesh)
             try:
