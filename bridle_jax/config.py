@@ -10,6 +10,8 @@ import math
 
 import ml_collections
 
+from bridle_jax.validation import fail
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODALITIES = ("image", "audio", "video")
@@ -161,10 +163,6 @@ def base_config() -> ml_collections.ConfigDict:
 _DTYPES = ("float32", "bfloat16")
 
 
-def _fail(field: str, expected: str, got) -> None:
-    raise ValueError(f"config.{field}: expected {expected}, got {got!r}")
-
-
 def _check_finite_numbers(tree, prefix: str = "") -> None:
     """Every float field (at any depth, in tuples too) is finite: a NaN or inf lr, decay or crop scale passes every
     ordered comparison check below (`nan <= 0` is False) and then silently breaks the run."""
@@ -175,7 +173,7 @@ def _check_finite_numbers(tree, prefix: str = "") -> None:
             continue
         for v in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(v, float) and not math.isfinite(v):
-                _fail(field, "a finite number", value)
+                fail(field, "a finite number", value)
 
 
 def _patch_grid(c, patch: int) -> tuple[int, ...]:
@@ -195,7 +193,7 @@ def _check_masking_trains(c, patch: int, masking) -> None:
     n = grid[1] * grid[2] if c.masking.kind == "tube" else math.prod(grid)
     kept = (masking.tube_num_kept if c.masking.kind == "tube" else masking.num_kept)(n, c.masking.ratio)
     if kept >= n:
-        _fail(
+        fail(
             "masking.ratio",
             f"a ratio that masks at least one of the {n} patches{' per frame slot' if c.masking.kind == 'tube' else ''}"
             f" (it keeps {kept}: the encoder phases would have no prediction targets)",
@@ -206,15 +204,15 @@ def _check_masking_trains(c, patch: int, masking) -> None:
 def _check_joint(c: ml_collections.ConfigDict) -> None:
     """The settings a plan with a "joint" phase needs (configs written before that kind existed lack them)."""
     if "joint" not in c.optim:
-        _fail("optim.joint", "the joint phase's {lr, warmup_fraction, weight_decay} (base_config has them)", None)
+        fail("optim.joint", "the joint phase's {lr, warmup_fraction, weight_decay} (base_config has them)", None)
     j = c.get("joint")
     if j is None:
-        _fail("joint", "{tokenizer_every, tokenizer_loss_ratio} (base_config has them)", None)
+        fail("joint", "{tokenizer_every, tokenizer_loss_ratio} (base_config has them)", None)
     every = j.get("tokenizer_every")
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        _fail("joint.tokenizer_every", "an int >= 1 (the tokenizer trains every that many steps)", every)
+        fail("joint.tokenizer_every", "an int >= 1 (the tokenizer trains every that many steps)", every)
     if not j.get("tokenizer_loss_ratio", -1) > 0:
-        _fail("joint.tokenizer_loss_ratio", "> 0 (the weight of the tokenizer loss)", j.get("tokenizer_loss_ratio"))
+        fail("joint.tokenizer_loss_ratio", "> 0 (the weight of the tokenizer loss)", j.get("tokenizer_loss_ratio"))
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -226,11 +224,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     _check_finite_numbers(c)
     if c.modality not in MODALITIES:
-        _fail("modality", f"one of {MODALITIES}", c.modality)
+        fail("modality", f"one of {MODALITIES}", c.modality)
     if c.data.name not in pipeline.DATASETS:
-        _fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
+        fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
     if pipeline.DATASETS[c.data.name] != c.modality:
-        _fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
+        fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
     pipeline.module_for(c.data).validate_data_config(c.data)
     for field in ("variant", "tokenizer_variant"):
         value = c.model[field]
@@ -239,46 +237,44 @@ def validate(c: ml_collections.ConfigDict) -> None:
         try:
             vit.decode_variant(value)
         except ValueError as e:
-            _fail(f"model.{field}", f"a variant like 'B/16' ({e})", value)
+            fail(f"model.{field}", f"a variant like 'B/16' ({e})", value)
     if c.model.dtype not in _DTYPES:
-        _fail("model.dtype", f"one of {_DTYPES}", c.model.dtype)
+        fail("model.dtype", f"one of {_DTYPES}", c.model.dtype)
     for field in ("decoder_width", "decoder_depth", "decoder_heads", "estimator_depth"):
         if int(c.model[field]) < 1:
-            _fail(f"model.{field}", "a positive integer", c.model[field])
+            fail(f"model.{field}", "a positive integer", c.model[field])
     if c.model.decoder_width % c.model.decoder_heads:
-        _fail(
-            "model.decoder_width", f"a multiple of model.decoder_heads={c.model.decoder_heads}", c.model.decoder_width
-        )
+        fail("model.decoder_width", f"a multiple of model.decoder_heads={c.model.decoder_heads}", c.model.decoder_width)
     patch = vit.decode_variant(c.model.variant)["patch_size"]
     if c.modality == "audio":
         if c.data.target_frames is None:
-            _fail("data.target_frames", "a frame count (pretraining pads/crops every clip to it)", None)
+            fail("data.target_frames", "a frame count (pretraining pads/crops every clip to it)", None)
         sizes = {"data.target_frames": c.data.target_frames, "data.num_mel_bins": c.data.num_mel_bins}
     else:
         sizes = {"data.image_size": c.data.image_size}
     for field, size in sizes.items():
         if size < patch or size % patch:
-            _fail(field, f"a positive multiple of the patch size {patch} of model.variant", size)
+            fail(field, f"a positive multiple of the patch size {patch} of model.variant", size)
     if c.modality == "video":
         t = c.model.tubelet_size
         if t < 1 or c.data.num_frames < t or c.data.num_frames % t:
-            _fail("data.num_frames", f"a positive multiple of model.tubelet_size={t}", c.data.num_frames)
+            fail("data.num_frames", f"a positive multiple of model.tubelet_size={t}", c.data.num_frames)
     if c.model.decoder_kind not in ("global", "local"):
-        _fail("model.decoder_kind", "'global' or 'local'", c.model.decoder_kind)
+        fail("model.decoder_kind", "'global' or 'local'", c.model.decoder_kind)
     if c.model.decoder_kind == "local":
         if c.modality == "video":
-            _fail("model.decoder_kind", "'global' for video (the local-window decoder works on 2-D grids)", "local")
+            fail("model.decoder_kind", "'global' for video (the local-window decoder works on 2-D grids)", "local")
         rows = (c.data.target_frames if c.modality == "audio" else c.data.image_size) // patch
         cols = (c.data.num_mel_bins if c.modality == "audio" else c.data.image_size) // patch
         win = tuple(c.model.decoder_window)
         if len(win) != 2 or rows % win[0] or cols % win[1]:
-            _fail("model.decoder_window", f"(rows, cols) that tile the {rows}x{cols} patch grid", win)
+            fail("model.decoder_window", f"(rows, cols) that tile the {rows}x{cols} patch grid", win)
     if c.masking.kind not in masking.MASKS:
-        _fail("masking.kind", f"one of {sorted(masking.MASKS)}", c.masking.kind)
+        fail("masking.kind", f"one of {sorted(masking.MASKS)}", c.masking.kind)
     if c.masking.kind == "tube" and c.modality != "video":
-        _fail("masking.kind", "'random' for image and audio (tube masking needs a time x space grid)", "tube")
+        fail("masking.kind", "'random' for image and audio (tube masking needs a time x space grid)", "tube")
     if c.model.tokenizer_variant and vit.decode_variant(c.model.tokenizer_variant)["patch_size"] != patch:
-        _fail(
+        fail(
             "model.tokenizer_variant",
             f"the encoder's patch size {patch} (targets are per encoder patch)",
             c.model.tokenizer_variant,
@@ -286,78 +282,78 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     q = c.quantizer
     if q.num_levels < 1:
-        _fail("quantizer.num_levels", ">= 1", q.num_levels)
+        fail("quantizer.num_levels", ">= 1", q.num_levels)
     if q.codebook_size < 2:
-        _fail("quantizer.codebook_size", ">= 2", q.codebook_size)
+        fail("quantizer.codebook_size", ">= 2", q.codebook_size)
     if q.dim < 1:
-        _fail("quantizer.dim", ">= 1", q.dim)
+        fail("quantizer.dim", ">= 1", q.dim)
     if not 0.0 < q.decay < 1.0:
-        _fail("quantizer.decay", "a value in (0, 1)", q.decay)
+        fail("quantizer.decay", "a value in (0, 1)", q.decay)
     if q.get("ema_kind", "normalized") not in ("normalized", "vqvae"):
-        _fail("quantizer.ema_kind", "'normalized' or 'vqvae'", q.ema_kind)
+        fail("quantizer.ema_kind", "'normalized' or 'vqvae'", q.ema_kind)
     if q.kmeans_iters < 1:
-        _fail("quantizer.kmeans_iters", ">= 1", q.kmeans_iters)
+        fail("quantizer.kmeans_iters", ">= 1", q.kmeans_iters)
     if q.commitment_weight < 0:
-        _fail("quantizer.commitment_weight", ">= 0", q.commitment_weight)
+        fail("quantizer.commitment_weight", ">= 0", q.commitment_weight)
     if not 0.0 <= c.masking.ratio < 1.0:
-        _fail("masking.ratio", "a value in [0, 1)", c.masking.ratio)
+        fail("masking.ratio", "a value in [0, 1)", c.masking.ratio)
     _check_masking_trains(c, patch, masking)
 
     try:
         schedule.check_plan(c.schedule.phases)  # in steps or epochs (resolved at run time)
     except ValueError as e:
-        _fail(
+        fail(
             "schedule.phases",
             f"a tuple of 'kind:steps' or 'kind:<epochs>ep' starting with encoder_cold_start or joint ({e})",
             c.schedule.phases,
         )
 
     if c.batch_size < 1:
-        _fail("batch_size", ">= 1", c.batch_size)
+        fail("batch_size", ">= 1", c.batch_size)
     joint = any(str(entry).partition(":")[0] == "joint" for entry in c.schedule.phases)
     if joint:
         _check_joint(c)
     for side in ("encoder", "tokenizer") + (("joint",) if joint else ()):
         o = c.optim[side]
         if o.lr <= 0:
-            _fail(f"optim.{side}.lr", "> 0", o.lr)
+            fail(f"optim.{side}.lr", "> 0", o.lr)
         if not 0.0 <= o.warmup_fraction < 1.0:
-            _fail(f"optim.{side}.warmup_fraction", "a value in [0, 1)", o.warmup_fraction)
+            fail(f"optim.{side}.warmup_fraction", "a value in [0, 1)", o.warmup_fraction)
         if o.weight_decay < 0:
-            _fail(f"optim.{side}.weight_decay", ">= 0", o.weight_decay)
+            fail(f"optim.{side}.weight_decay", ">= 0", o.weight_decay)
     if c.optim.max_update_ratio <= 0:
-        _fail("optim.max_update_ratio", "> 0", c.optim.max_update_ratio)
+        fail("optim.max_update_ratio", "> 0", c.optim.max_update_ratio)
     if c.optim.b1 < 0 or c.optim.b1 >= 1 or c.optim.b2 < 0 or c.optim.b2 >= 1:
-        _fail("optim.b1/b2", "values in [0, 1)", (c.optim.b1, c.optim.b2))
+        fail("optim.b1/b2", "values in [0, 1)", (c.optim.b1, c.optim.b2))
     if c.optim.eps <= 0:
-        _fail("optim.eps", "> 0", c.optim.eps)
+        fail("optim.eps", "> 0", c.optim.eps)
     if c.optim.max_consecutive_nonfinite < 1:
-        _fail("optim.max_consecutive_nonfinite", ">= 1", c.optim.max_consecutive_nonfinite)
+        fail("optim.max_consecutive_nonfinite", ">= 1", c.optim.max_consecutive_nonfinite)
     tuned = c.optim.get("tuned_batch_size", None)
     if tuned is not None and (not isinstance(tuned, int) or isinstance(tuned, bool) or tuned < 1):
-        _fail("optim.tuned_batch_size", "None or the global batch the lrs were tuned for (an int >= 1)", tuned)
+        fail("optim.tuned_batch_size", "None or the global batch the lrs were tuned for (an int >= 1)", tuned)
     if c.optim.get("lr_scaling", "none") not in LR_SCALINGS:
-        _fail("optim.lr_scaling", f"one of {LR_SCALINGS}", c.optim.lr_scaling)
+        fail("optim.lr_scaling", f"one of {LR_SCALINGS}", c.optim.lr_scaling)
     acc = c.optim.get("accumulation_steps", 1)
     if not isinstance(acc, int) or isinstance(acc, bool) or acc < 1:
-        _fail("optim.accumulation_steps", "an integer >= 1", acc)
+        fail("optim.accumulation_steps", "an integer >= 1", acc)
     for axis in ("data", "fsdp"):
         if c.mesh[axis] == 0 or c.mesh[axis] < -1:
-            _fail(f"mesh.{axis}", "a positive size or -1 (the remaining devices)", c.mesh[axis])
+            fail(f"mesh.{axis}", "a positive size or -1 (the remaining devices)", c.mesh[axis])
     shards = math.prod(s for s in (c.mesh.data, c.mesh.fsdp) if s != -1)  # a -1 axis is checked at run time
     if c.batch_size % (acc * shards):
-        _fail(
+        fail(
             "batch_size",
             f"a multiple of optim.accumulation_steps={acc} x {shards} batch shards (the fixed mesh data x fsdp)",
             c.batch_size,
         )
     sharding.logical_rules(c.mesh)  # errors name the rule
     if c.checkpoint.every_steps < 1:
-        _fail("checkpoint.every_steps", ">= 1", c.checkpoint.every_steps)
+        fail("checkpoint.every_steps", ">= 1", c.checkpoint.every_steps)
     if c.checkpoint.max_to_keep < 1:
-        _fail("checkpoint.max_to_keep", ">= 1", c.checkpoint.max_to_keep)
+        fail("checkpoint.max_to_keep", ">= 1", c.checkpoint.max_to_keep)
     if c.log_every_steps < 1:
-        _fail("log_every_steps", ">= 1", c.log_every_steps)
+        fail("log_every_steps", ">= 1", c.log_every_steps)
     from bridle_jax import workdir
 
     workdir.check_allowed_changes(c.resume.allow_changes)

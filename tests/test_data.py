@@ -81,7 +81,7 @@ def test_unknown_dataset_name_is_a_clear_error():
     ("std", (0.2, 0.0, 0.2), "positive"), ("mean", (0.5, 0.5), "3 finite"), ("eval_crop_fraction", 1.2, r"\(0, 1\]"),
     ("num_threads", -1, ">= 0"), ("flip", "yes", "bool"), ("max_eval_examples", 0, "positive int")])
 def test_bad_config_fields_are_named(field, value, expected):
-  with pytest.raises(ValueError, match=rf"config\.data\.{field} must be .*{expected}"):
+  with pytest.raises(ValueError, match=rf"config\.data\.{field}: expected .*{expected}"):
     image_pipeline.data_spec(data_config(**{field: value}))
 
 

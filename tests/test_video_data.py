@@ -643,16 +643,16 @@ def test_embedded_demo_is_generated_into_the_cache(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("name", "ucf101", "config.data.name must be one of"),
-        ("num_frames", 0, "config.data.num_frames must be an int >= 1"),
-        ("sampling_rate", 1.5, "config.data.sampling_rate must be an int >= 1"),
-        ("crop_scales", (1.0, 1.2), r"config.data.crop_scales must be a non-empty sequence of numbers in \(0, 1\]"),
-        ("short_clip", "repeat", "config.data.short_clip must be one of"),
-        ("eval_short_side", 8, "config.data.eval_short_side must be None or an int >= config.data.image_size=16"),
-        ("flip", "yes", "config.data.flip must be a bool"),
-        ("std", (1, 0, 1), "config.data.std must be 3 finite numbers"),
-        ("max_skipped", -1, "config.data.max_skipped must be an int >= 0"),
-        ("max_eval_examples", 0, "config.data.max_eval_examples must be None or an int >= 1"),
+        ("name", "ucf101", "config.data.name: expected one of"),
+        ("num_frames", 0, "config.data.num_frames: expected an int >= 1"),
+        ("sampling_rate", 1.5, "config.data.sampling_rate: expected an int >= 1"),
+        ("crop_scales", (1.0, 1.2), r"config.data.crop_scales: expected a non-empty sequence of numbers in \(0, 1\]"),
+        ("short_clip", "repeat", "config.data.short_clip: expected one of"),
+        ("eval_short_side", 8, "config.data.eval_short_side: expected None or an int >= config.data.image_size=16"),
+        ("flip", "yes", "config.data.flip: expected a bool"),
+        ("std", (1, 0, 1), "config.data.std: expected 3 finite numbers"),
+        ("max_skipped", -1, "config.data.max_skipped: expected an int >= 0"),
+        ("max_eval_examples", 0, "config.data.max_eval_examples: expected None or an int >= 1"),
     ],
 )
 def test_bad_config_fields_are_named(field, value, expected):
@@ -662,9 +662,9 @@ def test_bad_config_fields_are_named(field, value, expected):
 
 
 def test_dataset_level_problems_raise_immediately(tmp_path):
-    with pytest.raises(ValueError, match="config.data.data_dir must be the dataset folder for name='kinetics400'"):
+    with pytest.raises(ValueError, match="config.data.data_dir: expected the dataset folder for name='kinetics400'"):
         video_pipeline.validate_data_config(data_config(name="kinetics400"))
-    with pytest.raises(ValueError, match="config.data.train_csv must be the path"):
+    with pytest.raises(ValueError, match="config.data.train_csv: expected the path"):
         video_pipeline.validate_data_config(data_config(name="video_folder", data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         video_pipeline.eval_arrays(data_config(name="kinetics400", data_dir=str(tmp_path / "none")), "val")

@@ -44,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from bridle_jax.data import audio, audio_sources, csv_files, fbank, pipeline
+from bridle_jax.validation import fail, get, is_int
 
 log = logging.getLogger(__name__)
 
@@ -118,69 +119,56 @@ class AudioDataSpec:
     max_skipped: int
 
 
-_MISSING = object()
-
-
-def _get(data_config, field: str):
-    value = getattr(data_config, field, _MISSING)
-    if value is _MISSING:
-        raise ValueError(f"config.data.{field} is missing (see audio_pipeline.default_data_config())")
-    return value
-
-
-def _fail(field: str, expected: str, got) -> None:
-    raise ValueError(f"config.data.{field}: expected {expected}, got {got!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+_HINT = "see audio_pipeline.default_data_config()"  # the hint of a missing field's error
 
 
 def _int(data_config, field: str, minimum: int) -> int:
-    value = _get(data_config, field)
-    if not _is_int(value) or value < minimum:
-        _fail(field, f"an int >= {minimum}", value)
+    value = get(data_config, "data." + field, hint=_HINT)
+    if not is_int(value) or value < minimum:
+        fail("data." + field, f"an int >= {minimum}", value)
     return int(value)
 
 
 def _finite(data_config, field: str, positive: bool = False) -> float:
-    value = _get(data_config, field)
+    value = get(data_config, "data." + field, hint=_HINT)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        _fail(field, "a finite number", value)
+        fail("data." + field, "a finite number", value)
     if not math.isfinite(value) or (positive and value <= 0):
-        _fail(field, "a finite number" + (" > 0" if positive else ""), value)
+        fail("data." + field, "a finite number" + (" > 0" if positive else ""), value)
     return float(value)
 
 
 def _folds(data_config, field: str) -> tuple[int, ...]:
-    value = _get(data_config, field)
+    value = get(data_config, "data." + field, hint=_HINT)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        _fail(field, "a non-empty tuple of fold numbers >= 1", value)
-    if not all(_is_int(f) and f >= 1 for f in value):
-        _fail(field, "a non-empty tuple of fold numbers >= 1", value)
+        fail("data." + field, "a non-empty tuple of fold numbers >= 1", value)
+    if not all(is_int(f) and f >= 1 for f in value):
+        fail("data." + field, "a non-empty tuple of fold numbers >= 1", value)
     return tuple(int(f) for f in value)
 
 
 def _nonempty_str(data_config, field: str) -> str:
-    value = _get(data_config, field)
+    value = get(data_config, "data." + field, hint=_HINT)
     if not isinstance(value, str) or not value:
-        _fail(field, "a non-empty path string", value)
+        fail("data." + field, "a non-empty path string", value)
     return value
 
 
 def data_spec(data_config) -> AudioDataSpec:
     """Validates ``config.data`` (a ConfigDict or any object with these attributes) into an :class:`AudioDataSpec`."""
-    name = _get(data_config, "name")
+    name = get(data_config, "data.name", hint=_HINT)
     if name not in DATASETS:
-        _fail("name", f"one of {sorted(DATASETS)}", name)
-    data_dir = _get(data_config, "data_dir")
+        fail("data.name", f"one of {sorted(DATASETS)}", name)
+    data_dir = get(data_config, "data.data_dir", hint=_HINT)
     if data_dir is not None and (not isinstance(data_dir, (str, os.PathLike)) or not os.fspath(data_dir)):
-        _fail("data_dir", "None or a non-empty path", data_dir)
+        fail("data.data_dir", "None or a non-empty path", data_dir)
     if data_dir is None and name != "sounds":
-        _fail("data_dir", f"the folder holding {name!r} (only the 'sounds' demo is generated when it is unset)", None)
-    kind = _get(data_config, "frontend")
+        fail(
+            "data.data_dir", f"the folder holding {name!r} (only the 'sounds' demo is generated when it is unset)", None
+        )
+    kind = get(data_config, "data.frontend", hint=_HINT)
     if kind not in FRONTENDS:
-        _fail("frontend", f"one of {FRONTENDS}", kind)
+        fail("data.frontend", f"one of {FRONTENDS}", kind)
     spec = fbank.FrontendSpec(
         kind=kind,
         sample_rate=_int(data_config, "sample_rate", 1),
@@ -192,32 +180,32 @@ def data_spec(data_config) -> AudioDataSpec:
     try:
         num_samples = fbank.samples_for_frames(spec.target_frames, spec)
     except ValueError as e:
-        _fail("sample_rate", f"a rate that gives whole 25 ms / 10 ms frames ({e})", spec.sample_rate)
-    roll = _get(data_config, "roll_mag_aug")
+        fail("data.sample_rate", f"a rate that gives whole 25 ms / 10 ms frames ({e})", spec.sample_rate)
+    roll = get(data_config, "data.roll_mag_aug", hint=_HINT)
     if not isinstance(roll, (bool, np.bool_)):
-        _fail("roll_mag_aug", "a bool", roll)
+        fail("data.roll_mag_aug", "a bool", roll)
     # An older config (or config.json) without the field reads as None: no roll, the authors' as-run behaviour.
     shift = getattr(data_config, "roll_shift", None)
     if shift is not None and not isinstance(shift, (bool, np.bool_)):
-        _fail("roll_shift", "None or a bool (True: a random circular roll before the roll_mag_aug gain)", shift)
+        fail("data.roll_shift", "None or a bool (True: a random circular roll before the roll_mag_aug gain)", shift)
     if shift and not roll:
-        _fail("roll_shift", "None or False when config.data.roll_mag_aug is False (the roll is part of it)", shift)
+        fail("data.roll_shift", "None or False when config.data.roll_mag_aug is False (the roll is part of it)", shift)
     audioset, csv_files = {}, {}
     if name == "audioset":
         for field in ("train_csv", "eval_csv", "class_index_csv", "train_audio_dir", "eval_audio_dir"):
             audioset[field] = _nonempty_str(data_config, f"audioset_{field}")
     if name == "audio_folder":
-        value = _get(data_config, "csv_files")
+        value = get(data_config, "data.csv_files", hint=_HINT)
         items = dict(value.items()) if hasattr(value, "items") else None
         if not items or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in items.items()):
-            _fail("csv_files", "a mapping split -> CSV path (relative to data_dir)", value)
+            fail("data.csv_files", "a mapping split -> CSV path (relative to data_dir)", value)
         for split in ("train", DATASETS["audio_folder"]):
             if split not in items:
-                _fail("csv_files", f"a mapping that has the split {split!r}", value)
+                fail("data.csv_files", f"a mapping that has the split {split!r}", value)
         csv_files = items
-    max_eval = _get(data_config, "max_eval_examples")
-    if max_eval is not None and (not _is_int(max_eval) or max_eval < 1):
-        _fail("max_eval_examples", "None or an int >= 1", max_eval)
+    max_eval = get(data_config, "data.max_eval_examples", hint=_HINT)
+    if max_eval is not None and (not is_int(max_eval) or max_eval < 1):
+        fail("data.max_eval_examples", "None or an int >= 1", max_eval)
     return AudioDataSpec(
         name=name,
         data_dir=None if data_dir is None else os.fspath(data_dir),
@@ -367,7 +355,7 @@ class CropOrPad(grain.transforms.Map):
 
 def _train_seeds(seed) -> tuple[int, int]:
     """Independent shuffle / augmentation seeds from one integer (SeedSequence avoids correlated streams)."""
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     shuffle_seed, aug_seed = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint32)
     return int(shuffle_seed), int(aug_seed)

@@ -36,6 +36,7 @@ import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from bridle_jax.data import pipeline, sources, transforms
+from bridle_jax.validation import fail, get, is_int
 
 DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on (config.data.eval_split unset)
 
@@ -102,23 +103,15 @@ class DataSpec:
   max_skipped: int
 
 
-def _fail(field: str, expected: str, got) -> None:
-  raise ValueError(f"config.data.{field} must be {expected}, got {got!r}")
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def _pair(data_config, field: str, upper: float | None) -> tuple[float, float]:
-  value = _get(data_config, field)
+  value = get(data_config, "data." + field)
   expected = "a pair (low, high) with 0 < low <= high" + (f" <= {upper}" if upper is not None else "")
   try:
     lo, hi = (float(v) for v in value)
   except (TypeError, ValueError):
-    _fail(field, expected, value)
+    fail("data." + field, expected, value)
   if not (0 < lo <= hi) or (upper is not None and hi > upper):
-    _fail(field, expected, value)
+    fail("data." + field, expected, value)
   return lo, hi
 
 
@@ -128,48 +121,38 @@ def rgb_triple(field: str, value, positive: bool) -> tuple[float, float, float]:
   try:
     arr = np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError):
-    _fail(field, expected, value)
+    fail("data." + field, expected, value)
   if arr.shape != (3,) or not np.all(np.isfinite(arr)) or (positive and not np.all(arr > 0)):
-    _fail(field, expected, value)
+    fail("data." + field, expected, value)
   return tuple(arr.tolist())
-
-
-_MISSING = object()
-
-
-def _get(data_config, field: str, default=_MISSING):
-  value = getattr(data_config, field, default)
-  if value is _MISSING:
-    raise ValueError(f"config.data.{field} is missing")
-  return value
 
 
 def data_spec(data_config) -> DataSpec:
   """Validates ``config.data`` (an ml_collections ConfigDict or any object with these attributes)."""
-  name = _get(data_config, "name")
+  name = get(data_config, "data.name")
   sources.check_fields(data_config)  # name, splits, CSVs, TFDS keys, max_skipped
-  image_size = _get(data_config, "image_size")
-  if not _is_int(image_size) or image_size < 1:
-    _fail("image_size", "a positive int", image_size)
-  flip = _get(data_config, "flip")
+  image_size = get(data_config, "data.image_size")
+  if not is_int(image_size) or image_size < 1:
+    fail("data.image_size", "a positive int", image_size)
+  flip = get(data_config, "data.flip")
   if not isinstance(flip, (bool, np.bool_)):
-    _fail("flip", "a bool", flip)
-  fraction = _get(data_config, "eval_crop_fraction")
+    fail("data.flip", "a bool", flip)
+  fraction = get(data_config, "data.eval_crop_fraction")
   if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-    _fail("eval_crop_fraction", "a number in (0, 1]", fraction)
+    fail("data.eval_crop_fraction", "a number in (0, 1]", fraction)
   ints = {}
   for field in ("num_threads", "prefetch_buffer_size"):
-    ints[field] = _get(data_config, field)
-    if not _is_int(ints[field]) or ints[field] < 0:
-      _fail(field, "an int >= 0", ints[field])
-  max_eval = _get(data_config, "max_eval_examples", None)
-  if max_eval is not None and (not _is_int(max_eval) or max_eval < 1):
-    _fail("max_eval_examples", "None or a positive int", max_eval)
+    ints[field] = get(data_config, "data." + field)
+    if not is_int(ints[field]) or ints[field] < 0:
+      fail("data." + field, "an int >= 0", ints[field])
+  max_eval = get(data_config, "data.max_eval_examples", None)
+  if max_eval is not None and (not is_int(max_eval) or max_eval < 1):
+    fail("data.max_eval_examples", "None or a positive int", max_eval)
   return DataSpec(
       name=name, image_size=int(image_size),
       crop_scale=_pair(data_config, "crop_scale", upper=1.0), crop_ratio=_pair(data_config, "crop_ratio", upper=None),
-      flip=bool(flip), mean=rgb_triple("mean", _get(data_config, "mean"), positive=False),
-      std=rgb_triple("std", _get(data_config, "std"), positive=True),
+      flip=bool(flip), mean=rgb_triple("mean", get(data_config, "data.mean"), positive=False),
+      std=rgb_triple("std", get(data_config, "data.std"), positive=True),
       eval_crop_fraction=float(fraction), num_threads=int(ints["num_threads"]),
       prefetch_buffer_size=int(ints["prefetch_buffer_size"]),
       max_eval_examples=None if max_eval is None else int(max_eval),
@@ -184,7 +167,7 @@ def eval_transforms(spec: DataSpec) -> list:
 
 def _train_seeds(seed: int) -> tuple[int, int, int]:
   """Independent shuffle / crop / flip seeds from one integer (SeedSequence avoids correlated streams)."""
-  if not _is_int(seed) or seed < 0:
+  if not is_int(seed) or seed < 0:
     raise ValueError(f"seed must be a non-negative int, got {seed!r}")
   shuffle_seed, crop_seed, flip_seed = np.random.SeedSequence(int(seed)).generate_state(3, dtype=np.uint32)
   return int(shuffle_seed), int(crop_seed), int(flip_seed)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from bridle_jax.data import csv_files
+from bridle_jax.validation import is_int
 
 SHORT_CLIP_MODES = ("loop", "pad")
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -45,10 +46,6 @@ class VideoNotFoundError(VideoDecodeError, FileNotFoundError):
 
 # Errors PyAV/FFmpeg raise on bad data; anything else is a bug and propagates unchanged.
 _AV_ERRORS = (av.error.FFmpegError, OSError, EOFError)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 # ------------------------------------------------------------------------------------------------------ decoding
@@ -235,11 +232,11 @@ def sample_indices(
     real indices and the caller pads (``length = L``). VideoMAE's own loaders instead repeat the last frame.
     """
     n = num_frames_in_clip
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"sample_indices: num_frames_in_clip must be a positive int, got {n!r}")
-    if not _is_int(num_frames) or num_frames < 1:
+    if not is_int(num_frames) or num_frames < 1:
         raise ValueError(f"sample_indices: num_frames must be a positive int, got {num_frames!r}")
-    if not _is_int(sampling_rate) or sampling_rate < 1:
+    if not is_int(sampling_rate) or sampling_rate < 1:
         raise ValueError(f"sample_indices: sampling_rate must be a positive int, got {sampling_rate!r}")
     if short_clip not in SHORT_CLIP_MODES:
         raise ValueError(f"sample_indices: short_clip must be one of {SHORT_CLIP_MODES}, got {short_clip!r}")
@@ -368,12 +365,12 @@ class MultiScaleCrop(grain.transforms.RandomMap):
     """VideoMAE's GroupMultiScaleCrop: one crop per clip (same for every frame), resized to ``size`` (bilinear)."""
 
     def __init__(self, size: int, scales: Sequence[float] = VIDEOMAE_SCALES, max_distort: int = 1):
-        if not _is_int(size) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"MultiScaleCrop: size must be a positive int, got {size!r}")
         scales = tuple(float(s) for s in scales)
         if not scales or not all(0 < s <= 1 for s in scales):
             raise ValueError(f"MultiScaleCrop: scales must be a non-empty list of numbers in (0, 1], got {scales!r}")
-        if not _is_int(max_distort) or max_distort < 0:
+        if not is_int(max_distort) or max_distort < 0:
             raise ValueError(f"MultiScaleCrop: max_distort must be an int >= 0, got {max_distort!r}")
         self.size, self.scales, self.max_distort = int(size), scales, int(max_distort)
 
@@ -408,7 +405,7 @@ class ResizeCenterCropClip(grain.transforms.Map):
     """Eval geometry: short side to ``short_side`` (bilinear), then the central ``size`` x ``size`` crop."""
 
     def __init__(self, size: int, short_side: int):
-        if not _is_int(size) or not _is_int(short_side) or not 1 <= size <= short_side:
+        if not is_int(size) or not is_int(short_side) or not 1 <= size <= short_side:
             raise ValueError(f"ResizeCenterCropClip: need ints 1 <= size <= short_side, got {size!r}, {short_side!r}")
         self.size, self.short_side = int(size), int(short_side)
 
@@ -443,7 +440,7 @@ class PadClip(grain.transforms.Map):
     """Zero-pads ``input`` along time to ``num_frames`` and records ``length`` (int32), so batches have one shape."""
 
     def __init__(self, num_frames: int):
-        if not _is_int(num_frames) or num_frames < 1:
+        if not is_int(num_frames) or num_frames < 1:
             raise ValueError(f"PadClip: num_frames must be a positive int, got {num_frames!r}")
         self.num_frames = int(num_frames)
 

@@ -54,6 +54,7 @@ import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
 from bridle_jax.data import csv_files, image_pipeline, pipeline, video, video_sources
+from bridle_jax.validation import MISSING, fail, get, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -130,74 +131,59 @@ class VideoDataSpec:
     max_skipped: int
 
 
-_MISSING = object()
-
-
-def _fail(field: str, expected: str, got):
-    raise ValueError(f"config.data.{field} must be {expected}, got {got!r}")
-
-
-def _get(data_config, field: str, default=_MISSING):
-    value = getattr(data_config, field, default)
-    if value is _MISSING:
-        raise ValueError(f"config.data.{field} is missing (see video_pipeline.default_data_config())")
-    return value
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+_HINT = "see video_pipeline.default_data_config()"  # the hint of a missing field's error
 
 
 def _int(data_config, field: str, minimum: int, optional: bool = False) -> int | None:
-    value = _get(data_config, field, None if optional else _MISSING)
+    value = get(data_config, "data." + field, None if optional else MISSING, hint=_HINT)
     if value is None and optional:
         return None
-    if not _is_int(value) or value < minimum:
-        _fail(field, f"{'None or ' if optional else ''}an int >= {minimum}", value)
+    if not is_int(value) or value < minimum:
+        fail("data." + field, f"{'None or ' if optional else ''}an int >= {minimum}", value)
     return int(value)
 
 
 def _str(data_config, field: str) -> str | None:
-    value = _get(data_config, field, None)
+    value = get(data_config, "data." + field, None)
     if value is not None and (not isinstance(value, str) or not value):
-        _fail(field, "None or a non-empty path string", value)
+        fail("data." + field, "None or a non-empty path string", value)
     return value
 
 
 def data_spec(data_config) -> VideoDataSpec:
     """Validates ``config.data``; every error names ``config.data.<field>`` and what was expected."""
-    name = _get(data_config, "name")
+    name = get(data_config, "data.name", hint=_HINT)
     if name not in DATASETS:
-        _fail("name", f"one of {sorted(DATASETS)}", name)
+        fail("data.name", f"one of {sorted(DATASETS)}", name)
     defaults = _DEFAULTS[name]
     paths = {f: _str(data_config, f) for f in ("data_dir", "train_csv", "eval_csv", "train_clip_dir", "eval_clip_dir")}
     if name in ("kinetics400", "video_folder") and paths["data_dir"] is None:
-        _fail("data_dir", f"the dataset folder for name={name!r}", None)
+        fail("data.data_dir", f"the dataset folder for name={name!r}", None)
     for f in ("train_csv", "eval_csv", "train_clip_dir", "eval_clip_dir"):
         if paths[f] is None:
             paths[f] = defaults[f]
     for f in ("train_csv", "eval_csv"):
         if paths[f] is None:
-            _fail(f, f"the path of a 'path,label[,split]' CSV (relative to data_dir) for name={name!r}", None)
-    scales = _get(data_config, "crop_scales")
+            fail("data." + f, f"the path of a 'path,label[,split]' CSV (relative to data_dir) for name={name!r}", None)
+    scales = get(data_config, "data.crop_scales", hint=_HINT)
     try:
         scales = tuple(float(s) for s in scales)
     except (TypeError, ValueError):
-        _fail("crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
+        fail("data.crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
     if not scales or not all(0 < s <= 1 for s in scales):
-        _fail("crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
-    flip = _get(data_config, "flip")
+        fail("data.crop_scales", "a non-empty sequence of numbers in (0, 1]", scales)
+    flip = get(data_config, "data.flip", hint=_HINT)
     if not isinstance(flip, (bool, np.bool_)):
-        _fail("flip", "a bool", flip)
-    short_clip = _get(data_config, "short_clip")
+        fail("data.flip", "a bool", flip)
+    short_clip = get(data_config, "data.short_clip", hint=_HINT)
     if short_clip not in video.SHORT_CLIP_MODES:
-        _fail("short_clip", f"one of {video.SHORT_CLIP_MODES}", short_clip)
+        fail("data.short_clip", f"one of {video.SHORT_CLIP_MODES}", short_clip)
     image_size = _int(data_config, "image_size", 1)
     eval_short_side = _int(data_config, "eval_short_side", 1, optional=True)
     if eval_short_side is None:
         eval_short_side = image_size
     elif eval_short_side < image_size:
-        _fail("eval_short_side", f"None or an int >= config.data.image_size={image_size}", eval_short_side)
+        fail("data.eval_short_side", f"None or an int >= config.data.image_size={image_size}", eval_short_side)
     return VideoDataSpec(
         name=name,
         data_dir=paths["data_dir"],
@@ -211,8 +197,8 @@ def data_spec(data_config) -> VideoDataSpec:
         crop_scales=scales,
         max_distort=_int(data_config, "max_distort", 0),
         flip=bool(flip),
-        mean=image_pipeline.rgb_triple("mean", _get(data_config, "mean"), positive=False),
-        std=image_pipeline.rgb_triple("std", _get(data_config, "std"), positive=True),
+        mean=image_pipeline.rgb_triple("mean", get(data_config, "data.mean", hint=_HINT), positive=False),
+        std=image_pipeline.rgb_triple("std", get(data_config, "data.std", hint=_HINT), positive=True),
         short_clip=short_clip,
         eval_short_side=eval_short_side,
         num_threads=_int(data_config, "num_threads", 0),
@@ -372,7 +358,7 @@ def eval_transforms(spec: VideoDataSpec) -> list:
 
 def _train_seeds(seed: int) -> tuple[int, int, int, int]:
     """Independent shuffle / temporal / crop / flip seeds from one integer."""
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     return tuple(int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4, dtype=np.uint32))
 

@@ -45,6 +45,7 @@ from bridle_jax.data import pipeline
 from bridle_jax.evaluators import augment
 from bridle_jax.evaluators import metrics as eval_metrics
 from bridle_jax.models import bridle, vit
+from bridle_jax.validation import fail, is_int
 
 RESULT_FILE = "finetune.json"
 MODES = ("finetune", "linear_probe")
@@ -127,96 +128,88 @@ def steps_for_epochs(epochs: float, examples: int, batch_size: int) -> int:
     return max(1, round(epochs * (examples // batch_size)))
 
 
-def _fail(field: str, expected: str, got) -> None:
-    raise ValueError(f"config.{field}: expected {expected}, got {got!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
     """Checks the fine-tune config before anything is read or compiled; errors name the field."""
     if c.mode not in MODES:
-        _fail("mode", f"one of {MODES}", c.mode)
+        fail("mode", f"one of {MODES}", c.mode)
     if not c.init_from:
-        _fail("init_from", "the pretraining workdir to start from (--config.init_from=DIR)", c.init_from)
-    if c.init_iteration is not None and (not _is_int(c.init_iteration) or c.init_iteration < 0):
-        _fail("init_iteration", "None (the latest encoder), 0 (random init) or an iteration >= 1", c.init_iteration)
+        fail("init_from", "the pretraining workdir to start from (--config.init_from=DIR)", c.init_from)
+    if c.init_iteration is not None and (not is_int(c.init_iteration) or c.init_iteration < 0):
+        fail("init_iteration", "None (the latest encoder), 0 (random init) or an iteration >= 1", c.init_iteration)
     if c.data.name not in pipeline.DATASETS:
-        _fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
+        fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
     if pipeline.DATASETS[c.data.name] != c.modality:
-        _fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
+        fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
     pipeline.module_for(c.data).validate_data_config(c.data)
-    if not _is_int(c.num_classes) or c.num_classes < 2:
-        _fail("num_classes", "the dataset's number of classes (an int >= 2)", c.num_classes)
+    if not is_int(c.num_classes) or c.num_classes < 2:
+        fail("num_classes", "the dataset's number of classes (an int >= 2)", c.num_classes)
     for field in ("batch_size", "num_steps", "eval_every_steps", "eval_batch_size", "log_every_steps"):
-        if not _is_int(c[field]) or c[field] < 1:
-            _fail(field, "an int >= 1", c[field])
-    if not _is_int(c.warmup_steps) or not 0 <= c.warmup_steps < c.num_steps:
-        _fail("warmup_steps", f"an int in [0, num_steps={c.num_steps})", c.warmup_steps)
+        if not is_int(c[field]) or c[field] < 1:
+            fail(field, "an int >= 1", c[field])
+    if not is_int(c.warmup_steps) or not 0 <= c.warmup_steps < c.num_steps:
+        fail("warmup_steps", f"an int in [0, num_steps={c.num_steps})", c.warmup_steps)
     if c.epochs is not None:
         if isinstance(c.epochs, bool) or not c.epochs > 0:
-            _fail("epochs", "None (num_steps as given) or a number of epochs > 0", c.epochs)
+            fail("epochs", "None (num_steps as given) or a number of epochs > 0", c.epochs)
         if c.warmup_epochs is not None and not 0 <= c.warmup_epochs < c.epochs:
-            _fail("warmup_epochs", f"None or a number in [0, epochs={c.epochs})", c.warmup_epochs)
+            fail("warmup_epochs", f"None or a number in [0, epochs={c.epochs})", c.warmup_epochs)
         if c.eval_every_epochs is not None and not c.eval_every_epochs > 0:
-            _fail("eval_every_epochs", "None (eval_every_steps as given) or a number > 0", c.eval_every_epochs)
+            fail("eval_every_epochs", "None (eval_every_steps as given) or a number > 0", c.eval_every_epochs)
     elif c.warmup_epochs is not None or c.eval_every_epochs is not None:
-        _fail("epochs", "a number of epochs when warmup_epochs or eval_every_epochs is set", c.epochs)
+        fail("epochs", "a number of epochs when warmup_epochs or eval_every_epochs is set", c.epochs)
     tuned = c.optim.tuned_batch_size
-    if tuned is not None and (not _is_int(tuned) or tuned < 1):
-        _fail("optim.tuned_batch_size", "None or the global batch the lr was tuned for (an int >= 1)", tuned)
+    if tuned is not None and (not is_int(tuned) or tuned < 1):
+        fail("optim.tuned_batch_size", "None or the global batch the lr was tuned for (an int >= 1)", tuned)
     if c.optim.lr_scaling not in config_lib.LR_SCALINGS:
-        _fail("optim.lr_scaling", f"one of {config_lib.LR_SCALINGS}", c.optim.lr_scaling)
+        fail("optim.lr_scaling", f"one of {config_lib.LR_SCALINGS}", c.optim.lr_scaling)
     o = c.optim
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
-        _fail("optim.lr", f"> 0 and >= optim.min_lr={o.min_lr}", o.lr)
+        fail("optim.lr", f"> 0 and >= optim.min_lr={o.min_lr}", o.lr)
     if o.weight_decay < 0:
-        _fail("optim.weight_decay", ">= 0", o.weight_decay)
+        fail("optim.weight_decay", ">= 0", o.weight_decay)
     limit = o.get("max_consecutive_nonfinite", 5)
-    if not _is_int(limit) or limit < 1:
-        _fail("optim.max_consecutive_nonfinite", "an int >= 1", limit)
+    if not is_int(limit) or limit < 1:
+        fail("optim.max_consecutive_nonfinite", "an int >= 1", limit)
     if not 0 < o.layer_decay <= 1:
-        _fail("optim.layer_decay", "a value in (0, 1] (1 = no decay)", o.layer_decay)
+        fail("optim.layer_decay", "a value in (0, 1] (1 = no decay)", o.layer_decay)
     if not 0 <= c.model.drop_path < 1:
-        _fail("model.drop_path", "a rate in [0, 1)", c.model.drop_path)
+        fail("model.drop_path", "a rate in [0, 1)", c.model.drop_path)
     if c.model.dtype not in _DTYPES:
-        _fail("model.dtype", f"one of {_DTYPES} ('' = the checkpoint's)", c.model.dtype)
+        fail("model.dtype", f"one of {_DTYPES} ('' = the checkpoint's)", c.model.dtype)
     a = c.augment
     if not 0 <= a.mixup <= 1:
-        _fail("augment.mixup", "a probability in [0, 1]", a.mixup)
+        fail("augment.mixup", "a probability in [0, 1]", a.mixup)
     if isinstance(a.mixup_alpha, bool) or not float(a.mixup_alpha).is_integer() or a.mixup_alpha < 1:
-        _fail(
+        fail(
             "augment.mixup_alpha",
             "a positive integer (Beta(a, a) is drawn loop-free, see augment.beta_symmetric)",
             a.mixup_alpha,
         )
     for field in ("mask_t_prob", "mask_f_prob", "random_erasing"):
         if not 0 <= a[field] < 1:
-            _fail(f"augment.{field}", "a value in [0, 1)", a[field])
+            fail(f"augment.{field}", "a value in [0, 1)", a[field])
     for field in ("freq_mask", "time_mask", "randaugment_ops", "epoch_len"):
-        if not _is_int(a[field]) or a[field] < 0:
-            _fail(f"augment.{field}", "an int >= 0", a[field])
+        if not is_int(a[field]) or a[field] < 0:
+            fail(f"augment.{field}", "an int >= 0", a[field])
     if c.modality != "audio":
         for field in ("freq_mask", "time_mask", "mask_t_prob", "mask_f_prob"):
             if a[field]:
-                _fail(f"augment.{field}", "0 for image and video (an audio augmentation)", a[field])
+                fail(f"augment.{field}", "0 for image and video (an audio augmentation)", a[field])
     if a.weighted_sampler and not c.multi_label:
-        _fail("augment.weighted_sampler", "False unless config.multi_label (AST's sampler weights multi-hot labels)", 1)
+        fail("augment.weighted_sampler", "False unless config.multi_label (AST's sampler weights multi-hot labels)", 1)
     if c.multi_label and c.modality != "audio":
-        _fail("multi_label", "False for image and video (only the AudioSet recipe is multi-label)", True)
+        fail("multi_label", "False for image and video (only the AudioSet recipe is multi-label)", True)
     folds = tuple(c.cv_folds)
     if folds:
         if c.modality != "audio" or c.data.name not in ("esc50", "sounds"):
-            _fail("cv_folds", "() unless config.data.name is 'esc50' or 'sounds' (fold-split datasets)", folds)
-        if len(set(folds)) != len(folds) or len(folds) < 2 or not all(_is_int(f) and f >= 1 for f in folds):
-            _fail("cv_folds", "at least 2 distinct fold numbers >= 1", folds)
+            fail("cv_folds", "() unless config.data.name is 'esc50' or 'sounds' (fold-split datasets)", folds)
+        if len(set(folds)) != len(folds) or len(folds) < 2 or not all(is_int(f) and f >= 1 for f in folds):
+            fail("cv_folds", "at least 2 distinct fold numbers >= 1", folds)
     for axis in ("data", "fsdp"):
         if c.mesh[axis] == 0 or c.mesh[axis] < -1:
-            _fail(f"mesh.{axis}", "a positive size or -1 (the remaining devices)", c.mesh[axis])
-    if not _is_int(c.checkpoint.every_steps) or c.checkpoint.every_steps < 1:
-        _fail("checkpoint.every_steps", "an int >= 1", c.checkpoint.every_steps)
+            fail(f"mesh.{axis}", "a positive size or -1 (the remaining devices)", c.mesh[axis])
+    if not is_int(c.checkpoint.every_steps) or c.checkpoint.every_steps < 1:
+        fail("checkpoint.every_steps", "an int >= 1", c.checkpoint.every_steps)
 
 
 # ================================================================================================ the model
@@ -298,16 +291,16 @@ def _check_input_size(c, pretrain) -> None:
     else:
         sizes = {"data.image_size": d.image_size}
     for field, size in sizes.items():
-        if not _is_int(size) or size < patch or size % patch:
-            _fail(field, f"a positive multiple of the checkpoint's patch size {patch} ({pretrain.model.variant})", size)
+        if not is_int(size) or size < patch or size % patch:
+            fail(field, f"a positive multiple of the checkpoint's patch size {patch} ({pretrain.model.variant})", size)
     if c.modality == "video":
         t = pretrain.model.tubelet_size
         if d.num_frames < t or d.num_frames % t:
-            _fail("data.num_frames", f"a positive multiple of the checkpoint's tubelet size {t}", d.num_frames)
+            fail("data.num_frames", f"a positive multiple of the checkpoint's tubelet size {t}", d.num_frames)
     if c.modality == "audio" and any((c.augment.mask_t_prob, c.augment.mask_f_prob)):
         rows, cols = d.target_frames // patch, d.num_mel_bins // patch
         if int(rows * (1 - c.augment.mask_t_prob)) < 1 or int(cols * (1 - c.augment.mask_f_prob)) < 1:
-            _fail("augment.mask_t_prob", f"probabilities that keep a row and a column of the {rows}x{cols} grid", 1)
+            fail("augment.mask_t_prob", f"probabilities that keep a row and a column of the {rows}x{cols} grid", 1)
 
 
 def setup(c: ml_collections.ConfigDict) -> Setup:
