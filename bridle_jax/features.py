@@ -10,6 +10,7 @@ from bridle_jax import sharding
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
 from bridle_jax.models import bridle
+from bridle_jax.validation import is_int
 
 
 class Encoder:
@@ -58,8 +59,7 @@ def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
     """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
     available = ckpt_lib.saved_iterations(workdir)
     # bool is an int subclass and 1.0 == 1: both would silently pick an iteration, so only true ints are accepted.
-    is_int = isinstance(iteration, (int, np.integer)) and not isinstance(iteration, (bool, np.bool_))
-    if iteration is not None and not is_int:
+    if iteration is not None and not is_int(iteration):
         raise ValueError(
             f"iteration: expected an int (an encoder iteration saved in {workdir}: {available}) or None (the "
             f"latest), got {iteration!r}"

@@ -37,6 +37,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bridle_jax.validation import fail
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -210,10 +212,11 @@ def check_batch_split(global_batch_size: int, mesh: Mesh, accumulation_steps: in
     `accumulation_steps` micro-batches, each sharded like the whole batch)."""
     num_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch_size % (accumulation_steps * num_shards):
-        raise ValueError(
-            f"config.batch_size={global_batch_size} must be divisible by config.optim.accumulation_steps="
-            f"{accumulation_steps} x {num_shards} batch shards (mesh data={mesh.shape['data']} x "
-            f"fsdp={mesh.shape['fsdp']})"
+        fail(
+            "batch_size",
+            f"a multiple of config.optim.accumulation_steps={accumulation_steps} x {num_shards} batch shards "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})",
+            global_batch_size,
         )
 
 
@@ -221,5 +224,5 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, accumulation_steps: int
     """This process's share of the global batch; errors name the config fields when it does not divide."""
     check_batch_split(global_batch_size, mesh, accumulation_steps)
     if global_batch_size % jax.process_count():
-        raise ValueError(f"config.batch_size={global_batch_size} must be divisible by {jax.process_count()} processes")
+        fail("batch_size", f"a multiple of the {jax.process_count()} processes", global_batch_size)
     return global_batch_size // jax.process_count()

@@ -70,7 +70,7 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 
 
 def test_unknown_dataset_name_is_a_clear_error():
-  with pytest.raises(ValueError, match=r"config\.data\.name must be one of \(.*'digits'.*'imagenet2012'.*\), got 'mnist'"):
+  with pytest.raises(ValueError, match=r"config\.data\.name: expected one of \(.*'digits'.*'imagenet2012'.*\), got 'mnist'"):
     sources.make_source(data_config(name="mnist"), "train")
   with pytest.raises(ValueError, match=r"config\.data\.name: expected one of .*'digits'.*got 'mnist'"):
     pipeline.train_iterator(data_config(name="mnist"), local_batch_size=4, seed=0)

@@ -277,8 +277,8 @@ def test_batch_must_split_into_micro_batches_times_shards():
     mesh = sharding.make_mesh(c.mesh)
     with pytest.raises(
         ValueError,
-        match=r"config.batch_size=16 must be divisible by config.optim.accumulation_steps"
-        r"=4 x 8 batch shards \(mesh data=2 x fsdp=4\)",
+        match=r"config.batch_size: expected a multiple of config.optim.accumulation_steps"
+        r"=4 x 8 batch shards \(mesh data=2 x fsdp=4\), got 16",
     ):
         sharding.check_batch_split(c.batch_size, mesh, 4)
     models = build_models(c)

@@ -165,13 +165,13 @@ def test_skip_ceiling_stops_the_run(folder, fresh_counter):
     cfg = data_config(name="image_folder", data_dir=str(root), max_skipped=0)
     with pytest.raises(RuntimeError, match=r"1 unreadable images were skipped, more than config\.data\.max_skipped=0"):
         pipeline.eval_arrays(cfg, "train")
-    with pytest.raises(ValueError, match=r"config\.data\.max_skipped must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"config\.data\.max_skipped: expected an int >= 0"):
         image_pipeline.data_spec(data_config(name="image_folder", data_dir=str(root), max_skipped=-1))
 
 
 def test_folder_errors_name_what_is_wrong(folder, tmp_path):
     root, _ = folder
-    with pytest.raises(ValueError, match=r"config\.data\.data_dir must be the image folder's root"):
+    with pytest.raises(ValueError, match=r"config\.data\.data_dir: expected the image folder's root"):
         image_pipeline.data_spec(data_config(name="image_folder"))
     with pytest.raises(FileNotFoundError, match=r"image folder root \(config\.data\.data_dir\) .*nowhere.* not a dir"):
         pipeline.eval_arrays(data_config(name="image_folder", data_dir=str(tmp_path / "nowhere")), "test")
@@ -200,7 +200,7 @@ def test_folder_errors_name_what_is_wrong(folder, tmp_path):
         pipeline.eval_arrays(cfg, "test")
     with pytest.raises(FileNotFoundError, match=r"'.*val/dog' holds no image file"):
         pipeline.eval_arrays(cfg, "val")
-    with pytest.raises(ValueError, match=r"eval_split must be folder names under data_dir, got '\.\./x'"):
+    with pytest.raises(ValueError, match=r"config\.data\.eval_split: expected a folder name .*got '\.\./x'"):
         image_pipeline.data_spec(data_config(name="image_folder", data_dir=str(bad), eval_split="../x"))
 
 
@@ -246,7 +246,7 @@ def test_csv_variant_with_class_names(folder, tmp_path, fresh_counter):
         pipeline.eval_arrays(cfg, "test")
     with pytest.raises(ValueError, match=r"splits \['test', 'train'\] .* got split 'val'"):
         pipeline.eval_arrays(cfg, "val")
-    with pytest.raises(ValueError, match=r"config\.data\.eval_csv must be set too"):
+    with pytest.raises(ValueError, match=r"config\.data\.eval_csv: expected a 'path,label' CSV too"):
         image_pipeline.data_spec(data_config(name="image_folder", data_dir=str(root), train_csv="meta/train.csv"))
     # Integer labels are used as given; the eval CSV must stay inside the train CSV's range.
     (meta / "train.csv").write_text("path,label\nmeta/imgs/c.png,0\nmeta/imgs/d.bmp,3\n")
@@ -332,8 +332,8 @@ def test_tfds_dataset_by_name_end_to_end(tfds_dir, fresh_counter):
 
     with pytest.raises(
         ValueError,
-        match=r"config\.data\.image_key='image': 'tfds:tiny_shapes' has no such feature; "
-        r"its features are \['idx', 'kind', 'picture'\]",
+        match=r"config\.data\.image_key: expected a feature of 'tfds:tiny_shapes', one of "
+        r"\['idx', 'kind', 'picture'\], got 'image'",
     ):
         sources.raw_source(data_config(name="tfds:tiny_shapes", data_dir=str(tfds_dir)), "train")
     with pytest.raises(ValueError, match=r"(?s)no split 'test' .*set config\.data\.train_split / .*eval_split"):
@@ -363,7 +363,7 @@ def test_missing_tfds_preparation_says_how_to_prepare(tmp_path):
     ):
         pipeline.eval_arrays(data_config(name="tfds:oxford_flowers102", data_dir=str(tmp_path / "tfds")), "test")
     for bad in ("tfds:", "tfds:Bad Name", "tfds:cifar10:1.0"):
-        with pytest.raises(ValueError, match=r"config\.data\.name must be 'tfds:<name>\[:<version>\]'"):
+        with pytest.raises(ValueError, match=r"config\.data\.name: expected 'tfds:<name>\[:<version>\]'"):
             image_pipeline.data_spec(data_config(name=bad))
 
 

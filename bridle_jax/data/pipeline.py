@@ -35,6 +35,8 @@ import typing
 import grain
 import numpy as np
 
+from bridle_jax.validation import is_int
+
 _MODULES = {
     "image": "bridle_jax.data.image_pipeline",
     "audio": "bridle_jax.data.audio_pipeline",
@@ -44,9 +46,6 @@ _MODULES = {
 
 def check_stream_args(local_batch_size, process_index, process_count) -> None:
     """The arguments every modality's `train_dataset` takes, checked once, with the same messages."""
-
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
     if not is_int(local_batch_size) or local_batch_size < 1:
         raise ValueError(f"local_batch_size must be a positive int, got {local_batch_size!r}")
@@ -191,9 +190,6 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
 
 def check_eval_args(max_examples, batch_size=1) -> None:
     """The arguments of every module's eval readers, checked with the same messages."""
-
-    def is_int(x):
-        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
     if max_examples is not None and (not is_int(max_examples) or max_examples < 1):
         raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from bridle_jax.data import csv_files, pipeline, tfds_source
+from bridle_jax.validation import fail, is_int
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def registry_name(name) -> str:
 def _optional_str(data_config, field: str) -> str | None:
   value = getattr(data_config, field, None)  # configs (and config.json files) from before the field read as None
   if value is not None and (not isinstance(value, str) or not value.strip()):
-    raise ValueError(f"config.data.{field} must be None or a non-empty string, got {value!r}")
+    fail("data." + field, "None or a non-empty string", value)
   return value
 
 
@@ -193,8 +194,8 @@ def max_skipped(data_config) -> int:
   value = getattr(data_config, "max_skipped", None)
   if value is None:
     return DEFAULT_MAX_SKIPPED
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"config.data.max_skipped must be an int >= 0, got {value!r}")
+  if not is_int(value) or value < 0:
+    fail("data.max_skipped", "an int >= 0", value)
   return int(value)
 
 
@@ -202,7 +203,7 @@ def check_fields(data_config) -> None:
   """Validates the fields of this module (names, splits, CSVs, TFDS keys); errors name ``config.data.<field>``."""
   name = getattr(data_config, "name", None)
   if registry_name(name) not in DATASETS:
-    raise ValueError(f"config.data.name must be one of {DATASETS}, got {name!r}")
+    fail("data.name", f"one of {DATASETS}", name)
   if tfds_source.is_tfds(name):
     tfds_source.parse_name(name)
   for field in ("train_split", "eval_split", "train_csv", "eval_csv", "image_key", "label_key"):
@@ -212,17 +213,17 @@ def check_fields(data_config) -> None:
     return
   data_dir = getattr(data_config, "data_dir", None)
   if data_dir is None:
-    raise ValueError("config.data.data_dir must be the image folder's root (root/<split>/<class>/<image>, or the "
-                     "folder of config.data.train_csv / eval_csv) for name='image_folder', got None")
+    fail("data.data_dir", "the image folder's root (root/<split>/<class>/<image>, or the folder of "
+         "config.data.train_csv / eval_csv) for name='image_folder'", None)
   csvs = {f: getattr(data_config, f, None) for f in ("train_csv", "eval_csv")}
   if (csvs["train_csv"] is None) != (csvs["eval_csv"] is None):
-    missing = "eval_csv" if csvs["eval_csv"] is None else "train_csv"
-    raise ValueError(f"config.data.{missing} must be set too: the CSV variant of image_folder needs a 'path,label' "
-                     f"CSV for both splits (train_csv and eval_csv), got {csvs}")
+    missing, given = ("eval_csv", "train_csv") if csvs["eval_csv"] is None else ("train_csv", "eval_csv")
+    fail("data." + missing, f"a 'path,label' CSV too, as config.data.{given}={csvs[given]!r} is set (the CSV "
+         "variant of image_folder needs one for both splits)", None)
   if csvs["train_csv"] is None:
-    for split in (train_split(data_config), eval_split(data_config)):
+    for field, split in (("train_split", train_split(data_config)), ("eval_split", eval_split(data_config))):
       if split in (".", "..") or "/" in split or "\\" in split:
-        raise ValueError(f"config.data.train_split / eval_split must be folder names under data_dir, got {split!r}")
+        fail("data." + field, "a folder name under data_dir (no '/', '\\', '.' or '..')", split)
 
 
 # ----------------------------------------------------------------------------------------------- skip counter

@@ -18,6 +18,7 @@ import os
 import re
 
 from bridle_jax.data import csv_files
+from bridle_jax.validation import fail
 
 PREFIX = "tfds:"
 # dataset_name[/config_name][:version], TFDS's own naming (the name's "[/kwargs]" form is not accepted here).
@@ -41,9 +42,11 @@ def parse_name(name: str) -> str:
     """``"tfds:<name>[:<version>]"`` → the TFDS name (``"<name>[:<version>]"``); ValueError naming the field."""
     tfds_name = name[len(PREFIX) :] if is_tfds(name) else ""
     if not _NAME.match(tfds_name):
-        raise ValueError(
-            f"config.data.name must be 'tfds:<name>[:<version>]' with a TFDS dataset name (e.g. 'tfds:cifar10', "
-            f"'tfds:oxford_flowers102:2.1.0', 'tfds:imagenet2012_subset/1pct'), got {name!r}"
+        fail(
+            "data.name",
+            "'tfds:<name>[:<version>]' with a TFDS dataset name (e.g. 'tfds:cifar10', "
+            "'tfds:oxford_flowers102:2.1.0', 'tfds:imagenet2012_subset/1pct')",
+            name,
         )
     return tfds_name
 
@@ -103,10 +106,7 @@ class TfdsImageSource:
         keys = sorted(features.keys())
         for field, key in (("image_key", image_key), ("label_key", label_key)):
             if key not in features:
-                raise ValueError(
-                    f"config.data.{field}={key!r}: {name!r} has no such feature; its features are {keys} (set "
-                    f"--config.data.{field}=<one of them>)"
-                )
+                fail("data." + field, f"a feature of {name!r}, one of {keys}", key)
         self.image_key, self.label_key = image_key, label_key
         # A ClassLabel feature declares its class count; other integer labels do not.
         self.num_classes = getattr(features[label_key], "num_classes", None)
