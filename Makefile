@@ -50,7 +50,7 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# The real-data study (README "Does it learn?"): Fashion-MNIST (apt-get install dataset-fashion-mnist), ~90 min.
+# The real-data study (README "Does it learn?"): Fashion-MNIST (apt-get install dataset-fashion-mnist), ~150 min (RQ, VQ and the joint variant).
 study: install-test
 	$(PYTHON) benchmarks/study.py
 

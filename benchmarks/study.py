@@ -1,7 +1,7 @@
 """The real-data study: does BRIDLE pretraining learn? Fashion-MNIST, RQ vs VQ vs baselines, several seeds.
 
     apt-get install dataset-fashion-mnist      # the data (nothing is downloaded)
-    python benchmarks/study.py                 # or `make study`; about 90 minutes on 2 CPU cores
+    python benchmarks/study.py                 # or `make study`; about 150 minutes on 2 CPU cores
     python benchmarks/study.py --seeds 0 --variants rq --out /tmp/study   # one row, one seed
 
 Rows, each over the same seeds and the same linear probe (the recipe's: SPEC 4's protocol, mean-pooled patch tokens
