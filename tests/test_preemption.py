@@ -24,6 +24,7 @@ import pytest
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import metrics as metrics_lib
 from bridle_jax import train
+from bridle_jax import workdir as workdir_lib
 from tests.tiny import ROOT, tiny_config
 
 TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder
@@ -503,9 +504,13 @@ def test_kill_9_during_a_lock_take_over_and_a_refused_resume_leaves_the_workdir_
     if killed:
         resumed.kill9()
 
+    # the kill may land between the take-over's truncation of LOCK and its write (an empty lock file: free, and no
+    # holder to name), so a take-over message is expected only when a dead holder's details were left behind
+    left_behind = workdir_lib._Holder.parse(open(os.path.join(workdir, "LOCK"), encoding="utf-8").read())
     final = _Run(workdir, tmp_path, 4)
     assert final.wait() == 0, final.failure()
-    assert "Resumed from step" in final.stdout() and (took_over(final) or not killed), final.failure()
+    assert "Resumed from step" in final.stdout(), final.failure()
+    assert took_over(final) or not killed or left_behind is None, final.failure()
     assert ckpt_lib.read_done(workdir)["step"] == TOTAL_STEPS
     _, state = _final_state(workdir)
     _assert_same_state(state, reference["state"])
