@@ -120,8 +120,7 @@ def plan_gflops(c) -> dict:
     total = 0.0
     for phase in schedule.parse_plan(c.schedule.phases):
         if phase.kind == "joint":
-            every = int(c.joint.tokenizer_every)
-            with_tokenizer = sum(bool(schedule.joint_tokenizer_step(phase, s, every, c.schedule.get("steps_per_epoch")))
+            with_tokenizer = sum(bool(steps.joint_trains_tokenizer(phase, s, c))
                                  for s in range(phase.start_step, phase.end_step))
             total += phase.steps * per_step["encoder"] + with_tokenizer * per_step["tokenizer"]
         else:

@@ -10,7 +10,7 @@ import math
 
 import ml_collections
 
-from bridle_jax.validation import fail
+from bridle_jax.validation import fail, is_int
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -209,7 +209,7 @@ def _check_joint(c: ml_collections.ConfigDict) -> None:
     if j is None:
         fail("joint", "{tokenizer_every, tokenizer_loss_ratio} (base_config has them)", None)
     every = j.get("tokenizer_every")
-    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+    if not is_int(every) or every < 1:
         fail("joint.tokenizer_every", "an int >= 1 (the tokenizer trains every that many steps)", every)
     if not j.get("tokenizer_loss_ratio", -1) > 0:
         fail("joint.tokenizer_loss_ratio", "> 0 (the weight of the tokenizer loss)", j.get("tokenizer_loss_ratio"))
@@ -310,7 +310,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     if c.batch_size < 1:
         fail("batch_size", ">= 1", c.batch_size)
-    joint = any(str(entry).partition(":")[0] == "joint" for entry in c.schedule.phases)
+    joint = schedule.has_kind(c.schedule.phases, "joint")
     if joint:
         _check_joint(c)
     for side in ("encoder", "tokenizer") + (("joint",) if joint else ()):

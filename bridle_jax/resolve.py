@@ -67,8 +67,7 @@ def pretraining(
             f"Plan in epochs: {train_examples:,} train examples // batch {int(c.batch_size):,} = {per_epoch:,} steps "
             f"per epoch: {each}"
         )
-    joint = any(p.kind == "joint" for p in schedule.parse_plan(c.schedule.phases))
-    sides = ("encoder", "tokenizer") + (("joint",) if joint else ())
+    sides = ("encoder", "tokenizer") + (("joint",) if schedule.has_kind(c.schedule.phases, "joint") else ())
     lrs = {f"{side} lr": (c.optim[side], "lr") for side in sides}
     return c, notes + _lr_notes(c, "Pretraining", lrs)
 

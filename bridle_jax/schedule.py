@@ -78,6 +78,11 @@ def _epochs(length: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def has_kind(phases: Sequence[str], kind: str) -> bool:
+    """Whether the plan (as given, in steps or epochs) has a phase of `kind` ("joint": it needs config.joint)."""
+    return not isinstance(phases, str) and any(str(e).partition(":")[0] == kind for e in phases)
+
+
 def in_epochs(phases: Sequence[str]) -> bool:
     """Whether any phase of the plan is given in epochs (and the plan needs the train split's size to run)."""
     return not isinstance(phases, str) and any(_epochs(str(e).partition(":")[2]) is not None for e in phases)

@@ -145,7 +145,7 @@ def hand_over(
     key = jax.random.fold_in(state.rng, 1_000_003 + phase.index)
     params = dict(state.params)
     codebooks = state.codebooks
-    if phase.kind in ("tokenizer", "joint"):
+    if phase.fresh_codebooks:
         codebooks = _fresh_codebooks(config, key)
     elif not config.schedule.encoder_warm_start:
         params["encoder"] = models.init_params(key)["encoder"]

@@ -161,9 +161,22 @@ def _guarded(ok, new, old):
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def _count_nonfinite(nonfinite, ok):
+def count_nonfinite(nonfinite, ok):
+    """(refused steps, refused steps in a row) after one step that was applied (`ok`) or refused."""
     bad = jnp.logical_not(ok).astype(jnp.int32)
     return jnp.stack([nonfinite[0] + bad, (nonfinite[1] + bad) * bad])
+
+
+def _next_state(state: TrainState, ok, params, opt_state, codebooks) -> TrainState:
+    """The state after one step: the step counted, its params / optimizer state / codebooks (the old ones where the
+    step was refused: the caller guards them), the refusal counters moved on."""
+    return state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        codebooks=codebooks,
+        nonfinite=count_nonfinite(state.nonfinite, ok),
+    )
 
 
 def _codebook_metrics(codes, codebook_size, valid):
@@ -355,14 +368,7 @@ def encoder_step(
     codebooks = state.codebooks
     if q.get("encoder_cluster_size_ema", False):
         codebooks = _guarded(ok, _cluster_sizes_seen(codebooks, enc, valid, models, config), codebooks)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        codebooks=codebooks,
-        nonfinite=_count_nonfinite(state.nonfinite, ok),
-    )
-    return new_state, metrics
+    return _next_state(state, ok, params, opt_state, codebooks), metrics
 
 
 class _TokenizerPass(NamedTuple):
@@ -435,14 +441,15 @@ def tokenizer_step(
             "train/update_norm": update_norm,
         }
     )
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        codebooks=codebooks,
-        nonfinite=_count_nonfinite(state.nonfinite, ok),
-    )
-    return new_state, metrics
+    return _next_state(state, ok, params, opt_state, codebooks), metrics
+
+
+def joint_trains_tokenizer(phase: schedule.Phase, step, config: ml_collections.ConfigDict):
+    """Whether the joint phase's step after `step` completed steps (an int, or the traced `state.step`) also trains
+    the tokenizer, by `config.joint.tokenizer_every` and the epoch length of a plan in epochs
+    (`schedule.joint_tokenizer_step`): what `joint_step` decides, for the loop and the benchmarks too."""
+    every, per_epoch = int(config.joint.tokenizer_every), config.schedule.get("steps_per_epoch", None)
+    return schedule.joint_tokenizer_step(phase, step, every, per_epoch)
 
 
 # The tokenizer's metrics of a joint step: NaN on the steps that do not train the tokenizer (the training loop logs
@@ -465,7 +472,7 @@ def joint_step(
     In the authors' order, all on the parameters the step starts from:
     1. the codebook EMA off: T's codes for the batch (no gradient; the eval-mode cluster-size count where
        `quantizer.encoder_cluster_size_ema`), and E+D's masked code cross-entropy L_enc on them;
-    2. only every `joint.tokenizer_every`-th step (`schedule.joint_tokenizer_step`): the EMA on, E's features of the
+    2. only every `joint.tokenizer_every`-th step (`joint_trains_tokenizer`): the EMA on, E's features of the
        unmasked batch (no gradient), and T+TE's loss L_tok through the codebooks, whose EMA step this is (with
        `quantizer.lookup_after_ema` the look-up uses the updated codes, as in the tokenizer phase);
     3. one AdamW step on L_enc + `joint.tokenizer_loss_ratio` x L_tok (L_enc alone on the other steps).
@@ -481,8 +488,7 @@ def joint_step(
     codebooks = state.codebooks
     if q.get("encoder_cluster_size_ema", False):
         codebooks = _cluster_sizes_seen(codebooks, enc, valid, models, config)
-    steps_per_epoch = config.schedule.get("steps_per_epoch", None)
-    trains_tokenizer = schedule.joint_tokenizer_step(phase, state.step, int(j.tokenizer_every), steps_per_epoch)
+    trains_tokenizer = joint_trains_tokenizer(phase, state.step, config)
     ratio = float(j.tokenizer_loss_ratio)
 
     def with_tokenizer(codebooks):
@@ -506,14 +512,7 @@ def joint_step(
     metrics["train/joint/tokenizer_step"] = trains_tokenizer.astype(jnp.int32)
     metrics.update(dict(zip(JOINT_TOKENIZER_METRICS, tok_values)))
     metrics.update(_encoder_metrics(enc, q.codebook_size))
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        opt_state=opt_state,
-        codebooks=_guarded(ok, new_codebooks, state.codebooks),
-        nonfinite=_count_nonfinite(state.nonfinite, ok),
-    )
-    return new_state, metrics
+    return _next_state(state, ok, params, opt_state, _guarded(ok, new_codebooks, state.codebooks)), metrics
 
 
 def _under_rules(fn, config, batch_sharding):

@@ -268,12 +268,6 @@ def _pending_probes(workdir: str, plan, step: int, state):
                 metrics_lib.log_line(f"No kept encoder for {phase.name} ({kept_dir}): its probe is left out")
 
 
-def _trains_tokenizer(phase, step: int, config) -> bool:
-    """Whether the joint phase's step after `step` completed steps also trains the tokenizer (as the step decides)."""
-    every, per_epoch = int(config.joint.tokenizer_every), config.schedule.get("steps_per_epoch", None)
-    return bool(schedule.joint_tokenizer_step(phase, step, every, per_epoch))
-
-
 def _read_probe(workdir: str) -> dict:
     path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
     if not path.exists():
@@ -426,7 +420,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 if step == phase.start_step and phase.fresh_codebooks:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
                 state, metrics = train_step(state, batch)
-                if phase.kind == "joint" and _trains_tokenizer(phase, step, config):
+                if phase.kind == "joint" and steps.joint_trains_tokenizer(phase, step, config):
                     tokenizer_metrics = {k: metrics[k] for k in steps.JOINT_TOKENIZER_METRICS}  # still on device
                 step += 1
                 progress.after_step(step, state)  # the rate starts after the phase's first (compiling) step

@@ -502,29 +502,6 @@ def test_video_finetune_streams_the_eval_split(tmp_path):
     assert 0.0 <= result["best"]["top1"] <= result["best"]["top5"] <= 1.0
 
 
-class _NaNFrom:
-    """The fine-tune's train iterator with NaN inputs from batch `start` on; checkpointable like the real one."""
-
-    def __init__(self, inner, start: int):
-        self._inner, self._start, self._count = inner, start, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = dict(next(self._inner))
-        self._count += 1
-        if self._count > self._start:
-            batch["input"] = np.full_like(batch["input"], np.nan)
-        return batch
-
-    def get_state(self) -> bytes:
-        return json.dumps(self._inner.get_state()).encode()
-
-    def set_state(self, state: bytes):
-        self._inner.set_state(json.loads(state))
-
-
 def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
     """As pretraining: non-finite steps are skipped, `optim.max_consecutive_nonfinite` in a row stop the run without
     saving, and the newest checkpoint is the last good step's."""
@@ -532,7 +509,7 @@ def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_c
     from bridle_jax import train
 
     real = finetune.train_iterator
-    monkeypatch.setattr(finetune, "train_iterator", lambda *a, **k: _NaNFrom(real(*a, **k), 3))
+    monkeypatch.setattr(finetune, "train_iterator", lambda *a, **k: tiny.PoisonedIterator(real(*a, **k), 3))
     c = _digits_config(pretrained, "finetune", steps=12)
     c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 1, 100, 1
     c.optim.max_consecutive_nonfinite = 3

@@ -12,7 +12,7 @@ import bridle_jax
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import train
 from bridle_jax.data import sources
-from tests.tiny import tiny_config
+from tests.tiny import PoisonedIterator, tiny_config
 
 TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder
 
@@ -148,32 +148,9 @@ def test_load_encoder_on_a_non_workdir_says_so(tmp_path):
         bridle_jax.load_encoder(str(tmp_path))
 
 
-class _PoisonedIterator:
-    """The real train iterator, with NaN images from batch `start` on (a data or numerics failure)."""
-
-    def __init__(self, inner, start: int):
-        self._inner, self._start, self._count = inner, start, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = dict(next(self._inner))
-        self._count += 1
-        if self._count > self._start:
-            batch["input"] = np.full_like(batch["input"], np.nan)
-        return batch
-
-    def get_state(self) -> bytes:  # Grain's checkpoint handler takes bytes from non-DatasetIterator iterators
-        return json.dumps(self._inner.get_state()).encode()
-
-    def set_state(self, state: bytes):
-        self._inner.set_state(json.loads(state))
-
-
 def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     real = train.pipeline.train_iterator
-    monkeypatch.setattr(train.pipeline, "train_iterator", lambda *a, **k: _PoisonedIterator(real(*a, **k), 4))
+    monkeypatch.setattr(train.pipeline, "train_iterator", lambda *a, **k: PoisonedIterator(real(*a, **k), 4))
     config = tiny_config()
     config.optim.max_consecutive_nonfinite = 2
     config.evals.linear_probe.enabled = False

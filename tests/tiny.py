@@ -1,7 +1,10 @@
-"""The tiny BRIDLE config shared by the end-to-end tests: seconds per phase on 2 CPU cores."""
+"""What the end-to-end tests share: the tiny BRIDLE config (seconds per phase on 2 CPU cores) and a poisoned iterator."""
 
 import importlib.util
+import json
 import pathlib
+
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,3 +32,27 @@ def tiny_config():
     c.evals.linear_probe.max_examples = 128
     c.evals.linear_probe.batch_size = 64
     return c
+
+
+class PoisonedIterator:
+    """A real train iterator, with NaN inputs from batch `start` on (a data or numerics failure); checkpointable like
+    the real one (Grain's checkpoint handler takes bytes from iterators that are not its own)."""
+
+    def __init__(self, inner, start: int):
+        self._inner, self._start, self._count = inner, start, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self._inner))
+        self._count += 1
+        if self._count > self._start:
+            batch["input"] = np.full_like(batch["input"], np.nan)
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._inner.get_state()).encode()
+
+    def set_state(self, state: bytes):
+        self._inner.set_state(json.loads(state))

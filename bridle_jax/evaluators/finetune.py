@@ -40,7 +40,7 @@ from flax import struct
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import config as config_lib
 from bridle_jax import metrics as metrics_lib
-from bridle_jax import optim, resolve, sharding
+from bridle_jax import optim, resolve, sharding, steps
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import augment
 from bridle_jax.evaluators import metrics as eval_metrics
@@ -754,10 +754,7 @@ def _check_same_schedule(recorded: dict | None, current: dict, workdir: str) -> 
         )
 
 
-@jax.jit
-def _count_refused(counters, refused):
-    """(refused steps since this start, refused steps in a row) after one step (`refused`: 0 or 1), on device."""
-    return jnp.stack([counters[0] + refused, (counters[1] + refused) * refused])
+_count_refused = jax.jit(steps.count_nonfinite)  # (refused since this start, in a row), as pretraining counts
 
 
 def _check_refused(counters, c, step: int, ckpt) -> dict:
@@ -878,7 +875,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
             )
             batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"], "target": target})
             state, m = step_fn(state, batch)
-            refused = _count_refused(refused, m["train/nonfinite"])
+            refused = _count_refused(refused, m["train/nonfinite"] == 0)  # on device: no wait for the step
             step += 1
             progress.after_step(step, state)  # the rate starts after the first (compiling) step
             last = step == c.num_steps
