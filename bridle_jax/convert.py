@@ -415,6 +415,8 @@ def convert_checkpoint(
     import orbax.checkpoint as ocp
 
     from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import encoder_store
+    from bridle_jax import paths
     from bridle_jax import optim, resolve, schedule, sharding
     from bridle_jax import state as state_lib
     from bridle_jax import workdir as workdir_lib
@@ -432,7 +434,7 @@ def convert_checkpoint(
     models = build_models(config)
     params, codebooks, extras = from_official(state_dict, models)
     codebooks = codebooks.replace(initialized=jnp.asarray(True))  # trained or k-means'd: never re-initialised (A3b)
-    workdir = ckpt_lib.resolve_workdir(workdir)
+    workdir = paths.resolve_workdir(workdir)
     workdir_lib.workdir_exists_or_make(workdir)
     lock = workdir_lib.lock_for_run(workdir)  # no run may start in it while it is written
     try:
@@ -463,14 +465,14 @@ def convert_checkpoint(
                     "the data is readable, or pass --noresumable for a workdir to fine-tune from only"
                 ) from e
         workdir_lib.record_start(workdir, config, {})
-        ckpt_lib.save_encoder(workdir, enc_iteration, params["encoder"]["encoder"])
-        path = ckpt_lib.workdir_path(workdir) / "official_import"
+        encoder_store.save_encoder(workdir, enc_iteration, params["encoder"]["encoder"])
+        path = paths.workdir_path(workdir) / "official_import"
         if not path.exists():
             saver = ocp.StandardCheckpointer()
             saver.save(path, {"params": params, "codebooks": codebooks})
             saver.wait_until_finished()
         if resumable:
-            ckpt_lib.save_encoder(workdir, 0, initial)
+            encoder_store.save_encoder(workdir, 0, initial)
             ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=False)
             try:
                 meta = {"step": phase.end_step, "phase": phase.name, "phase_index": phase.index}
@@ -499,7 +501,7 @@ def main(argv=None) -> None:
     needs (README "Parity")."""
     from absl import app, flags
 
-    from bridle_jax import metrics, recipes
+    from bridle_jax import reporting, recipes
 
     recipes.DEFINE_config_flag("config", "The recipe (sizes) of the official checkpoint: a name or a path.")
     flags.DEFINE_string("checkpoint", None, "Official checkpoint: .pth (needs --allow_pickle), .safetensors or .npz.")
@@ -519,7 +521,7 @@ def main(argv=None) -> None:
 
     def run(_):
         f = flags.FLAGS
-        metrics.quiet_library_logs(verbosity_given=f["verbosity"].present)
+        reporting.quiet_library_logs(verbosity_given=f["verbosity"].present)
         sd = load_state_dict(f.checkpoint, allow_pickle=f.allow_pickle)
         out = convert_checkpoint(
             f.config,

@@ -143,20 +143,21 @@ def export_encoder(workdir: str, out: str, *, iteration: int | None = None, fmt:
     import jax
     import jax.numpy as jnp
 
-    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import encoder_store
+    from bridle_jax import workdir as workdir_lib
     from bridle_jax.models import bridle
 
     if fmt not in ("timm", "npz"):
         raise ValueError(f"--format: expected 'timm' (safetensors) or 'npz', got {fmt!r}")
-    config = ckpt_lib.read_config(workdir)
-    available = ckpt_lib.saved_iterations(workdir)
+    config = workdir_lib.read_config(workdir)
+    available = encoder_store.saved_iterations(workdir)
     if not available:
         raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*)")
     iteration = available[-1] if iteration is None else iteration
     module = bridle.encoder_from_config(config)
     shape = (1,) + bridle.input_shape(config)
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"])
-    params = jax.tree.map(np.asarray, ckpt_lib.load_encoder_params(workdir, iteration, abstract))
+    params = jax.tree.map(np.asarray, encoder_store.load_encoder_params(workdir, iteration, abstract))
     state = to_timm(params, config)
     if fmt == "timm":
         from safetensors.numpy import save_file  # the `export` extra
@@ -181,9 +182,9 @@ def main(argv=None) -> None:
 
     def run(_):
         f = flags.FLAGS
-        from bridle_jax import metrics
+        from bridle_jax import reporting
 
-        metrics.quiet_library_logs(verbosity_given=f["verbosity"].present)  # Orbax's restore logs at INFO
+        reporting.quiet_library_logs(verbosity_given=f["verbosity"].present)  # Orbax's restore logs at INFO
         state = export_encoder(f.workdir, f.out, iteration=f.iteration, fmt=f.format)
         print(f"{f.out}: {len(state)} tensors; constructor in {f.out.rsplit('.', 1)[0]}.json")
 

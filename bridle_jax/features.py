@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import sharding
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
@@ -57,14 +58,14 @@ class Encoder:
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
     """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
-    available = ckpt_lib.saved_iterations(workdir)
+    available = encoder_store.saved_iterations(workdir)
     # bool is an int subclass and 1.0 == 1: both would silently pick an iteration, so only true ints are accepted.
     if iteration is not None and not is_int(iteration):
         raise ValueError(
             f"iteration: expected an int (an encoder iteration saved in {workdir}: {available}) or None (the "
             f"latest), got {iteration!r}"
         )
-    config = ckpt_lib.read_config(workdir)
+    config = workdir_lib.read_config(workdir)
     if not available:
         raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*); has training started?")
     if iteration is None:
@@ -75,5 +76,5 @@ def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
     module = bridle.encoder_from_config(config)
     shape = (1,) + bridle.input_shape(config)
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"])
-    params = ckpt_lib.load_encoder_params(workdir, iteration, abstract)
+    params = encoder_store.load_encoder_params(workdir, iteration, abstract)
     return Encoder(config, params, iteration)

@@ -1,6 +1,6 @@
 """Entry point of the downstream recipes: fine-tuning or a linear probe of a pretraining workdir's encoder.
 
-    python -m bridle_jax.finetune_main --config=configs/esc50.py --workdir=OUT --config.init_from=PRETRAIN_DIR
+    python -m bridle_jax.finetune_main --config=configs/esc50_finetune.py --workdir=OUT --config.init_from=PRETRAIN_DIR
 
 The result (best- and last-eval numbers, the whole eval history, mean +- std over folds for cross-validated
 recipes) is printed and kept in OUT/finetune.json; re-running the same command resumes an interrupted run. Several
@@ -18,7 +18,7 @@ from absl import app, flags
 from bridle_jax import recipes
 from bridle_jax.distributed import initialize_distributed
 
-_CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)  # a recipe name (esc50) or a path, [:variant]
+_CONFIG = recipes.DEFINE_config_flag("config", lock_config=True)  # a recipe name (esc50_finetune) or a path, [:variant]
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the fine-tune's checkpoints, metrics and finetune.json.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "host:port of process 0 (multi-process)."
@@ -33,9 +33,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
     del argv
-    from bridle_jax import metrics
+    from bridle_jax import reporting
 
-    metrics.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
+    reporting.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend

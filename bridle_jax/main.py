@@ -58,9 +58,9 @@ def _report(error: BaseException, workdir: str) -> str:
 
 def main(argv) -> None:
     del argv
-    from bridle_jax import metrics
+    from bridle_jax import reporting
 
-    metrics.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
+    reporting.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax

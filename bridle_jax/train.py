@@ -21,15 +21,19 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import data_log
+from bridle_jax import encoder_store
+from bridle_jax import paths
+from bridle_jax import preemption
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import config as config_lib
-from bridle_jax import metrics as metrics_lib
+from bridle_jax import reporting
 from bridle_jax import optim
 from bridle_jax import resolve
 from bridle_jax import schedule
 from bridle_jax import sharding
 from bridle_jax import state as state_lib
 from bridle_jax import steps
-from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
 from bridle_jax.models.bridle import build_models
@@ -98,7 +102,7 @@ def _save(ckpt, lock, step: int, state, data_iter, meta: dict) -> None:
     resume from the older checkpoint re-runs the steps in between exactly."""
     in_a_row = int(np.asarray(state.nonfinite)[1])
     if in_a_row:
-        metrics_lib.log_line(f"Step {step}: not saving a checkpoint: the last {in_a_row} step(s) were refused")
+        reporting.log_line(f"Step {step}: not saving a checkpoint: the last {in_a_row} step(s) were refused")
         return
     if not bool(_all_finite(state.params, state.codebooks)):
         ckpt.wait()
@@ -127,7 +131,7 @@ def _explained_write_errors(ckpt, step: int | None):
             line += f"{_last_good(ckpt)}. Free space or fix permissions, then re-run the same command to resume."
         except Exception:  # pylint: disable=broad-except
             line += "The newest one listed in the folder is the last good one."
-        metrics_lib.log_line(line)
+        reporting.log_line(line)
         raise CheckpointWriteError(line) from e
 
 
@@ -163,7 +167,7 @@ class _ProbeData:
             part = f"first {size.examples:,} of {size.total:,}" if size.capped else f"all {size.total:,}"
             return f"{split!r} ({part})"
 
-        metrics_lib.log_line(
+        reporting.log_line(
             f"Linear probe splits: train {describe(self.train_split, self.train_size)}, test "
             f"{describe(self.test_split, self.test_size)}; read batch by batch at each probe"
         )
@@ -187,7 +191,7 @@ def _print_summary(config, plan, mesh, state, workdir: str, train_examples: int,
             "eval_examples": probe_data.test_size.examples,
             "eval_capped": probe_data.test_size.capped,
         }
-    lines = metrics_lib.run_summary(
+    lines = reporting.run_summary(
         config=config,
         plan=plan,
         mesh=mesh,
@@ -197,7 +201,7 @@ def _print_summary(config, plan, mesh, state, workdir: str, train_examples: int,
         train_examples=train_examples,
         **evals,
     )
-    metrics_lib.log_line("\n".join(lines))
+    reporting.log_line("\n".join(lines))
 
 
 def run_linear_probe(models, encoder_params, data: _ProbeData, config, mesh) -> dict:
@@ -256,20 +260,20 @@ def _pending_probes(workdir: str, plan, step: int, state):
     not kept is left out (with a line saying so), never a reason to stop the run."""
     current = state.params["encoder"]["encoder"]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
-    kept = lambda k: lambda: ckpt_lib.load_encoder_params(workdir, k, abstract)
+    kept = lambda k: lambda: encoder_store.load_encoder_params(workdir, k, abstract)
     yield "iteration_0", None, current if step == 0 else kept(0)
-    saved = set(ckpt_lib.saved_iterations(workdir))
+    saved = set(encoder_store.saved_iterations(workdir))
     for phase in plan:
         if phase.trains_encoder and phase.end_step <= step:
             if phase.iteration in saved:
                 yield f"iteration_{phase.iteration}", phase, kept(phase.iteration)
             elif f"iteration_{phase.iteration}" not in _read_probe(workdir):
                 kept_dir = f"encoders/iteration_{phase.iteration}"
-                metrics_lib.log_line(f"No kept encoder for {phase.name} ({kept_dir}): its probe is left out")
+                reporting.log_line(f"No kept encoder for {phase.name} ({kept_dir}): its probe is left out")
 
 
 def _read_probe(workdir: str) -> dict:
-    path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
+    path = paths.workdir_path(workdir) / PROBE_FILE
     if not path.exists():
         return {}
     return json.loads(path.read_text())
@@ -281,8 +285,8 @@ def _record_probe(workdir: str, key: str, result: dict) -> dict:
     results = _read_probe(workdir)
     results[key] = result
     if jax.process_index() == 0:
-        path = ckpt_lib.workdir_path(workdir) / PROBE_FILE
-        ckpt_lib.write_text_atomic(path, json.dumps(results, indent=2, sort_keys=True))
+        path = paths.workdir_path(workdir) / PROBE_FILE
+        paths.write_text_atomic(path, json.dumps(results, indent=2, sort_keys=True))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"linear_probe.json:{key}")
     return results
@@ -298,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     """
     # ---------------------------------------------------------------- set-up
     config_lib.validate(config)
-    workdir = ckpt_lib.resolve_workdir(workdir)  # URLs are kept as they are
+    workdir = paths.resolve_workdir(workdir)  # URLs are kept as they are
     workdir_lib.workdir_exists_or_make(workdir)  # writable, or an error naming it
     lock = workdir_lib.lock_for_run(workdir)  # one run per workdir, before anything in it is touched
     try:
@@ -313,7 +317,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
     config, notes = resolve.pretraining(config, lambda: len(train_source))
     changes = workdir_lib.check_resume(workdir, config)  # refused (nothing touched) or exact
     for line in notes:
-        metrics_lib.log_line(line)
+        reporting.log_line(line)
     plan = schedule.parse_plan(config.schedule.phases)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
@@ -330,15 +334,15 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
     )
     workdir_lib.record_start(workdir, config, changes)
     for field, (old, new) in changes.items():
-        metrics_lib.log_line(
+        reporting.log_line(
             f"Resuming with an allowed change (config.resume.allow_changes): {field}: {old!r} -> {new!r}"
         )
-    writer = metrics_lib.MetricWriter(workdir)
-    progress = metrics_lib.Progress(schedule.total_steps(plan))
+    writer = reporting.MetricWriter(workdir)
+    progress = reporting.Progress(schedule.total_steps(plan))
     probe_data = _ProbeData(config) if config.evals.linear_probe.enabled else None
     phase_tx = lambda phase: optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
-    data_log = ckpt_lib.DataLog(workdir)  # off unless BRIDLE_JAX_DATA_LOG=1
-    watch = ckpt_lib.PreemptionWatch(ckpt)  # SIGTERM/SIGINT handlers until `finally`
+    batch_log = data_log.DataLog(workdir)  # off unless BRIDLE_JAX_DATA_LOG=1
+    watch = preemption.PreemptionWatch(ckpt)  # SIGTERM/SIGINT handlers until `finally`
     preempted = False
     done = False
     state = None
@@ -352,15 +356,15 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
         restored = ckpt.restore_latest(abstract_for_step, data_iter)
         if restored is not None:
             state, meta = restored
-            metrics_lib.log_line(f"Resumed from step {meta['step']} ({meta['phase']}) in {ckpt.directory}")
+            reporting.log_line(f"Resumed from step {meta['step']} ({meta['phase']}) in {ckpt.directory}")
         else:
             state = state_lib.create_sharded(models, config, phase_tx(plan[0])[0], plan[0], config.seed, mesh)
         step = int(state.step)
         _print_summary(config, plan, mesh, state, workdir, len(train_source), probe_data)
-        data_log.started(step)
+        batch_log.started(step)
         if step < schedule.total_steps(plan):
-            ckpt_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more
-        ckpt_lib.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
+            workdir_lib.clear_done(workdir)  # a longer plan than the one that finished: not done any more
+        encoder_store.save_encoder(workdir, 0, state.params["encoder"]["encoder"])
         results = {}
         if probe_data is not None:  # the encoder as initialised, and any kept encoder whose probe never finished
             for key, where, params in _pending_probes(workdir, plan, step, state):
@@ -370,7 +374,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                     if where is not None:  # a phase that ended before this start: its metric line, late
                         writer.write(where.end_step, {"eval/linear_probe/top1": result["top1_test"]}, phase=where.name)
                     name = "encoder as initialised" if where is None else f"kept encoder of {where.name}"
-                    metrics_lib.log_line(f"Linear probe, {name}: top-1 {result['top1_test']:.4f}")
+                    reporting.log_line(f"Linear probe, {name}: top-1 {result['top1_test']:.4f}")
 
         def preempted_here() -> bool:
             """A safe point: when any process was signalled, checkpoint `step` (unless saved already: e.g. a phase
@@ -385,7 +389,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 _save(ckpt, lock, step, state, data_iter, meta)
             with _explained_write_errors(ckpt, step):
                 ckpt.wait()
-            metrics_lib.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
+            reporting.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
             preempted = True
             return True
 
@@ -407,7 +411,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
             )
             train_step = steps.jit_step(phase, tx=tx, lr_schedule=lr_schedule, **kw)
             prepare = steps.jit_prepare_codebooks(phase, **kw)
-            metrics_lib.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
+            reporting.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
             tokenizer_metrics = {}  # a joint phase: none yet since this start (a resume logs them once computed)
             progress.start(step)
 
@@ -415,7 +419,7 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                 if preempted_here():
                     break
                 local = next(data_iter)
-                data_log.batch(step + 1, local)
+                batch_log.batch(step + 1, local)
                 batch = sharding.global_batch(mesh, {"input": local["input"], "length": local["length"]})
                 if step == phase.start_step and phase.fresh_codebooks:
                     state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
@@ -436,9 +440,9 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                         values["perf/steps_per_sec"] = rate
                     values["data/skipped_records"] = _skipped_records(config.data)
                     writer.write(step, values, phase=phase.name)
-                    metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
+                    reporting.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
                 if last and phase.trains_encoder:  # keep this iteration's encoder before its phase-end checkpoint
-                    ckpt_lib.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
+                    encoder_store.save_encoder(workdir, phase.iteration, state.params["encoder"]["encoder"])
                 stopping = step == stop_at_step
                 if step % config.checkpoint.every_steps == 0 or last or stopping:
                     _check_nonfinite(state, config, step, ckpt)
@@ -454,13 +458,13 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
                         results[key] = result
                         writer.write(step, {"eval/linear_probe/top1": result["top1_test"]}, phase=phase.name)
                         again = " (recorded before; not recomputed)" if reused else ""
-                        metrics_lib.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}{again}")
+                        reporting.log_line(f"Linear probe after {phase.name}: top-1 {result['top1_test']:.4f}{again}")
                 if stopping:
                     break
             if preempted:
                 break
             if step == stop_at_step:
-                metrics_lib.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
+                reporting.log_line(f"Stopped at step {step} as asked; the same command without the stop resumes.")
                 break
 
         # ---------------------------------------------------------------- done
@@ -468,18 +472,18 @@ def _run(config, workdir: str, lock, stop_at_step: int | None) -> dict:
         if done:
             with _explained_write_errors(ckpt, step):
                 ckpt.wait()  # the final checkpoint is complete before the marker says so
-            was_done = ckpt_lib.read_done(workdir)
-            marker = ckpt_lib.write_done(workdir, step)
+            was_done = workdir_lib.read_done(workdir)
+            marker = workdir_lib.write_done(workdir, step)
             if was_done is not None and restored is not None and int(restored[1]["step"]) == step:
-                metrics_lib.log_line(f"The plan had already finished (DONE at step {step}, {marker['time']}).")
+                reporting.log_line(f"The plan had already finished (DONE at step {step}, {marker['time']}).")
             else:
-                metrics_lib.log_line(f"Plan finished at step {step}; wrote {ckpt_lib.DONE_FILE}.")
+                reporting.log_line(f"Plan finished at step {step}; wrote {workdir_lib.DONE_FILE}.")
     finally:  # an error still finishes the pending (async) checkpoint and the metric files
         try:
             with _explained_write_errors(ckpt, None):
                 ckpt.close()
             writer.close()
-            data_log.close()
+            batch_log.close()
         finally:
             watch.close()
     return {

@@ -32,10 +32,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import paths
 from bridle_jax import schedule
 
 LOCK_FILE = "LOCK"
 CONFIG_FILE = "config.json"
+DONE_FILE = "DONE"
 HISTORY_DIR = "config_history"
 LEASE_S = 300.0  # a gs:// lock not renewed for this long is stale (the heartbeat renews it every lease_s / 4)
 
@@ -111,7 +113,7 @@ def config_differences(previous: dict, current: dict) -> dict[str, tuple]:
 
 def newest_checkpoint_step(workdir) -> int | None:
     """The newest complete checkpoint step, from the folder listing (no manager: nothing is cleaned up or moved)."""
-    directory = ckpt_lib.workdir_path(workdir) / ckpt_lib.CHECKPOINTS_DIR
+    directory = paths.workdir_path(workdir) / ckpt_lib.CHECKPOINTS_DIR
     if not directory.exists():
         return None
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
@@ -136,7 +138,7 @@ def _plan_change_problem(old_phases, new_phases, newest_step: int | None) -> str
 
 def read_started_config(workdir) -> dict | None:
     """The config the workdir was started with (`config.json`), or None for a new workdir."""
-    path = ckpt_lib.workdir_path(workdir) / CONFIG_FILE
+    path = paths.workdir_path(workdir) / CONFIG_FILE
     if not path.exists():
         return None
     try:
@@ -187,11 +189,11 @@ def record_start(workdir, config, changes: dict[str, tuple]) -> None:
     `config_history/` with the allowed changes it made."""
     if jax.process_index() != 0:
         return
-    root = ckpt_lib.workdir_path(workdir)
+    root = paths.workdir_path(workdir)
     root.mkdir(parents=True, exist_ok=True)
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     if not (root / CONFIG_FILE).exists():
-        ckpt_lib.write_text_atomic(root / CONFIG_FILE, text)
+        paths.write_text_atomic(root / CONFIG_FILE, text)
     history = root / HISTORY_DIR
     history.mkdir(parents=True, exist_ok=True)
     number = 1 + sum(1 for p in history.iterdir() if p.name.endswith(".json"))
@@ -202,7 +204,7 @@ def record_start(workdir, config, changes: dict[str, tuple]) -> None:
         "changes": {k: [old, new] for k, (old, new) in changes.items()},
         "config": json.loads(text),
     }
-    ckpt_lib.write_text_atomic(history / f"{number:04d}.json", json.dumps(entry, indent=2, sort_keys=True) + "\n")
+    paths.write_text_atomic(history / f"{number:04d}.json", json.dumps(entry, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------- the lock
@@ -233,9 +235,9 @@ class WorkdirLock:
     too late): the run must then stop writing."""
 
     def __init__(self, workdir, *, lease_s: float = LEASE_S, use_lease: bool | None = None):
-        self.path = ckpt_lib.workdir_path(workdir) / LOCK_FILE
+        self.path = paths.workdir_path(workdir) / LOCK_FILE
         self.lease_s = lease_s
-        self.use_lease = ckpt_lib.is_url(workdir) if use_lease is None else use_lease
+        self.use_lease = paths.is_url(workdir) if use_lease is None else use_lease
         self.me = _Holder(socket.gethostname(), os.getpid(), _now(), uuid.uuid4().hex)
         self.lost = False
         self._fd = None
@@ -278,7 +280,7 @@ class WorkdirLock:
 
     def _write_lease(self) -> None:
         self.me.heartbeat = time.time()
-        ckpt_lib.write_text_atomic(self.path, json.dumps(dataclasses.asdict(self.me)))
+        paths.write_text_atomic(self.path, json.dumps(dataclasses.asdict(self.me)))
 
     def _acquire_lease(self) -> None:
         holder = self._read_lease()
@@ -346,13 +348,64 @@ def lock_for_run(workdir, **kwargs) -> WorkdirLock | None:
 
 def workdir_exists_or_make(workdir) -> epath.Path:
     """Creates the workdir and checks that it can be written; errors name it."""
-    root = ckpt_lib.workdir_path(workdir)
+    root = paths.workdir_path(workdir)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0 and not ckpt_lib.is_url(workdir):
+        if jax.process_index() == 0 and not paths.is_url(workdir):
             probe = root / f".write_test_{os.getpid()}"
             probe.write_text("")
             probe.unlink()
     except OSError as e:
         raise ValueError(f"workdir {workdir}: cannot create or write there ({type(e).__name__}: {e})") from e
     return root
+
+
+def read_done(workdir) -> dict | None:
+    """The `DONE` marker's content ({"step", "time", ...}) once the whole plan has finished, else None. A damaged
+    marker (empty, not JSON, no step) is reported with a warning naming it and read as "not done": the run then
+    resumes from its checkpoints, and writes a sound marker when it finishes."""
+    path = paths.workdir_path(workdir) / DONE_FILE
+    if not path.exists():
+        return None
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict) or not isinstance(done.get("step"), int):
+            raise ValueError("expected a JSON object with an integer 'step'")
+    except (OSError, ValueError) as e:
+        logging.warning("%s is damaged (%s); treating the run as not done and resuming from its checkpoints", path, e)
+        return None
+    return done
+
+
+def write_done(workdir, step: int) -> dict:
+    """Marks the workdir finished (process 0; launch/watch.sh polls for it). A marker of this step is kept as is."""
+    done = read_done(workdir)
+    if done is not None and done.get("step") == step:
+        return done
+    now = time.time()
+    done = {
+        "step": int(step),
+        "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(timespec="seconds"),
+        "unix_time": now,
+    }
+    if jax.process_index() == 0:
+        paths.write_text_atomic(paths.workdir_path(workdir) / DONE_FILE, json.dumps(done, indent=2, sort_keys=True) + "\n")
+    return done
+
+
+def clear_done(workdir) -> None:
+    """Removes a `DONE` marker (process 0): the plan grew since it was written, so the workdir is not done."""
+    path = paths.workdir_path(workdir) / DONE_FILE
+    if jax.process_index() == 0 and path.exists():
+        if read_done(workdir) is not None:  # (a damaged marker is reported by read_done)
+            logging.warning("%s marks a finished plan, but this plan has more steps: removing it", path)
+        path.unlink()
+
+
+def read_config(workdir):
+    import ml_collections
+
+    path = paths.workdir_path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {workdir} is not a bridle_jax workdir (no config.json)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import paths
 from bridle_jax import config as config_lib
 from bridle_jax import sharding, train
 from bridle_jax.data import audio, audio_pipeline, audio_sources, sources, video, video_sources
@@ -260,4 +260,4 @@ def test_nothing_loads_code_from_data_checkpoints_or_configs_it_did_not_choose()
         offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in pattern.finditer(path.read_text())]
     assert not offenders, offenders
     assert len(jax.devices()) == 8  # the battery runs on the fake mesh like everything else
-    assert os.path.isdir(ckpt_lib.workdir_path(ROOT))
+    assert os.path.isdir(paths.workdir_path(ROOT))

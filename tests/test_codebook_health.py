@@ -110,7 +110,7 @@ def test_report_has_every_field_and_counts_every_valid_patch(run, report):
 
 def test_statistics_equal_numpy_recomputation(run, report):
     workdir, final_state = run
-    config = codebook.ckpt_lib.read_config(workdir)
+    config = codebook.workdir_lib.read_config(workdir)
     out, z = _codes_of(final_state, False, config)
     codes = np.asarray(out.codes).reshape(-1, 2)
     for m, level in enumerate(report["levels"]):
@@ -166,7 +166,7 @@ def test_iteration_one_uses_the_cold_start_tokenizer(run, tmp_path):
     assert restored.cold_start and restored.step == 2
     # the tokenizer phase re-initialised and trained the codebooks: iteration 1's are different ones
     assert not np.array_equal(np.asarray(restored.state.codebooks.codes), np.asarray(final_state.codebooks.codes))
-    config = codebook.ckpt_lib.read_config(workdir)
+    config = codebook.workdir_lib.read_config(workdir)
     out, _ = _codes_of(restored.state, True, config)
     codes = np.asarray(out.codes).reshape(-1, 2)
     for m, level in enumerate(rep["levels"]):

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
 from bridle_jax import convert, schedule, train
 from bridle_jax.data import pipeline
 from bridle_jax.models.bridle import build_models
@@ -70,7 +70,7 @@ def test_converted_workdir_resumes_training(tmp_path):
         config.data, local_batch_size=8, seed=config.seed, process_index=1, process_count=2
     )
     assert all(v == second.get_state() for v in states.values())  # what process 1 of 2 starts from
-    assert ckpt_lib.saved_iterations(workdir) == [0, 1]  # 0: the seed's initial encoder; 1: the checkpoint's
+    assert encoder_store.saved_iterations(workdir) == [0, 1]  # 0: the seed's initial encoder; 1: the checkpoint's
     assert (tmp_path / "wd" / "config_history" / "0001.json").is_file()
     with pytest.raises(ValueError, match="already holds training checkpoints"):
         convert.convert_checkpoint(config, sd, workdir, phase_end=1)
@@ -86,7 +86,7 @@ def test_converted_workdir_resumes_training(tmp_path):
     for got, want in zip(_leaves(state.params["tokenizer"]), _leaves(out["params"]["tokenizer"])):
         np.testing.assert_array_equal(got, want)  # frozen in the encoder phase
     # E and D warm-start from the converted weights: two small steps away from them, far from the seed's init
-    conv, init = _leaves(out["params"]["encoder"]["encoder"]), _leaves(ckpt_lib.load_encoder_params(workdir, 0))
+    conv, init = _leaves(out["params"]["encoder"]["encoder"]), _leaves(encoder_store.load_encoder_params(workdir, 0))
     moved = max(np.abs(g - c).max() for g, c in zip(_leaves(state.params["encoder"]["encoder"]), conv))
     apart = max(np.abs(i - c).max() for i, c in zip(init, conv))
     assert 0 < moved < 0.05 * apart, (moved, apart)

@@ -17,7 +17,7 @@ from tests import tiny
 
 IMAGENET_TRAIN = 1_281_167
 PRETRAINING = ("imagenet", "audioset", "kinetics400")  # the real-data pretraining recipes
-FINETUNING = ("imagenet_finetune", "audioset_finetune", "kinetics400_finetune", "esc50", "sounds_finetune")
+FINETUNING = ("imagenet_finetune", "audioset_finetune", "kinetics400_finetune", "esc50_finetune", "sounds_finetune")
 
 
 # ---------------------------------------------------------------------------------------------- the plan's grammar
@@ -144,7 +144,7 @@ def test_finetune_epochs_resolve_at_this_batch_and_epoch_len():
 
 
 def test_finetune_epoch_fields_are_checked_by_name():
-    c = recipes.load("esc50")
+    c = recipes.load("esc50_finetune")
     c.init_from = "/some/workdir"
     c.data.data_dir = "/some/data"
     c.warmup_epochs = c.epochs

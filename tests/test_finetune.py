@@ -15,7 +15,7 @@ import tiny
 
 from bridle_jax import optim
 from bridle_jax.evaluators import augment, finetune
-from bridle_jax.evaluators import metrics as eval_metrics
+from bridle_jax.evaluators import scoring
 from bridle_jax.models import vit
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -273,7 +273,7 @@ def test_weighted_sample_draws_in_proportion_to_the_weights():
 
     y = (np.random.default_rng(10).random((37, 6)) < 0.3).astype(np.float32)
     np.testing.assert_allclose(
-        finetune.sampler_weights(Labels(y), chunk=5), eval_metrics.weighted_sampler_weights(y), rtol=1e-12
+        finetune.sampler_weights(Labels(y), chunk=5), scoring.weighted_sampler_weights(y), rtol=1e-12
     )
 
 
@@ -324,8 +324,8 @@ def test_fold_config_and_cross_validation_summary(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "name,arg",
     [
-        ("esc50", None),
-        ("esc50", "linear_probe"),
+        ("esc50_finetune", None),
+        ("esc50_finetune", "linear_probe"),
         ("audioset_finetune", None),
         ("audioset_finetune", "as20k"),
         ("audioset_finetune", "as20k_lp"),
@@ -425,7 +425,7 @@ def test_finetune_beats_linear_probe_and_probe_keeps_the_encoder(pretrained, tmp
 
 
 def test_preempted_finetune_resumes_bit_identically(pretrained, tmp_path, monkeypatch):
-    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import preemption
 
     def config():
         c = _digits_config(pretrained, "finetune", steps=6)
@@ -433,11 +433,11 @@ def test_preempted_finetune_resumes_bit_identically(pretrained, tmp_path, monkey
         return c
 
     straight = finetune.run_single(config(), str(tmp_path / "straight"))
-    original = ckpt_lib.PreemptionWatch.should_stop
-    monkeypatch.setattr(ckpt_lib.PreemptionWatch, "should_stop", lambda self, step: step == 4)
+    original = preemption.PreemptionWatch.should_stop
+    monkeypatch.setattr(preemption.PreemptionWatch, "should_stop", lambda self, step: step == 4)
     first = finetune.run_single(config(), str(tmp_path / "resumed"))
     assert first["preempted"] and not first["done"] and int(first["final_state"].step) == 4
-    monkeypatch.setattr(ckpt_lib.PreemptionWatch, "should_stop", original)
+    monkeypatch.setattr(preemption.PreemptionWatch, "should_stop", original)
     resumed = finetune.run_single(config(), str(tmp_path / "resumed"))
     assert resumed["done"] and resumed["history"] == straight["history"]
     for a, b in zip(jax.tree.leaves(straight["final_state"].params), jax.tree.leaves(resumed["final_state"].params)):

@@ -24,7 +24,7 @@ import optax
 import pytest
 
 import bridle_jax
-from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
 from bridle_jax import optim
 from bridle_jax import schedule
 from bridle_jax import sharding
@@ -330,7 +330,7 @@ def test_a_joint_plan_runs_end_to_end_and_keeps_its_encoder(joint_run):
             assert np.isfinite(line[key]), (line["step"], key)
     assert {l["phase"] for l in lines} == {"iter1_joint", "iter2_tokenizer", "iter2_encoder"}
     assert [l["step"] for l in lines if "eval/linear_probe/top1" in l] == [6, TOTAL]
-    assert ckpt_lib.saved_iterations(workdir) == [0, 1, 2]
+    assert encoder_store.saved_iterations(workdir) == [0, 1, 2]
     assert set(summary["linear_probe"]) == {"iteration_0", "iteration_1", "iteration_2"}
     joint_encoder = bridle_jax.load_encoder(workdir, iteration=1)
     features = joint_encoder.embed(np.random.default_rng(0).uniform(size=(3, 8, 8, 3)).astype(np.float32))

@@ -305,7 +305,7 @@ from absl import flags
 from bridle_jax import finetune_main
 from bridle_jax.evaluators import finetune
 finetune.run = lambda config, workdir: {"preempted": True}  # the start-up is under test, not the fine-tune
-flags.FLAGS(["finetune_main", "--config=configs/esc50.py", "--workdir=unused"] + EXTRA)
+flags.FLAGS(["finetune_main", "--config=configs/esc50_finetune.py", "--workdir=unused"] + EXTRA)
 finetune_main.main([])
 print("CALLS " + json.dumps(calls))
 """

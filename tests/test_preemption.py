@@ -22,9 +22,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import metrics as metrics_lib
-from bridle_jax import train
+from bridle_jax import data_log
+from bridle_jax import encoder_store
+from bridle_jax import paths
+from bridle_jax import preemption
 from bridle_jax import workdir as workdir_lib
+from bridle_jax import reporting
+from bridle_jax import train
 from tests.tiny import ROOT, tiny_config
 
 TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder
@@ -65,7 +69,7 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 
 def _data_records(workdir) -> list[dict]:
-    path = os.path.join(workdir, ckpt_lib.DATA_LOG_FILE)
+    path = os.path.join(workdir, data_log.DATA_LOG_FILE)
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
@@ -152,12 +156,12 @@ def reference(tmp_path_factory):
     """One uninterrupted run (in-process: it also fills the compilation cache the subprocesses share)."""
     workdir = str(tmp_path_factory.mktemp("reference"))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ckpt_lib.DATA_LOG_ENV, "1")
+        mp.setenv(data_log.DATA_LOG_ENV, "1")
         summary = train.train_and_evaluate(_config(), workdir)
     assert summary["done"] and not summary["preempted"]
     step, state = _final_state(workdir)
     assert step == TOTAL_STEPS
-    sequence = ckpt_lib.trained_sequence(_data_records(workdir))
+    sequence = data_log.trained_sequence(_data_records(workdir))
     assert [s for s, _ in sequence] == list(range(1, TOTAL_STEPS + 1))
     assert len({h for _, h in sequence}) == TOTAL_STEPS  # every batch differs: a skip or repeat would show
     return {"workdir": workdir, "state": state, "sequence": sequence}
@@ -168,29 +172,29 @@ def reference(tmp_path_factory):
 
 def test_path_helpers_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
     url = "gs://my-bucket/runs/in1k"
-    assert ckpt_lib.resolve_workdir(url) == url
-    assert str(ckpt_lib.workdir_path(url) / "checkpoints") == f"{url}/checkpoints"
-    assert str(ckpt_lib.encoder_path(url, 2)) == f"{url}/encoders/iteration_2"
-    assert ckpt_lib.is_url(url) and not ckpt_lib.is_url(str(tmp_path))
+    assert paths.resolve_workdir(url) == url
+    assert str(paths.workdir_path(url) / "checkpoints") == f"{url}/checkpoints"
+    assert str(encoder_store.encoder_path(url, 2)) == f"{url}/encoders/iteration_2"
+    assert paths.is_url(url) and not paths.is_url(str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    assert ckpt_lib.resolve_workdir("rel/dir") == str(tmp_path / "rel" / "dir")
-    assert str(ckpt_lib.workdir_path("rel")) == str(tmp_path / "rel")
+    assert paths.resolve_workdir("rel/dir") == str(tmp_path / "rel" / "dir")
+    assert str(paths.workdir_path("rel")) == str(tmp_path / "rel")
 
 
 def test_metric_writer_rewrites_whole_objects_on_url_workdirs(tmp_path, monkeypatch):
     """Object stores cannot append: a URL workdir keeps every line and rewrites the object (here gs:// is mapped
     onto a local folder), including the lines of the run it resumes."""
-    real_path = metrics_lib.epath.Path
+    real_path = reporting.epath.Path
     mapped = lambda p: real_path(str(p).replace("gs://bucket", str(tmp_path / "bucket")))
-    monkeypatch.setattr(metrics_lib.epath, "Path", mapped)
+    monkeypatch.setattr(reporting.epath, "Path", mapped)
     rng = np.random.default_rng(0)
     values = rng.normal(size=5)
-    writer = metrics_lib.MetricWriter("gs://bucket/run", enabled=True, flush_secs=3600)
+    writer = reporting.MetricWriter("gs://bucket/run", enabled=True, flush_secs=3600)
     writer.write(1, {"train/loss": values[0]}, phase="p")
     writer.write(2, {"train/loss": values[1]}, phase="p")
     assert not (tmp_path / "bucket" / "run" / "metrics.jsonl").exists()  # buffered until flush_secs or close
     writer.close()
-    writer = metrics_lib.MetricWriter("gs://bucket/run", enabled=True, flush_secs=0.0)  # a resumed run
+    writer = reporting.MetricWriter("gs://bucket/run", enabled=True, flush_secs=0.0)  # a resumed run
     writer.write(3, {"train/loss": values[2]}, phase="p")  # flush_secs elapsed: written at once
     lines = (tmp_path / "bucket" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
@@ -200,8 +204,8 @@ def test_metric_writer_rewrites_whole_objects_on_url_workdirs(tmp_path, monkeypa
 
 
 def test_preemption_watch_turns_signals_into_a_flag_and_restores_handlers():
-    before = {sig: signal.getsignal(sig) for sig in ckpt_lib.PreemptionWatch.SIGNALS}
-    watch = ckpt_lib.PreemptionWatch()
+    before = {sig: signal.getsignal(sig) for sig in preemption.PreemptionWatch.SIGNALS}
+    watch = preemption.PreemptionWatch()
     try:
         assert not watch.should_stop(0)
         os.kill(os.getpid(), signal.SIGTERM)  # the default action would end pytest
@@ -209,8 +213,8 @@ def test_preemption_watch_turns_signals_into_a_flag_and_restores_handlers():
         assert watch.should_stop(1) and watch.reason == "SIGTERM"
     finally:
         watch.close()
-    assert {sig: signal.getsignal(sig) for sig in ckpt_lib.PreemptionWatch.SIGNALS} == before
-    watch = ckpt_lib.PreemptionWatch()
+    assert {sig: signal.getsignal(sig) for sig in preemption.PreemptionWatch.SIGNALS} == before
+    watch = preemption.PreemptionWatch()
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
@@ -230,8 +234,13 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 pid = int(sys.argv[1])
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=pid)
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import data_log
+from bridle_jax import encoder_store
+from bridle_jax import paths
+from bridle_jax import preemption
+from bridle_jax import workdir as workdir_lib
 ckpt = ckpt_lib.Checkpointer(sys.argv[3], max_to_keep=1, async_save=True)
-watch = ckpt_lib.PreemptionWatch(ckpt)
+watch = preemption.PreemptionWatch(ckpt)
 for step in range(40):
     if pid == 1 and step == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGTERM)  # only process 1 is told
@@ -274,17 +283,17 @@ def test_trained_sequence_drops_the_steps_a_restart_rolled_back():
     records = [{"start": 0}] + [{"step": s, "sha1": fp[s]} for s in (1, 2, 3)]  # killed after step 3
     records += [{"start": 2}] + [{"step": s, "sha1": fp[s]} for s in (3, 4, 5)]  # resumed from checkpoint 2
     records += [{"start": 4}] + [{"step": s, "sha1": fp[s]} for s in (5, 6, 7)]
-    assert ckpt_lib.trained_sequence(records) == [(s, fp[s]) for s in range(1, 8)]
-    assert ckpt_lib.trained_sequence(records[:4] + [{"start": 0}]) == []  # killed before the first checkpoint
+    assert data_log.trained_sequence(records) == [(s, fp[s]) for s in range(1, 8)]
+    assert data_log.trained_sequence(records[:4] + [{"start": 0}]) == []  # killed before the first checkpoint
 
 
 def test_done_marker_is_written_once_per_plan_and_cleared_for_a_longer_plan(tmp_path):
-    assert ckpt_lib.read_done(tmp_path) is None
-    first = ckpt_lib.write_done(tmp_path, 16)
-    assert ckpt_lib.read_done(tmp_path) == first and first["step"] == 16 and first["time"].endswith("+00:00")
-    assert ckpt_lib.write_done(tmp_path, 16) == first  # a re-run of a finished plan keeps the marker
-    ckpt_lib.clear_done(tmp_path)
-    assert ckpt_lib.read_done(tmp_path) is None and not (tmp_path / "DONE").exists()
+    assert workdir_lib.read_done(tmp_path) is None
+    first = workdir_lib.write_done(tmp_path, 16)
+    assert workdir_lib.read_done(tmp_path) == first and first["step"] == 16 and first["time"].endswith("+00:00")
+    assert workdir_lib.write_done(tmp_path, 16) == first  # a re-run of a finished plan keeps the marker
+    workdir_lib.clear_done(tmp_path)
+    assert workdir_lib.read_done(tmp_path) is None and not (tmp_path / "DONE").exists()
 
 
 def _tiny_state(seed: int) -> dict:
@@ -341,24 +350,24 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes_exactly(reference, t
     step = int(match[1])
     assert step == trained()[-1] < TOTAL_STEPS  # the step under way when the signal came, nothing after it
     assert step in _checkpoint_dirs(workdir)[0]
-    assert ckpt_lib.read_done(workdir) is None and "Workdir:" not in out  # main returned before its summary
+    assert workdir_lib.read_done(workdir) is None and "Workdir:" not in out  # main returned before its summary
 
     run = _Run(workdir, tmp_path, 1)
     assert run.wait() == 0, run.failure()
     assert f"Resumed from step {step} " in run.stdout()
-    assert ckpt_lib.read_done(workdir)["step"] == TOTAL_STEPS
+    assert workdir_lib.read_done(workdir)["step"] == TOTAL_STEPS
     final_step, state = _final_state(workdir)
     assert final_step == TOTAL_STEPS
     _assert_same_state(state, reference["state"])
-    assert ckpt_lib.trained_sequence(_data_records(workdir)) == reference["sequence"]
+    assert data_log.trained_sequence(_data_records(workdir)) == reference["sequence"]
 
     # A finished workdir: resumes at the end and only reports (no steps, no new metrics, the same marker).
-    done = ckpt_lib.read_done(workdir)
+    done = workdir_lib.read_done(workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         metrics_before = f.read()
     summary = train.train_and_evaluate(_config(), workdir)
     assert summary["done"] and not summary["preempted"] and int(summary["final_state"].step) == TOTAL_STEPS
-    assert ckpt_lib.read_done(workdir) == done
+    assert workdir_lib.read_done(workdir) == done
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         assert f.read() == metrics_before
     assert _checkpoint_dirs(workdir)[0][-1] == TOTAL_STEPS
@@ -372,7 +381,7 @@ def test_kill_9_anywhere_then_rerun_equals_an_uninterrupted_run(reference, tmp_p
     queue = ["during_save", "phase_boundary", "random", "random"]  # a missed during_save is retried
     kills, runs, t0 = [], [], time.monotonic()
     for index in range(len(queue) + 6):
-        if ckpt_lib.read_done(workdir) is not None:
+        if workdir_lib.read_done(workdir) is not None:
             break
         wanted = queue[0] if queue else None
         tmp_before = set(_checkpoint_dirs(workdir)[1])
@@ -409,11 +418,11 @@ def test_kill_9_anywhere_then_rerun_equals_an_uninterrupted_run(reference, tmp_p
         kills.append(kill)
         if wanted != "during_save" or kill["tmp_dirs"]:
             queue.pop(0)
-    assert ckpt_lib.read_done(workdir) is not None, [r.failure() for r in runs[-1:]]
+    assert workdir_lib.read_done(workdir) is not None, [r.failure() for r in runs[-1:]]
 
     resumes = [int(m[1]) for r in runs for m in re.finditer(r"Resumed from step (\d+) ", r.stdout())]
     final_step, state = _final_state(workdir)
-    sequence = ckpt_lib.trained_sequence(_data_records(workdir))
+    sequence = data_log.trained_sequence(_data_records(workdir))
     trained_total = sum("step" in r for r in _data_records(workdir))
     identical_state = True
     try:
@@ -511,8 +520,8 @@ def test_kill_9_during_a_lock_take_over_and_a_refused_resume_leaves_the_workdir_
     assert final.wait() == 0, final.failure()
     assert "Resumed from step" in final.stdout(), final.failure()
     assert took_over(final) or not killed or left_behind is None, final.failure()
-    assert ckpt_lib.read_done(workdir)["step"] == TOTAL_STEPS
+    assert workdir_lib.read_done(workdir)["step"] == TOTAL_STEPS
     _, state = _final_state(workdir)
     _assert_same_state(state, reference["state"])
-    assert ckpt_lib.trained_sequence(_data_records(workdir)) == reference["sequence"]
+    assert data_log.trained_sequence(_data_records(workdir)) == reference["sequence"]
     assert open(os.path.join(workdir, "LOCK"), encoding="utf-8").read() == ""  # released at the end

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import sharding, train
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
@@ -217,7 +217,7 @@ def test_resume_does_not_probe_an_encoder_again(tmp_path, monkeypatch):
 
     # as if killed after the probe of iteration 1 and before its phase-end checkpoint: that checkpoint is gone
     shutil.rmtree(workdir / "checkpoints" / "2")
-    (workdir / ckpt_lib.DONE_FILE).unlink()
+    (workdir / workdir_lib.DONE_FILE).unlink()
     calls.clear()
     second = train.train_and_evaluate(c, str(workdir))
     assert second["done"] and calls == []  # nothing extracted again
@@ -230,7 +230,7 @@ def test_resume_does_not_probe_an_encoder_again(tmp_path, monkeypatch):
     # as if killed during the probe of iteration 1, after its phase-end checkpoint: the resume starts at the end of
     # the plan, trains nothing and probes the kept encoder once, with the same result
     (workdir / train.PROBE_FILE).write_text(json.dumps({"iteration_0": recorded["iteration_0"]}))
-    (workdir / ckpt_lib.DONE_FILE).unlink()
+    (workdir / workdir_lib.DONE_FILE).unlink()
     third = train.train_and_evaluate(c, str(workdir))
     assert third["done"] and calls == ["train", "test"]
     assert json.loads((workdir / train.PROBE_FILE).read_text()) == recorded

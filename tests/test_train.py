@@ -10,6 +10,7 @@ import pytest
 
 import bridle_jax
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
 from bridle_jax import train
 from bridle_jax.data import sources
 from tests.tiny import PoisonedIterator, tiny_config
@@ -67,7 +68,7 @@ def test_runs_every_phase_on_eight_devices(full_run):
         assert np.isfinite(enc[key]), key
     assert "train/tokenizer/cos" in tok and 0.0 <= tok["train/tokenizer/cos"] <= 2.0
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    assert ckpt_lib.saved_iterations(workdir) == [0, 1, 2]
+    assert encoder_store.saved_iterations(workdir) == [0, 1, 2]
     assert ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False).latest_step() == TOTAL_STEPS
     probe = summary["linear_probe"]
     assert set(probe) == {"iteration_0", "iteration_1", "iteration_2"}

@@ -26,9 +26,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import config as config_lib
 from bridle_jax import train
-from bridle_jax import workdir as workdir_lib
 from tests import tiny
 from tests.tiny import ROOT, tiny_config
 
@@ -62,7 +63,7 @@ def stopped(tmp_path_factory):
     encoders 0 and 1."""
     workdir = tmp_path_factory.mktemp("stopped")
     train.train_and_evaluate(_config(), str(workdir), stop_at_step=6)
-    assert _steps(workdir) == [4, 6] and ckpt_lib.saved_iterations(workdir) == [0, 1]
+    assert _steps(workdir) == [4, 6] and encoder_store.saved_iterations(workdir) == [0, 1]
     return workdir
 
 
@@ -329,14 +330,14 @@ def test_a_tube_mask_that_masks_nothing_per_frame_slot_is_refused():
 
 @pytest.mark.parametrize("content", ["", "garbage{", '"just a string"', '{"time": "no step"}'])
 def test_a_damaged_done_marker_is_read_as_not_done(copy, content, caplog):
-    (copy / ckpt_lib.DONE_FILE).write_text(content)
+    (copy / workdir_lib.DONE_FILE).write_text(content)
     with caplog.at_level("WARNING"):
-        assert ckpt_lib.read_done(copy) is None
-    assert f"{copy / ckpt_lib.DONE_FILE} is damaged" in caplog.text
+        assert workdir_lib.read_done(copy) is None
+    assert f"{copy / workdir_lib.DONE_FILE} is damaged" in caplog.text
 
 
 def test_a_damaged_done_marker_does_not_block_the_run(copy, caplog):
-    (copy / ckpt_lib.DONE_FILE).write_text("garbage{")
+    (copy / workdir_lib.DONE_FILE).write_text("garbage{")
     with caplog.at_level("WARNING"):
         result = train.train_and_evaluate(_config(), str(copy), stop_at_step=7)
     assert int(result["final_state"].step) == 7

@@ -41,6 +41,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import paths
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import optim, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
 from bridle_jax.data import pipeline
@@ -89,10 +91,10 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
     Raises FileNotFoundError when `workdir` is not a bridle_jax workdir or holds no checkpoint, ValueError when the
     requested iteration or step has no checkpoint (the message lists those available).
     """
-    path = ckpt_lib.workdir_path(workdir)
+    path = paths.workdir_path(workdir)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such workdir")
-    config = ckpt_lib.read_config(workdir)  # FileNotFoundError: not a bridle_jax workdir
+    config = workdir_lib.read_config(workdir)  # FileNotFoundError: not a bridle_jax workdir
     plan = schedule.parse_plan(config.schedule.phases)
     directory = path / ckpt_lib.CHECKPOINTS_DIR
     if not directory.is_dir():
@@ -416,7 +418,7 @@ def codebook_health(
             }
         )
     report = {
-        "workdir": ckpt_lib.resolve_workdir(workdir),
+        "workdir": paths.resolve_workdir(workdir),
         "step": run.step,
         "phase": run.phase.name,
         "iteration": run.phase.iteration,
@@ -428,7 +430,7 @@ def codebook_health(
         **acc,
         "levels": levels,
     }
-    out = ckpt_lib.workdir_path(out_dir if out_dir is not None else workdir)
+    out = paths.workdir_path(out_dir if out_dir is not None else workdir)
     if plots and not _have_matplotlib():
         logging.warning(
             "matplotlib is not installed: writing %s without its plots (pip install 'bridle_jax[plots]' for the "
@@ -441,7 +443,7 @@ def codebook_health(
     report["files"] = [HEALTH_FILE, *names]
     if jax.process_index() == 0:  # the JSON first: a plotting failure never costs the numbers
         out.mkdir(parents=True, exist_ok=True)
-        ckpt_lib.write_text_atomic(out / HEALTH_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
+        paths.write_text_atomic(out / HEALTH_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
         if plots:
             for name, data in _plots(report, code_norms).items():
                 (out / name).write_bytes(data)

@@ -38,12 +38,16 @@ import optax
 from flax import struct
 
 from bridle_jax import checkpoint as ckpt_lib
+from bridle_jax import encoder_store
+from bridle_jax import paths
+from bridle_jax import preemption
+from bridle_jax import workdir as workdir_lib
 from bridle_jax import config as config_lib
-from bridle_jax import metrics as metrics_lib
+from bridle_jax import reporting
 from bridle_jax import optim, resolve, sharding, steps
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import augment
-from bridle_jax.evaluators import metrics as eval_metrics
+from bridle_jax.evaluators import scoring
 from bridle_jax.models import bridle, vit
 from bridle_jax.validation import fail, is_int
 
@@ -254,9 +258,9 @@ class Setup:
 
 def _pretrained_iteration(workdir: str, wanted: int | None) -> int:
     """The encoder iteration to start from, with errors that name the path and what exists."""
-    available = ckpt_lib.saved_iterations(workdir)
+    available = encoder_store.saved_iterations(workdir)
     finished = [i for i in available if i >= 1]
-    root = ckpt_lib.workdir_path(workdir) / ckpt_lib.ENCODERS_DIR
+    root = paths.workdir_path(workdir) / encoder_store.ENCODERS_DIR
     if wanted == 0:
         return 0
     if wanted is None:
@@ -306,8 +310,8 @@ def _check_input_size(c, pretrain) -> None:
 def setup(c: ml_collections.ConfigDict) -> Setup:
     """Validates the config against the checkpoint and loads (or, with init_iteration=0, initialises) E."""
     validate(c)
-    workdir = ckpt_lib.resolve_workdir(c.init_from)
-    pretrain = ckpt_lib.read_config(workdir)  # FileNotFoundError naming config.json when not a workdir
+    workdir = paths.resolve_workdir(c.init_from)
+    pretrain = workdir_lib.read_config(workdir)  # FileNotFoundError naming config.json when not a workdir
     if pretrain.get("modality", "image") != c.modality:
         raise ValueError(
             f"config.modality={c.modality!r} does not match the checkpoint: {workdir}/config.json has modality "
@@ -323,7 +327,7 @@ def setup(c: ml_collections.ConfigDict) -> Setup:
     if iteration == 0:
         params = jax.jit(lambda k: models.encoder.init(k, x)["params"])(jax.random.PRNGKey(c.seed + 17))
     else:
-        params = ckpt_lib.load_encoder_params(workdir, iteration, abstract)
+        params = encoder_store.load_encoder_params(workdir, iteration, abstract)
     return Setup(c, pretrain, models, classifier, params, iteration)
 
 
@@ -706,8 +710,8 @@ def train_iterator(c, *, local_batch_size: int, seed: int, process_index: int = 
 def score(logits: np.ndarray, labels: np.ndarray, multi_label: bool) -> dict:
     """{"mAP"} (multi-label) or {"top1", "top5"}: the eval metrics of one evaluation."""
     if multi_label:
-        return {"mAP": eval_metrics.mean_average_precision(logits, labels)["mAP"]}
-    return eval_metrics.topk_accuracy(logits, labels, (1, 5))
+        return {"mAP": scoring.mean_average_precision(logits, labels)["mAP"]}
+    return scoring.topk_accuracy(logits, labels, (1, 5))
 
 
 def primary_metric(c) -> str:
@@ -724,13 +728,13 @@ def summarize(history: list[dict], metric: str) -> dict:
 
 def _write_json(workdir: str, payload: dict) -> None:
     if jax.process_index() == 0:
-        root = ckpt_lib.workdir_path(workdir)
+        root = paths.workdir_path(workdir)
         root.mkdir(parents=True, exist_ok=True)
-        ckpt_lib.write_text_atomic(root / RESULT_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        paths.write_text_atomic(root / RESULT_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def read_result(workdir: str) -> dict | None:
-    path = ckpt_lib.workdir_path(workdir) / RESULT_FILE
+    path = paths.workdir_path(workdir) / RESULT_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -781,12 +785,12 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
     result written to `<workdir>/finetune.json`."""
     c, notes = resolve.finetuning(c, lambda: len(pipeline.train_source(c.data)))
     for line in notes:
-        metrics_lib.log_line(line)
+        reporting.log_line(line)
     s = setup(c)
-    workdir = ckpt_lib.resolve_workdir(workdir)
+    workdir = paths.resolve_workdir(workdir)
     done = read_result(workdir)
     if done is not None and done.get("done"):
-        metrics_lib.log_line(f"{workdir}: already finished ({RESULT_FILE}); reporting it")
+        reporting.log_line(f"{workdir}: already finished ({RESULT_FILE}); reporting it")
         return done
     mesh = sharding.make_mesh(c.mesh)
     metric = primary_metric(c)
@@ -822,13 +826,13 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         process_count=jax.process_count(),
     )
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=c.checkpoint.max_to_keep, async_save=c.checkpoint.async_save)
-    writer = metrics_lib.MetricWriter(workdir)
-    watch = ckpt_lib.PreemptionWatch(ckpt)  # SIGTERM/SIGINT: checkpoint this step and return; re-running resumes
+    writer = reporting.MetricWriter(workdir)
+    watch = preemption.PreemptionWatch(ckpt)  # SIGTERM/SIGINT: checkpoint this step and return; re-running resumes
     preempted = False
     history: list[dict] = []
     base = {
         "mode": c.mode,
-        "init_from": ckpt_lib.resolve_workdir(c.init_from),
+        "init_from": paths.resolve_workdir(c.init_from),
         "init_iteration": s.iteration,
         "dataset": c.data.name,
         "eval_split": eval_split,
@@ -849,7 +853,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
             state, meta = restored
             history = list(meta.get("history", []))
             _check_same_schedule(meta.get("schedule"), plan, workdir)
-            metrics_lib.log_line(f"Resumed fine-tuning at step {int(state.step)} from {ckpt.directory}")
+            reporting.log_line(f"Resumed fine-tuning at step {int(state.step)} from {ckpt.directory}")
 
         step_fn = jax.jit(
             functools.partial(train_step, s=s, tx=tx, schedule=schedule),
@@ -859,14 +863,14 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         step = int(state.step)
         refused = jax.device_put(np.zeros(2, np.int32), replicated)  # counted since this start (not checkpointed)
-        progress = metrics_lib.Progress(int(c.num_steps))
+        progress = reporting.Progress(int(c.num_steps))
         progress.start(step)
         name = f"{c.mode}[{c.data.name}]"
         while step < c.num_steps:
             if watch.should_stop(step):
                 if step not in ckpt.all_steps():
                     ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
-                metrics_lib.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
+                reporting.log_line(f"Preempted at step {step}: checkpoint saved; re-run the same command to resume")
                 preempted = True
                 break
             local = next(data_iter)
@@ -885,19 +889,19 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 if rate is not None:  # not yet measured after compilation
                     values["perf/steps_per_sec"] = rate
                 writer.write(step, values, phase=c.mode)
-                metrics_lib.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
+                reporting.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
             if step % c.eval_every_steps == 0 or last:
                 logits, labels = eval_logits(s, {**state.frozen, **state.params}, eval_data, mesh, c.eval_batch_size)
                 result = {"step": step, **score(logits, labels, c.multi_label)}
                 history.append(result)
                 writer.write(step, {f"eval/{k}": v for k, v in result.items() if k != "step"}, phase=c.mode)
-                metrics_lib.log_line(
+                reporting.log_line(
                     f"Eval at step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "step")
                 )
                 _write_json(workdir, {**base, **summarize(history, metric), "history": history, "done": False})
             if step % c.checkpoint.every_steps == 0 or last:
                 if _check_refused(refused, c, step, ckpt)["train/nonfinite_skipped_in_a_row"]:
-                    metrics_lib.log_line(f"Step {step}: not saving a checkpoint: the last step(s) were skipped")
+                    reporting.log_line(f"Step {step}: not saving a checkpoint: the last step(s) were skipped")
                 else:
                     ckpt.save(step, state, data_iter, {"step": step, "history": history, "schedule": plan})
         ckpt.wait()
@@ -917,7 +921,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def fold_config(c: ml_collections.ConfigDict, test_fold: int) -> ml_collections.ConfigDict:
     """`c` with the data split of one fold: train on every other fold of `c.cv_folds`, test on `test_fold`."""
-    pairs = {test: train for train, test in eval_metrics.esc50_folds(tuple(c.cv_folds))}
+    pairs = {test: train for train, test in scoring.esc50_folds(tuple(c.cv_folds))}
     if test_fold not in pairs:
         raise ValueError(f"test fold {test_fold} is not in config.cv_folds={tuple(c.cv_folds)}")
     out = ml_collections.ConfigDict(c.to_dict())
@@ -930,7 +934,7 @@ def fold_config(c: ml_collections.ConfigDict, test_fold: int) -> ml_collections.
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """The whole recipe: one run, or one per fold of `config.cv_folds` (then the mean +- std over folds)."""
     validate(c)
-    workdir = ckpt_lib.resolve_workdir(workdir)
+    workdir = paths.resolve_workdir(workdir)
     if not tuple(c.cv_folds):
         out = run_single(c, workdir)
         out.pop("final_state", None)
@@ -938,8 +942,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict:
     metric = primary_metric(c)
     folds = {}
     for k in c.cv_folds:
-        fold_dir = str(ckpt_lib.workdir_path(workdir) / f"fold_{k}")
-        metrics_lib.log_line(f"Cross-validation: test fold {k} of {tuple(c.cv_folds)} -> {fold_dir}")
+        fold_dir = str(paths.workdir_path(workdir) / f"fold_{k}")
+        reporting.log_line(f"Cross-validation: test fold {k} of {tuple(c.cv_folds)} -> {fold_dir}")
         r = run_single(fold_config(c, k), fold_dir)
         r.pop("final_state", None)
         folds[str(k)] = r
@@ -956,10 +960,10 @@ def _cv_summary(c, folds: dict, metric: str, done: bool) -> dict:
     for which in ("best", "last"):
         values = [f[which][metric] for f in folds.values() if f.get(which)]
         if values:
-            summary[which] = eval_metrics.summarize_folds(values)
+            summary[which] = scoring.summarize_folds(values)
     return {
         "mode": c.mode,
-        "init_from": ckpt_lib.resolve_workdir(c.init_from),
+        "init_from": paths.resolve_workdir(c.init_from),
         "dataset": c.data.name,
         "metric": metric,
         "cv_folds": list(c.cv_folds),

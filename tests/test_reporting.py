@@ -1,4 +1,4 @@
-"""What a run prints (bridle_jax/metrics.py): the ETA in days/hours/minutes, steps/s measured after compilation
+"""What a run prints (bridle_jax/reporting.py): the ETA in days/hours/minutes, steps/s measured after compilation
 (a fake clock), every line printed once, library logs at WARNING, and the start-up summary."""
 
 import json
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bridle_jax import metrics, resolve, schedule, sharding, train
+from bridle_jax import reporting, resolve, schedule, sharding, train
 from bridle_jax.data import pipeline
 from bridle_jax.models.bridle import build_models
 from tests.tiny import load_config, tiny_config
@@ -29,7 +29,7 @@ from tests.tiny import load_config, tiny_config
     ],
 )
 def test_eta_is_days_hours_minutes(seconds, text):
-    assert metrics.format_duration(seconds) == text
+    assert reporting.format_duration(seconds) == text
 
 
 class FakeClock:
@@ -42,7 +42,7 @@ class FakeClock:
 
 def test_steps_per_sec_excludes_the_compiling_first_step():
     clock = FakeClock()
-    progress = metrics.Progress(total_steps=100, clock=clock)
+    progress = reporting.Progress(total_steps=100, clock=clock)
     progress.start(0)
     clock.now += 60.0  # the first step of the phase: compilation (and k-means)
     progress.after_step(1)
@@ -68,7 +68,7 @@ def test_steps_per_sec_excludes_the_compiling_first_step():
 
 def test_steps_per_sec_is_unknown_until_measured_after_compilation():
     clock = FakeClock()
-    progress = metrics.Progress(total_steps=90_010, clock=clock)
+    progress = reporting.Progress(total_steps=90_010, clock=clock)
     progress.start(0)
     clock.now += 30.0
     progress.after_step(1)
@@ -88,7 +88,7 @@ def test_steps_per_sec_is_unknown_until_measured_after_compilation():
 def test_a_line_is_printed_once_on_stdout_and_not_logged(capsys, caplog):
     line = "[iter1_encoder] step 2/16  1.00 steps/s  phase ETA 0m 04s  plan ETA 0m 14s  loss 3.0000"
     with caplog.at_level(logging.DEBUG):
-        metrics.log_line(line)
+        reporting.log_line(line)
     captured = capsys.readouterr()
     assert captured.out.count(line) == 1
     assert line not in captured.err and line not in caplog.text
@@ -100,9 +100,9 @@ def test_library_logs_are_quiet_unless_a_verbosity_is_given():
     before = absl_logging.get_verbosity()
     try:
         absl_logging.set_verbosity(absl_logging.INFO)
-        metrics.quiet_library_logs(verbosity_given=True)  # --verbosity=0 on the command line: kept
+        reporting.quiet_library_logs(verbosity_given=True)  # --verbosity=0 on the command line: kept
         assert absl_logging.get_absl_logger().isEnabledFor(logging.INFO)
-        metrics.quiet_library_logs(verbosity_given=False)
+        reporting.quiet_library_logs(verbosity_given=False)
         assert absl_logging.get_verbosity() == absl_logging.WARNING
         assert not absl_logging.get_absl_logger().isEnabledFor(logging.INFO)  # Orbax logs through absl
         assert absl_logging.get_absl_logger().isEnabledFor(logging.WARNING)
@@ -134,7 +134,7 @@ def _summary(config, **kw):
         eval_split="test",
         eval_examples=359,
     )
-    return "\n".join(metrics.run_summary(**{**args, **kw}))
+    return "\n".join(reporting.run_summary(**{**args, **kw}))
 
 
 def test_the_start_up_summary_names_everything_that_will_run():
@@ -173,8 +173,8 @@ def test_epochs_of_a_recipe_plan():
     """The ImageNet recipe's plan, 200 + 50 + 200 epochs of 1,281,167 images at batch 1024, reads back in epochs."""
     c, _ = resolve.pretraining(load_config("imagenet"), lambda: 1_281_167)
     plan = schedule.parse_plan(c.schedule.phases)
-    assert metrics._epochs(plan[0].steps, c.batch_size, 1_281_167) == "200.0 epochs"
-    assert metrics._epochs(plan[1].steps, c.batch_size, 1_281_167) == "50.0 epochs"
+    assert reporting._epochs(plan[0].steps, c.batch_size, 1_281_167) == "200.0 epochs"
+    assert reporting._epochs(plan[1].steps, c.batch_size, 1_281_167) == "50.0 epochs"
 
 
 def test_a_run_prints_the_summary_first_and_each_progress_line_once(tmp_path, capsys, caplog):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from bridle_jax.evaluators import metrics
+from bridle_jax.evaluators import scoring
 
 
 def _sklearn_ap(scores, targets):
@@ -28,7 +28,7 @@ def test_average_precision_matches_sklearn_with_ties(seed):
     targets[:, 5] = 0  # no positive
     targets[:, 6] = 1  # all positive
     targets[0, 7], targets[1:, 7] = 1, 0  # exactly one positive
-    ours = metrics.average_precision(scores, targets)
+    ours = scoring.average_precision(scores, targets)
     ref = _sklearn_ap(scores.astype(np.float64), targets)
     has_pos = targets.sum(0) > 0
     np.testing.assert_allclose(ours[has_pos], ref[has_pos], rtol=1e-12, atol=1e-14)
@@ -43,10 +43,10 @@ def test_average_precision_tie_order_does_not_matter():
     targets[0] = True
     perm = rng.permutation(40)
     np.testing.assert_allclose(
-        metrics.average_precision(scores, targets), metrics.average_precision(scores[perm], targets[perm]), rtol=1e-14
+        scoring.average_precision(scores, targets), scoring.average_precision(scores[perm], targets[perm]), rtol=1e-14
     )
     # a hand case: scores [3, 2, 2, 1], labels [1, 0, 1, 1] -> thresholds 3 (P=1, R=1/3), 2 (P=2/3, R=2/3), 1 (P=3/4)
-    ap = metrics.average_precision(np.array([[3.0], [2.0], [2.0], [1.0]]), np.array([[1], [0], [1], [1]]))
+    ap = scoring.average_precision(np.array([[3.0], [2.0], [2.0], [1.0]]), np.array([[1], [0], [1], [1]]))
     assert ap[0] == pytest.approx((1.0 + 2 / 3 + 3 / 4) / 3)
 
 
@@ -55,25 +55,25 @@ def test_mean_average_precision_excludes_classes_without_positives():
     scores = rng.normal(size=(60, 8))
     targets = (rng.random((60, 8)) < 0.3).astype(np.int32)
     targets[:, [2, 5]] = 0
-    result = metrics.mean_average_precision(scores, targets)
+    result = scoring.mean_average_precision(scores, targets)
     ref = _sklearn_ap(scores, targets)
     keep = [c for c in range(8) if c not in (2, 5)]
     assert result["mAP"] == pytest.approx(float(np.mean(ref[keep])), rel=1e-12)
     assert result["num_classes_used"] == 6 and result["num_classes_without_positives"] == 2
     assert result["per_class"][2] is None and result["per_class"][0] == pytest.approx(ref[0], rel=1e-12)
     with pytest.raises(ValueError, match="no class"):
-        metrics.mean_average_precision(scores, np.zeros_like(targets))
+        scoring.mean_average_precision(scores, np.zeros_like(targets))
 
 
 def test_average_precision_bad_input():
     with pytest.raises(ValueError, match="targets: expected 0/1 values, got 2 at row 1, column 0"):
-        metrics.average_precision(np.ones((3, 2)), np.array([[0, 1], [2, 0], [1, 1]]))
+        scoring.average_precision(np.ones((3, 2)), np.array([[0, 1], [2, 0], [1, 1]]))
     with pytest.raises(ValueError, match=r"targets: expected shape \(3, 2\)"):
-        metrics.average_precision(np.ones((3, 2)), np.ones((3, 3)))
+        scoring.average_precision(np.ones((3, 2)), np.ones((3, 3)))
     with pytest.raises(ValueError, match="scores: expected finite"):
-        metrics.average_precision(np.array([[np.nan], [1.0]]), np.array([[1], [0]]))
+        scoring.average_precision(np.array([[np.nan], [1.0]]), np.array([[1], [0]]))
     with pytest.raises(ValueError, match="2-D"):
-        metrics.average_precision(np.ones(3), np.ones(3))
+        scoring.average_precision(np.ones(3), np.ones(3))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -83,7 +83,7 @@ def test_topk_accuracy_matches_stable_argsort(seed):
     logits = rng.integers(0, 4, size=(n, c)).astype(np.float32)  # heavy ties
     logits[: n // 2] = rng.normal(size=(n // 2, c))
     labels = rng.integers(0, c, size=n)
-    ours = metrics.topk_accuracy(logits, labels, ks=(1, 3, 5, 12))
+    ours = scoring.topk_accuracy(logits, labels, ks=(1, 3, 5, 12))
     order = np.argsort(-logits.astype(np.float64), axis=1, kind="stable")
     for k in (1, 3, 5):
         ref = np.mean(np.any(order[:, :k] == labels[:, None], axis=1))
@@ -96,23 +96,23 @@ def test_topk_accuracy_ties_hand_case():
     logits = np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])
     labels = np.array([0, 1, 2])
     # row 0: label 0 first among the tie -> top-1 correct; row 1: label 1 second -> not; row 2: label 2 second
-    assert metrics.topk_accuracy(logits, labels, ks=(1, 2)) == {"top1": 1 / 3, "top2": 1.0}
+    assert scoring.topk_accuracy(logits, labels, ks=(1, 2)) == {"top1": 1 / 3, "top2": 1.0}
 
 
 def test_topk_accuracy_bad_input():
     with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\), got 3 at row 1"):
-        metrics.topk_accuracy(np.ones((2, 3)), np.array([0, 3]))
+        scoring.topk_accuracy(np.ones((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="labels: expected shape"):
-        metrics.topk_accuracy(np.ones((2, 3)), np.array([0]))
+        scoring.topk_accuracy(np.ones((2, 3)), np.array([0]))
     with pytest.raises(ValueError, match="ks"):
-        metrics.topk_accuracy(np.ones((2, 3)), np.array([0, 1]), ks=(0,))
+        scoring.topk_accuracy(np.ones((2, 3)), np.array([0, 1]), ks=(0,))
 
 
 def test_kfold_splits_disjoint_complete_each_fold_tested_once():
     rng = np.random.default_rng(5)
     folds = rng.integers(1, 6, size=123)
     folds[:5] = [1, 2, 3, 4, 5]
-    splits = metrics.kfold_splits(folds, metrics.ESC50_FOLDS)
+    splits = scoring.kfold_splits(folds, scoring.ESC50_FOLDS)
     assert [s.fold for s in splits] == [1, 2, 3, 4, 5]
     tested = np.concatenate([s.test for s in splits])
     assert np.array_equal(np.sort(tested), np.arange(123))  # each example tested exactly once
@@ -121,33 +121,33 @@ def test_kfold_splits_disjoint_complete_each_fold_tested_once():
         assert np.array_equal(np.union1d(s.train, s.test), np.arange(123))
         assert np.all(folds[s.test] == s.fold) and np.all(folds[s.train] != s.fold)
     with pytest.raises(ValueError, match="example 2 is in fold 7"):
-        metrics.kfold_splits(np.array([1, 2, 7, 3, 4, 5]), metrics.ESC50_FOLDS)
+        scoring.kfold_splits(np.array([1, 2, 7, 3, 4, 5]), scoring.ESC50_FOLDS)
     with pytest.raises(ValueError, match=r"folds \[5\] have no examples"):
-        metrics.kfold_splits(np.array([1, 2, 3, 4]), metrics.ESC50_FOLDS)
+        scoring.kfold_splits(np.array([1, 2, 3, 4]), scoring.ESC50_FOLDS)
     with pytest.raises(ValueError, match="at least 2 folds"):
-        metrics.kfold_splits(np.array([3, 3, 3]))
+        scoring.kfold_splits(np.array([3, 3, 3]))
 
 
 def test_esc50_folds_and_summary():
-    pairs = metrics.esc50_folds()
+    pairs = scoring.esc50_folds()
     assert pairs[0] == ((2, 3, 4, 5), 1) and [t for _, t in pairs] == [1, 2, 3, 4, 5]
     for train, test in pairs:
         assert test not in train and sorted(train + (test,)) == [1, 2, 3, 4, 5]
     rng = np.random.default_rng(6)
     values = rng.uniform(0.7, 0.9, size=5)
-    s = metrics.summarize_folds(values)
+    s = scoring.summarize_folds(values)
     assert s["mean"] == pytest.approx(values.mean()) and s["std"] == pytest.approx(values.std(ddof=1))
-    assert metrics.summarize_folds(values, ddof=0)["std"] == pytest.approx(values.std())
-    assert metrics.summarize_folds([0.5])["std"] is None
+    assert scoring.summarize_folds(values, ddof=0)["std"] == pytest.approx(values.std())
+    assert scoring.summarize_folds([0.5])["std"] is None
     with pytest.raises(ValueError, match="finite"):
-        metrics.summarize_folds([0.5, np.nan])
+        scoring.summarize_folds([0.5, np.nan])
 
 
 def test_weighted_sampler_weights_hand_case():
     y = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 0]])
-    w = metrics.weighted_sampler_weights(y)
+    w = scoring.weighted_sampler_weights(y)
     lw = 1000.0 / (np.array([3, 1, 1]) + 0.01)  # label counts 3, 1, 1
     np.testing.assert_allclose(w, [lw[0], lw[0] + lw[1], lw[0] + lw[2], 0.0], rtol=1e-15)
     assert w[1] > w[0]  # an example with a rare label is drawn more often
     with pytest.raises(ValueError, match="multi_hot: expected 0/1 values"):
-        metrics.weighted_sampler_weights(np.array([[0.5, 1.0]]))
+        scoring.weighted_sampler_weights(np.array([[0.5, 1.0]]))
