@@ -16,7 +16,7 @@ import soundfile
 from bridle_jax import paths
 from bridle_jax import config as config_lib
 from bridle_jax import sharding, train
-from bridle_jax.data import audio, audio_pipeline, audio_sources, sources, video, video_sources
+from bridle_jax.data import audio, audio_pipeline, audio_sources, csv_files, sources, video, video_sources
 from tests.tiny import ROOT, load_config, tiny_config
 
 
@@ -189,7 +189,7 @@ def test_malformed_rows_unknown_labels_and_escaping_paths_are_named(esc50, tmp_p
     with pytest.raises(ValueError, match=r"esc50.csv.* row 8.*fold"):
         audio_sources.ESC50Source(esc50, folds=(1, 2))
     with pytest.raises(ValueError, match=r"leaves|outside|escape|\.\."):
-        audio_sources.resolve_inside(str(esc50), "../../etc/passwd", "CSV row 3")
+        csv_files.resolve_inside(str(esc50), "../../etc/passwd", "CSV row 3")
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "list.csv").write_text("path,label\n/etc/passwd,dog\n")
     with pytest.raises(ValueError, match=r"list.csv.*(absolute|leaves|outside)"):

@@ -39,12 +39,7 @@ ESC50_COLUMNS = ("filename", "fold", "target", "category", "esc10", "src_file", 
 _YTID = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-# ------------------------------------------------------------------------------------------------- CSV + paths
-
-# One CSV reader and one path check for every modality (csv_files); the names stay importable from here.
-_read_csv = csv_files.read_csv
-_parse_int = csv_files.parse_int
-resolve_inside = csv_files.resolve_inside
+# ------------------------------------------------------------------------------------------------------ paths
 
 
 def _require_dir(path: str, what: str) -> str:
@@ -98,13 +93,13 @@ class ESC50Source(_DecodingSource):
         if not folds:
             raise ValueError("ESC50Source: folds must name at least one fold")
         paths, labels, all_folds, max_target = [], [], set(), -1
-        for number, row in _read_csv(csv_path, ("filename", "fold", "target")):
+        for number, row in csv_files.read_csv(csv_path, ("filename", "fold", "target")):
             where = csv_files.where(csv_path, number)
             if "/" in row["filename"] or "\\" in row["filename"]:
                 raise ValueError(f"{where}: filename {row['filename']!r} must be a plain file name inside audio/")
-            path = resolve_inside(csv_files.join(root, "audio"), row["filename"], where)
-            fold = _parse_int(row["fold"], where, "fold", minimum=1)
-            target = _parse_int(row["target"], where, "target")
+            path = csv_files.resolve_inside(csv_files.join(root, "audio"), row["filename"], where)
+            fold = csv_files.parse_int(row["fold"], where, "fold", minimum=1)
+            target = csv_files.parse_int(row["target"], where, "target")
             all_folds.add(fold)
             max_target = max(max_target, target)
             if fold in folds:
@@ -129,9 +124,9 @@ class ESC50Source(_DecodingSource):
 def read_class_index(path: str) -> tuple[dict[str, int], list[str]]:
     """AudioSet ``class_labels_indices.csv`` → ``({mid: index}, display names in index order)``."""
     mids, names = {}, {}
-    for number, row in _read_csv(path, ("index", "mid")):
+    for number, row in csv_files.read_csv(path, ("index", "mid")):
         where = csv_files.where(path, number)
-        index = _parse_int(row["index"], where, "index")
+        index = csv_files.parse_int(row["index"], where, "index")
         if row["mid"] in mids:
             raise ValueError(f"{where}: duplicate mid {row['mid']!r}")
         if index in names:
@@ -235,7 +230,8 @@ def _read_segments(path: str) -> Iterator[tuple[int, list[str]]]:
 
 
 class FolderCsvSource(_DecodingSource):
-    """Any folder of audio files listed in a ``path,label`` CSV (header required; extra columns are ignored).
+    """Any folder of audio files listed in a ``path,label`` CSV (header required; extra columns are ignored), read by
+    ``csv_files.read_path_labels`` as the video and image folder CSVs are.
 
     Paths are relative to ``root``; labels follow ``csv_files.labels_from_rows`` (integers as given, else the sorted
     class names). Pass ``classes`` (string labels) or ``num_classes`` (integer labels) from the train split when
@@ -257,16 +253,8 @@ class FolderCsvSource(_DecodingSource):
         if not csv_files.is_absolute(csv_path):
             csv_path = csv_files.join(root, csv_path)
         self.sample_rate = int(sample_rate)
-        rows = [(number, row) for number, row in _read_csv(csv_path, ("path", "label"))]
-        if not rows:
-            raise ValueError(f"CSV file {csv_path!r} has a header but no rows")
-        self._paths = [resolve_inside(root, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
-        labels, classes, num_classes = csv_files.labels_from_rows(
-            csv_path, [(n, row["label"]) for n, row in rows], classes=classes, num_classes=num_classes
-        )
-        self.classes = classes
-        self.num_classes = int(num_classes)
-        self.labels = np.asarray(labels, np.int32)
+        table = csv_files.read_path_labels(csv_path, root, classes=classes, num_classes=num_classes)
+        self._paths, self.labels, self.classes, self.num_classes = table
         self.description = f"{csv_path!r}"
 
     def label(self, index: int) -> np.int32:

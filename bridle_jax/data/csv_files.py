@@ -1,4 +1,4 @@
-"""The one reader of annotation CSVs, for every modality (audio and video sources use it; README "Your own data"),
+"""The one reader of annotation CSVs, for every modality (audio, video and image sources use it; README "Your own data"),
 and the file access every reader shares: local paths, ``gs://`` and any other fsspec URL (see "Files" below).
 
 One set of rules, so a CSV that one modality accepts the other accepts too:
@@ -9,6 +9,7 @@ One set of rules, so a CSV that one modality accepts the other accepts too:
   spaces after a delimiter and around a value ignored; blank lines are not rows;
 - a header is required and must name every required column (extra columns are ignored); every row has the header's
   field count;
+- the own-files CSV of every modality is ``path,label[,split]`` (:func:`read_path_labels`);
 - labels (:func:`labels_from_rows`) are integers ``>= 0`` used as given, or class names mapped to the indices of
   their sorted set; pass the train split's ``classes`` / ``num_classes`` to the other splits so they share it;
 - paths (:func:`resolve_inside`) are relative to the dataset root and may not leave it;
@@ -43,6 +44,7 @@ import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -162,6 +164,64 @@ def labels_from_rows(
             raise ValueError(f"{where(path, number)}: label {label} is out of range (expected 0..{num_classes - 1})")
         labels.append(label)
     return np.asarray(labels, np.int32), None, int(num_classes)
+
+
+class PathLabels(NamedTuple):
+    """A ``path,label[,split]`` CSV read by :func:`read_path_labels`: one entry per kept row, in the CSV's order."""
+
+    paths: list[str]  # resolved inside the dataset root
+    labels: np.ndarray  # int32
+    classes: list[str] | None  # the class names of name labels (None: integer labels)
+    num_classes: int
+
+
+def path_label_rows(path, split: str | None = None) -> list[tuple[int, dict]]:
+    """The rows of a ``path,label[,split]`` CSV (header required, extra columns ignored): those of ``split`` when
+    it is given and the CSV has a ``split`` column, else every row. No row at all is an error."""
+    path = os.fspath(path)
+    rows, splits, read = [], set(), 0
+    for number, row in read_csv(path, ("path", "label")):
+        read += 1
+        if "split" in row:
+            splits.add(row["split"])
+            if split is not None and row["split"] != split:
+                continue
+        rows.append((number, row))
+    if not read:
+        raise ValueError(f"CSV file {path!r} has a header but no rows")
+    if not rows:
+        found = f"; its split column holds {sorted(splits)}" if splits else ""
+        raise ValueError(f"CSV file {path!r}: no rows for split {split!r}{found}")
+    return rows
+
+
+def path_label_classes(path, split: str | None = None) -> tuple[list[str] | None, int]:
+    """``(classes, num_classes)`` of a ``path,label[,split]`` CSV's ``split``: what the other splits must share."""
+    path = os.fspath(path)
+    _, classes, num_classes = labels_from_rows(path, [(n, row["label"]) for n, row in path_label_rows(path, split)])
+    return classes, num_classes
+
+
+def read_path_labels(
+    path,
+    root,
+    *,
+    split: str | None = None,
+    classes: Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> PathLabels:
+    """The ``path,label[,split]`` CSV of every modality's own-files source (audio, video and image folders).
+
+    Rows as :func:`path_label_rows`; paths relative to ``root`` and kept inside it (:func:`resolve_inside`); labels
+    by :func:`labels_from_rows` (pass the train split's ``classes`` / ``num_classes`` to the other splits).
+    """
+    path = os.fspath(path)
+    rows = path_label_rows(path, split)
+    paths = [resolve_inside(root, row["path"], where(path, number)) for number, row in rows]
+    labels, classes, num_classes = labels_from_rows(
+        path, [(number, row["label"]) for number, row in rows], classes=classes, num_classes=num_classes
+    )
+    return PathLabels(paths, np.asarray(labels, np.int32), classes, int(num_classes))
 
 
 # --------------------------------------------------------------------------------- files: local paths and URLs

@@ -187,20 +187,13 @@ class ImageFolderSource(_FileSource):
 
 
 class ImageCsvSource(_FileSource):
-    """A ``path,label`` CSV; image paths relative to ``root`` (``data_dir``, as for audio and video CSVs). Pass the train CSV's ``classes`` (class-name
-    labels) or ``num_classes`` (integer labels) when building another split, so every split shares one mapping."""
+    """A ``path,label`` CSV read by ``csv_files.read_path_labels`` (the reader of the audio and video folder CSVs);
+    image paths relative to ``root`` (``data_dir``). Pass the train CSV's ``classes`` (class-name labels) or
+    ``num_classes`` (integer labels) when building another split, so every split shares one mapping."""
 
     def __init__(self, csv_path, root, *, classes: Sequence[str] | None = None, num_classes: int | None = None):
         csv_path = os.fspath(csv_path)
-        rows = list(csv_files.read_csv(csv_path, ("path", "label")))
-        if not rows:
-            raise ValueError(f"CSV file {csv_path!r} has a header but no rows")
-        root = csv_files.absolute(root)
-        self.paths = [csv_files.resolve_inside(root, row["path"], csv_files.where(csv_path, n)) for n, row in rows]
-        labels, classes, num_classes = csv_files.labels_from_rows(
-            csv_path, [(n, row["label"]) for n, row in rows], classes=classes, num_classes=num_classes
-        )
-        self.labels = np.asarray(labels, np.int32)
-        self.classes, self.num_classes = classes, int(num_classes)
+        table = csv_files.read_path_labels(csv_path, csv_files.absolute(root), classes=classes, num_classes=num_classes)
+        self.paths, self.labels, self.classes, self.num_classes = table
         self.csv_path = csv_path
         self.description = f"{csv_path!r}"

@@ -47,12 +47,7 @@ MOVING_DIGITS_VERSION = 2
 MOVING_DIGITS_TEST_FRACTION = 0.2
 
 
-# ------------------------------------------------------------------------------------------------- CSV helpers
-
-# One CSV reader and one path check for every modality (csv_files: BOM, any line ending, quoted commas, integer or
-# class-name labels; errors name the file and row).
-_read_csv = csv_files.read_csv
-safe_join = csv_files.resolve_inside
+# ------------------------------------------------------------------------------------------------- reporting
 
 
 def _report(kind: str, csv_path: str, present: int, total: int, examples: list[str]) -> str:
@@ -92,7 +87,7 @@ def read_k400_rows(csv_path) -> list[tuple[int, str, str, int, int]]:
     """Parsed rows ``(line, label, youtube_id, time_start, time_end)`` of an official Kinetics CSV."""
     csv_path = os.fspath(csv_path)
     rows = []
-    for line, row in _read_csv(csv_path, K400_COLUMNS):
+    for line, row in csv_files.read_csv(csv_path, K400_COLUMNS):
         where = csv_files.where(csv_path, line)
         if not row["label"]:
             raise ValueError(f"{where}: empty label")
@@ -159,31 +154,14 @@ class Kinetics400Source(_PathLabelSource):
 # ------------------------------------------------------------------------------------------------- generic CSV
 
 
-def _folder_rows(csv_path: str, split: str | None) -> list[tuple[int, dict]]:
-    """The ``path,label[,split]`` rows of ``split`` (every row when ``split`` is None or there is no split column)."""
-    rows, splits = [], set()
-    for line, row in _read_csv(csv_path, ("path", "label")):
-        if "split" in row:
-            splits.add(row["split"])
-            if split is not None and row["split"] != split:
-                continue
-        rows.append((line, row))
-    if not rows:
-        found = f"; its split column holds {sorted(splits)}" if splits else ""
-        raise ValueError(f"CSV file {csv_path!r}: no rows for split {split!r}{found}")
-    return rows
-
-
 def folder_classes(csv_path, split: str | None = "train") -> tuple[list[str] | None, int]:
     """``(classes, num_classes)`` of a ``path,label[,split]`` CSV's ``split``: what the other splits must share."""
-    csv_path = os.fspath(csv_path)
-    rows = _folder_rows(csv_path, split)
-    _, classes, num_classes = csv_files.labels_from_rows(csv_path, [(n, row["label"]) for n, row in rows])
-    return classes, num_classes
+    return csv_files.path_label_classes(csv_path, split)
 
 
 class FolderCsvSource(_PathLabelSource):
-    """Clips listed in a ``path,label[,split]`` CSV; paths relative to ``root``.
+    """Clips listed in a ``path,label[,split]`` CSV (``csv_files.read_path_labels``, the reader of the audio and image
+    folder CSVs too); paths relative to ``root``.
 
     Labels follow ``csv_files.labels_from_rows``, the rule of every modality: integers ``>= 0`` as given, else the
     sorted class names (``classes``). Pass the train split's ``classes`` / ``num_classes`` (:func:`folder_classes`)
@@ -205,14 +183,11 @@ class FolderCsvSource(_PathLabelSource):
         root, csv_path = csv_files.absolute(root), os.fspath(csv_path)
         if not csv_files.is_dir(root):
             raise FileNotFoundError(f"dataset root {root} does not exist")
-        rows = _folder_rows(csv_path, split)
-        all_paths = [safe_join(root, row["path"], csv_files.where(csv_path, line)) for line, row in rows]
-        all_labels, self.classes, self._num_classes = csv_files.labels_from_rows(
-            csv_path, [(line, row["label"]) for line, row in rows], classes=classes, num_classes=num_classes
-        )
+        table = csv_files.read_path_labels(csv_path, root, split=split, classes=classes, num_classes=num_classes)
+        self.classes, self._num_classes = table.classes, table.num_classes
         paths, labels, missing = [], [], []
-        present = csv_files.existing_files(all_paths)  # URLs: one listing per folder, not a request per row
-        for path, label in zip(all_paths, all_labels):
+        present = csv_files.existing_files(table.paths)  # URLs: one listing per folder, not a request per row
+        for path, label in zip(table.paths, table.labels):
             if path in present:
                 paths.append(path)
                 labels.append(label)
@@ -220,8 +195,8 @@ class FolderCsvSource(_PathLabelSource):
                 missing.append(path)
         self.root, self.csv_path, self.split = root, csv_path, split
         self.paths, self.labels = paths, np.asarray(labels, np.int32)
-        self.num_rows, self.num_missing = len(rows), len(missing)
-        self.report = _report("Video CSV", csv_path, len(paths), len(rows), missing)
+        self.num_rows, self.num_missing = len(table.paths), len(missing)
+        self.report = _report("Video CSV", csv_path, len(paths), len(table.paths), missing)
 
     @property
     def num_classes(self) -> int:
