@@ -25,6 +25,11 @@ def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def is_number(x: Any) -> bool:
+    """A Python or numpy int or float, but not a bool."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def get(config: Any, field: str, default: Any = MISSING, *, hint: str = "") -> Any:
     """The value of ``config.<field>``, read from ``config``, the object holding its last component (``config.data``
     for "data.sample_rate"); ``default`` if it is absent, or, with no default, ``ValueError("config.<field> is

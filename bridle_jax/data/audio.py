@@ -25,6 +25,7 @@ import soundfile as sf
 from scipy import signal
 
 from bridle_jax.data import csv_files
+from bridle_jax.validation import is_int
 
 SAMPLE_RATE = 16000
 
@@ -61,7 +62,7 @@ def float_scale_problem(samples: np.ndarray) -> str | None:
 
 
 def _check_rate(name: str, rate) -> int:
-    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate < 1:
+    if not is_int(rate) or rate < 1:
         raise ValueError(f"{name} must be a positive int (Hz), got {rate!r}")
     return int(rate)
 
@@ -162,7 +163,7 @@ def crop_or_pad(
     With ``rng`` the crop window starts uniformly at random (an option, not the recipe). ``length`` is the number
     of real samples, ``min(n, num_samples_out)``.
     """
-    if isinstance(num_samples_out, bool) or not isinstance(num_samples_out, (int, np.integer)) or num_samples_out < 1:
+    if not is_int(num_samples_out) or num_samples_out < 1:
         raise ValueError(f"crop_or_pad: num_samples_out must be a positive int, got {num_samples_out!r}")
     waveform = np.asarray(waveform, dtype=np.float32)
     if waveform.ndim != 1:

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridle_jax.validation import is_int, is_number
+
 __all__ = ["FrontendSpec", "fbank", "kaldi_options", "log_mel", "num_frames", "preset", "samples_for_frames"]
 
 # torch.finfo(torch.float).eps: the floor torchaudio puts under the mel energies and the frame energy before the log.
@@ -56,8 +58,8 @@ _KINDS = ("bridle", "beats")
 
 def _frame_sizes(sample_rate, frame_length: float, frame_shift: float) -> tuple[int, int]:
     """(window_size, window_shift) in samples, truncated exactly as torchaudio/Kaldi do."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
-        raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")  # noqa: TRY004
+    if not is_number(sample_rate):
+        raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")
     if not sample_rate > 0:
         raise ValueError(f"sample_rate must be > 0, got {sample_rate!r}")
     if not frame_length > 0:
@@ -137,7 +139,7 @@ def _mel_banks(num_mel_bins: int, padded: int, sample_rate: float, low_freq: flo
 def _check_options(window_type, num_mel_bins, preemphasis_coefficient, energy_floor, dither):
     if window_type not in _WINDOW_TYPES:
         raise ValueError(f"window_type must be one of {_WINDOW_TYPES}, got {window_type!r}")
-    if isinstance(num_mel_bins, bool) or not isinstance(num_mel_bins, (int, np.integer)) or num_mel_bins < 1:
+    if not is_int(num_mel_bins) or num_mel_bins < 1:
         raise ValueError(f"num_mel_bins must be an int >= 1, got {num_mel_bins!r}")
     if not 0.0 <= preemphasis_coefficient <= 1.0:
         raise ValueError(f"preemphasis_coefficient must be in [0, 1], got {preemphasis_coefficient!r}")
@@ -156,7 +158,7 @@ def num_frames(num_samples, sample_rate=16000, frame_length=25.0, frame_shift=10
     size, shift = _frame_sizes(sample_rate, frame_length, frame_shift)
     if isinstance(num_samples, bool):
         raise ValueError(f"num_samples must be an integer or an integer array, got {num_samples!r}")  # noqa: TRY004
-    if isinstance(num_samples, (int, np.integer)):
+    if is_int(num_samples):
         n = int(num_samples)
         if n < 0:
             raise ValueError(f"num_samples must be >= 0, got {n}")
@@ -311,9 +313,7 @@ class FrontendSpec:
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f"FrontendSpec.kind must be one of {_KINDS}, got {self.kind!r}")
-        if self.target_frames is not None and (
-            isinstance(self.target_frames, bool) or not isinstance(self.target_frames, int) or self.target_frames < 1
-        ):
+        if self.target_frames is not None and (not is_int(self.target_frames) or self.target_frames < 1):
             raise ValueError(f"FrontendSpec.target_frames must be an int >= 1 or None, got {self.target_frames!r}")
         if not self.std > 0:
             raise ValueError(f"FrontendSpec.std must be > 0, got {self.std!r}")
@@ -356,7 +356,7 @@ def _waveform_scale(spec: FrontendSpec) -> float:
 
 def samples_for_frames(frames: int, spec: FrontendSpec) -> int:
     """Samples a clip needs for exactly ``frames`` frames (snip_edges: one window plus frames - 1 shifts)."""
-    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+    if not is_int(frames) or frames < 1:
         raise ValueError(f"frames must be an int >= 1, got {frames!r}")
     size, shift = _frame_sizes(spec.sample_rate, 25.0, 10.0)
     return size + (int(frames) - 1) * shift

@@ -15,9 +15,11 @@ import grain
 import numpy as np
 from PIL import Image
 
+from bridle_jax.validation import is_int
+
 
 def _check_size(name: str, size) -> int:
-  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+  if not is_int(size) or size < 1:
     raise ValueError(f"{name}: size must be a positive int, got {size!r}")
   return int(size)
 

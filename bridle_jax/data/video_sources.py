@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from bridle_jax.data import csv_files, video
+from bridle_jax.validation import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -260,11 +261,11 @@ def _moving_digits_params(num_clips, num_frames, size, fps, seed, distractor) ->
         ("size", size, 18),
         ("fps", fps, 1),
     ):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"write_moving_digits: {name} must be an int >= {low}, got {value!r}")
     if size % 2:
         raise ValueError(f"write_moving_digits: size must be even (yuv420p), got {size}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"write_moving_digits: seed must be a non-negative int, got {seed!r}")
     return {
         "version": MOVING_DIGITS_VERSION,
