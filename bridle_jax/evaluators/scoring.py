@@ -22,6 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bridle_jax.validation import is_int
+
 __all__ = [
     "ESC50_FOLDS",
     "FoldSplit",
@@ -140,7 +142,7 @@ def topk_accuracy(logits, labels, ks: Sequence[int] = (1, 5)) -> dict:
         raise ValueError("logits: expected at least one example (row), got 0")
     ks = tuple(ks)
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        if not is_int(k) or k < 1:
             raise ValueError(f"ks: expected positive ints, got {k!r}")
     true_logit = x[np.arange(n), labels][:, None]
     ahead = (x > true_logit) | ((x == true_logit) & (np.arange(c)[None, :] < labels[:, None]))
