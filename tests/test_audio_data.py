@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from bridle_jax.data import audio, audio_pipeline, audio_sources, fbank
+from bridle_jax.data import audio, audio_pipeline, audio_sources, fbank, pipeline
 
 SR = 16000
 FRAMES = 20  # tiny clips: S = 400 + 19 * 160 = 3440 samples
@@ -868,3 +868,14 @@ def test_sounds_demo_is_generated_into_the_cache(tmp_path, monkeypatch):
     assert ev["input"].shape == (8, S) and sorted(ev["label"]) == list(range(8))  # fold 5: one clip per class
     assert os.listdir(tmp_path / "cache") == ["sounds-v1"]
     assert audio_pipeline.DATASETS["sounds"] == "test"
+
+
+def test_num_classes_and_eval_labels_come_from_the_csv(tmp_path):
+    """The contract's `num_classes` (fine-tuning checks config.num_classes against it) and `eval_labels` (the label
+    check before compiling): from the metadata CSV, equal to what the eval stream yields."""
+    make_esc50(tmp_path / "esc", num_classes=3)
+    cfg = data_config(data_dir=str(tmp_path / "esc"))
+    assert pipeline.num_classes(cfg) == 3
+    labels = pipeline.eval_labels(cfg, "test")
+    np.testing.assert_array_equal(labels, pipeline.eval_arrays(cfg, "test")["label"])
+    np.testing.assert_array_equal(pipeline.eval_labels(cfg, "test", max_examples=1), labels[:1])

@@ -299,3 +299,28 @@ def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
   assert "--config.data.data_dir" in message and str(tmp_path / "tfds") in message
   assert "never downloads" in message
   assert not (tmp_path / "tfds").exists()  # nothing was downloaded or created
+
+
+def test_num_classes_and_eval_labels():
+  """The contract's `num_classes` (fine-tuning checks config.num_classes against it) and `eval_labels` (the label
+  check before compiling): declared by the fixed datasets, the labels read from the source's index."""
+  assert pipeline.num_classes(data_config()) == 10
+  assert pipeline.num_classes(data_config(name="imagenet2012", data_dir="/nowhere")) == 1000  # nothing read
+  labels = pipeline.eval_labels(data_config(), "test")
+  np.testing.assert_array_equal(labels, pipeline.eval_arrays(data_config(), "test")["label"])
+  assert len(pipeline.eval_labels(data_config(max_eval_examples=7), "test")) == 7
+
+
+def test_fine_tune_stream_adds_randaugment_and_erasing_and_keeps_the_first_seeds():
+  """`augment=` (fine-tuning's config.augment) switches the crop to its fields and adds RandAugment and erasing;
+  the shuffle seed is pretraining's (the same SeedSequence prefix), so the same records arrive in the same order."""
+  augment = ml_collections.ConfigDict(dict(
+      crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, randaugment_ops=2, randaugment_magnitude=9.0,
+      randaugment_magnitude_std=0.5, random_erasing=0.25))
+  plain = take(pipeline.train_iterator(data_config(), local_batch_size=8, seed=4), 2)
+  tuned = take(pipeline.train_iterator(data_config(), local_batch_size=8, seed=4, augment=augment), 2)
+  again = take(pipeline.train_iterator(data_config(num_threads=0), local_batch_size=8, seed=4, augment=augment), 2)
+  assert_batches_equal(tuned, again)
+  for p, t in zip(plain, tuned):
+    np.testing.assert_array_equal(p["label"], t["label"])
+    assert t["input"].shape == p["input"].shape and not np.array_equal(p["input"], t["input"])

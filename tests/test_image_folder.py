@@ -32,7 +32,7 @@ def rgb(rng, h, w):
 
 @pytest.fixture
 def fresh_counter(monkeypatch):
-    counter = sources.SkippedImages()
+    counter = pipeline.SkippedRecords("image", "images", sources.log)
     monkeypatch.setattr(sources, "SKIPPED", counter)
     return counter
 
@@ -375,9 +375,7 @@ def test_registry_and_config_validation_accept_both_forms(folder):
     config_lib.validate(c)
     c.data.name, c.data.data_dir = "image_folder", str(folder[0])
     config_lib.validate(c)
-    from bridle_jax.evaluators import finetune  # fine-tuning checks config.num_classes against the data's count
-
-    assert finetune.known_num_classes(c) == 3
+    assert pipeline.num_classes(c.data) == 3  # fine-tuning checks config.num_classes against the data's count
     c.data.name = "flowers"
     with pytest.raises(ValueError, match=r"expected one of .*'image_folder'.*'tfds:<name>\[:<version>\]'"):
         config_lib.validate(c)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bridle_jax.data import video, video_pipeline, video_sources
+from bridle_jax.data import pipeline, video, video_pipeline, video_sources
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -671,3 +671,14 @@ def test_dataset_level_problems_raise_immediately(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"annotation CSV file .*train\.csv' not found"):
         video_pipeline.eval_arrays(data_config(name="kinetics400", data_dir=str(tmp_path)), "val")
     assert video_pipeline.DATASETS == {"kinetics400": "val", "video_folder": "test", "moving_digits": "test"}
+
+
+def test_num_classes_and_eval_labels_come_from_the_csv(digits_root):
+    """The contract's `num_classes` (fine-tuning checks config.num_classes against it) and `eval_labels` (the label
+    check before compiling): from the CSV, equal to what the eval stream yields."""
+    config = data_config(data_dir=str(digits_root))
+    assert pipeline.num_classes(config) == 10
+    labels = pipeline.eval_labels(config, "test")
+    assert labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, pipeline.eval_arrays(config, "test")["label"])
+    np.testing.assert_array_equal(pipeline.eval_labels(config, "test", max_examples=4), labels[:4])

@@ -43,7 +43,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from bridle_jax.data import audio, audio_sources, csv_files, fbank, pipeline
+from bridle_jax.data import audio, audio_sources, csv_files, fbank, pipeline, weighted_sampler
 from bridle_jax.validation import fail, get, is_int
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,7 @@ def make_source(spec: AudioDataSpec, split: str):
 # ----------------------------------------------------------------------------------------------- skip counter
 
 
-class SkippedRecords(pipeline.SkippedRecords):
-    """Unreadable audio files seen by this process (each counted once), with the ceiling check. Thread-safe."""
-
-    def __init__(self):
-        super().__init__("audio record", "audio files", log)
-
-
-SKIPPED = SkippedRecords()
+SKIPPED = pipeline.SkippedRecords("audio record", "audio files", log)  # unreadable files, this process
 
 
 def skipped_count() -> int:
@@ -353,14 +346,6 @@ class CropOrPad(grain.transforms.Map):
         return f"CropOrPad(num_samples={self.num_samples})"
 
 
-def _train_seeds(seed) -> tuple[int, int]:
-    """Independent shuffle / augmentation seeds from one integer (SeedSequence avoids correlated streams)."""
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    shuffle_seed, aug_seed = np.random.SeedSequence(int(seed)).generate_state(2, dtype=np.uint32)
-    return int(shuffle_seed), int(aug_seed)
-
-
 def train_source(data_config):
     """The train split's records (random access; its length is one epoch), reading none of them."""
     return make_source(data_spec(data_config), "train")
@@ -374,27 +359,50 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     source=None,
+    augment=None,
 ) -> grain.MapDataset:
     """The infinite, shuffled, augmented train stream of this process, batched (drop_remainder).
 
     Deterministic in ``seed`` whatever the thread count; wrap with ``.to_iter_dataset(grain.ReadOptions(...))``,
-    whose iterator's ``get_state``/``set_state`` resume bit-identically.
+    whose iterator's ``get_state``/``set_state`` resume bit-identically. ``augment`` (fine-tuning's
+    ``config.augment``; None: pretraining's stream): with ``augment.weighted_sampler`` AST's class-balancing sampler
+    (:mod:`bridle_jax.data.weighted_sampler`, ``augment.epoch_len`` draws per epoch, 0 = the split's size) takes the
+    place of shuffle-and-repeat; its other fields are applied on device by the fine-tune step.
     """
     spec = data_spec(data_config)
     pipeline.check_stream_args(local_batch_size, process_index, process_count)
     source = make_source(spec, "train") if source is None else source  # `source`: train_source(...) made already
     if len(source) == 0:
         raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")
-    shuffle_seed, aug_seed = _train_seeds(seed)
+    order_seed, aug_seed = pipeline.train_seeds(seed, 2)  # shuffle (or sampler) and augmentation
 
     ds = grain.MapDataset.source(ReadableSource(source, spec.max_skipped, replace=True))
-    ds = ds.shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
+    if augment is not None and augment.weighted_sampler:
+        epoch_len = int(augment.epoch_len) or len(source)
+        ds = weighted_sampler.WeightedSample(ds, weighted_sampler.sampler_weights(source), epoch_len, order_seed)
+    else:
+        ds = ds.shuffle(seed=order_seed).repeat(None, reseed_each_epoch=True)
     if spec.roll_mag_aug:
         ds = ds.random_map(RollMagAug(spec.roll_shift), seed=aug_seed)
     ds = ds.map(CropOrPad(spec.num_samples))
     # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
     # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
     return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
+
+
+def num_classes(data_config) -> int | None:
+    """The class count the train split's source declares (ESC-50 and the demo: max target + 1 over all rows;
+    AudioSet: the class index CSV; audio_folder: the train CSV's class names or max + 1)."""
+    return getattr(make_source(data_spec(data_config), "train"), "num_classes", None)
+
+
+def eval_labels(data_config, split: str, max_examples: int | None = None) -> np.ndarray:
+    """The labels of the first :func:`eval_size` clips of ``split``, from the CSVs (nothing decoded)."""
+    spec = data_spec(data_config)
+    pipeline.check_eval_args(max_examples)
+    source = make_source(spec, split)
+    n = pipeline.count_eval(len(source), max_examples, spec.max_eval_examples).examples
+    return pipeline.first_labels(source, n, source.label)
 
 
 def eval_size(data_config, split: str, max_examples: int | None = None) -> pipeline.EvalSize:

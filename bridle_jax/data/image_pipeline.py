@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 
 from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
-from bridle_jax.data import pipeline, sources, transforms
+from bridle_jax.data import pipeline, randaugment, sources, transforms
 from bridle_jax.validation import fail, get, is_int
 
 DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on (config.data.eval_split unset)
@@ -165,39 +165,66 @@ def eval_transforms(spec: DataSpec) -> list:
   return [transforms.ResizeCenterCrop(spec.image_size, spec.eval_crop_fraction), transforms.Normalize(spec.mean, spec.std)]
 
 
-def _train_seeds(seed: int) -> tuple[int, int, int]:
-  """Independent shuffle / crop / flip seeds from one integer (SeedSequence avoids correlated streams)."""
-  if not is_int(seed) or seed < 0:
-    raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-  shuffle_seed, crop_seed, flip_seed = np.random.SeedSequence(int(seed)).generate_state(3, dtype=np.uint32)
-  return int(shuffle_seed), int(crop_seed), int(flip_seed)
-
-
 def train_source(data_config):
   """The train split's records (random access; its length is one epoch), reading none of them."""
   return sources.make_source(data_config, "train")
 
 
 def train_dataset(data_config, *, local_batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, source=None) -> grain.MapDataset:
+                  process_count: int = 1, source=None, augment=None) -> grain.MapDataset:
   """The infinite train stream of this process as a (lazy, random-access) MapDataset of batches; `source`, when
-  given, is `train_source(data_config)` made already (it is not listed twice)."""
+  given, is `train_source(data_config)` made already (it is not listed twice).
+
+  ``augment`` (fine-tuning's ``config.augment``; None: pretraining's stream) is timm's fine-tune transform:
+  RandomResizedCrop with ``augment.crop_scale``/``crop_ratio``, flip when ``augment.flip``, RandAugment
+  (``randaugment_ops`` > 0), normalise, random erasing (``random_erasing`` > 0), from 5 seeds (shuffle, crop, flip,
+  RandAugment, erasing; the first 3 are pretraining's).
+  """
   spec = data_spec(data_config)
   pipeline.check_stream_args(local_batch_size, process_index, process_count)
   source = train_source(data_config) if source is None else source
   if len(source) == 0:
     raise ValueError(f"config.data.name={spec.name!r}: the train split is empty")
-  shuffle_seed, crop_seed, flip_seed = _train_seeds(seed)
+  if augment is None:
+    shuffle_seed, crop_seed, flip_seed = pipeline.train_seeds(seed, 3)
+    scale, ratio, flip = spec.crop_scale, spec.crop_ratio, spec.flip
+  else:
+    shuffle_seed, crop_seed, flip_seed, aug_seed, erase_seed = pipeline.train_seeds(seed, 5)
+    scale, ratio, flip = tuple(augment.crop_scale), tuple(augment.crop_ratio), bool(augment.flip)
 
   ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
-  ds = ds.random_map(transforms.RandomResizedCrop(spec.image_size, spec.crop_scale, spec.crop_ratio), seed=crop_seed)
-  if spec.flip:
+  ds = ds.random_map(transforms.RandomResizedCrop(spec.image_size, scale, ratio), seed=crop_seed)
+  if flip:
     ds = ds.random_map(transforms.RandomFlip(0.5), seed=flip_seed)
+  if augment is not None and augment.randaugment_ops:
+    fill = tuple(min(255, round(255 * m)) for m in spec.mean)  # timm: img_mean
+    ra = randaugment.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude,
+                                 augment.randaugment_magnitude_std, fill=fill)
+    ds = ds.random_map(ra, seed=aug_seed)
   ds = ds.map(transforms.Normalize(spec.mean, spec.std))
+  if augment is not None and augment.random_erasing:
+    ds = ds.random_map(randaugment.RandomErasing(augment.random_erasing), seed=erase_seed)
   ds = ds.map(_ToModelRecord(spec.image_size))
   # Process p takes batches p, p + P, ...: global batch i is the P consecutive local batches iP..iP+P-1, so the
   # global array (process blocks in order) holds exactly the rows of the one-process batch, in its order.
   return ds.batch(int(local_batch_size), drop_remainder=True)[process_index::process_count]
+
+
+def num_classes(data_config) -> int | None:
+  """The class count the data declare (see :func:`sources.num_classes`)."""
+  data_spec(data_config)
+  return sources.num_classes(data_config)
+
+
+def eval_labels(data_config, split: str, max_examples: int | None = None):
+  """The labels of the first :func:`eval_size` records of ``split``, nothing decoded; None for TFDS and ImageNet
+  (their labels are inside the encoded records)."""
+  spec = data_spec(data_config)
+  pipeline.check_eval_args(max_examples)
+  labels = sources.listed_labels(sources.raw_source(data_config, split))
+  if labels is None:
+    return None
+  return np.asarray(labels[:pipeline.count_eval(len(labels), max_examples, spec.max_eval_examples).examples], np.int32)
 
 
 class _ToModelRecord(grain.transforms.Map):

@@ -1,25 +1,36 @@
 """The input pipeline of any dataset: `config.data.name` picks the modality's pipeline module.
 
 Every modality module (image_pipeline, audio_pipeline, video_pipeline) implements one contract, so the training loop,
-the probe and `load_encoder` never branch on the modality:
+the probe, fine-tuning and `load_encoder` never branch on the modality:
   DATASETS                     name -> the labelled split the probe tests on (a module may also define
                                eval_split(d) when the split is configurable, as images do: config.data.eval_split)
   default_data_config()        every `config.data` field the module reads, with the defaults its recipes start from
   validate_data_config(d)      errors name `config.data.<field>` and what was expected
   train_source(d) -> the train split's records, none read (len() = one epoch; recipes in epochs need it)
-  train_dataset(d, *, local_batch_size, seed, process_index, process_count, source=None) -> grain.MapDataset of
-      batches (`source`: train_source(d) made already)
+  train_dataset(d, *, local_batch_size, seed, process_index, process_count, source=None, augment=None) ->
+      grain.MapDataset of batches (`source`: train_source(d) made already)
       {"input": float32 [b, ...], "length": int32 [b], "label": ...}; infinite, reshuffled per epoch, augmented,
-      sharded by process after augmentation (the process shards together are the 1-process global batch)
+      sharded by process after augmentation (the process shards together are the 1-process global batch).
+      `augment`: None = pretraining's stream; fine-tuning passes its `config.augment` and each module applies the
+      fields that concern it (image: crop_scale/crop_ratio/flip replace config.data's, RandAugment, random erasing;
+      audio: weighted_sampler/epoch_len, AST's class-balancing sampler; video: none, its multi-scale crop + flip)
   eval_batches(d, split, max_examples, batch_size) -> iterator of {"input", "length", "label"} NumPy batches of
-      the eval-preprocessed split, stored order (the last batch shorter); one batch decoded at a time
+      the eval-preprocessed split, stored order (the last batch shorter); one batch decoded at a time, so a split
+      of any size is scored in the memory of one batch. An unreadable record is counted in skipped_count(): images
+      and audio drop it (and read on, so the count stays N where the split allows), video replaces it with the
+      next readable clip; either way every label comes with its own record
   eval_size(d, split, max_examples) -> EvalSize(examples, total, capped) from the source's length, nothing decoded
+  eval_labels(d, split, max_examples) -> the labels of the records eval_size counts, from the source's index
+      (nothing decoded), or None where only decoding tells (TFDS, ImageNet): checks a label set before compiling
+  num_classes(d) -> int | None: the class count the data declare (a fixed dataset's, the train split's class
+      folders / CSV labels / ClassLabel), None where only the labels tell
   eval_arrays(d, split, max_examples) -> {"input", "length", "label"} NumPy arrays, stored order: the batches of
       eval_batches joined (the whole split in memory: for small splits)
   preprocess_eval(d, raw, [value_range]) -> {"input", "length"} for raw user inputs; image and video take
       value_range=(low, high) for float pixels (default 0..1, never inferred from the batch); audio floats are
       always [-1, 1]
-  skipped_count() -> unreadable records skipped so far in this process (they are replaced, never fatal alone)
+  skipped_count() -> unreadable records skipped so far in this process (they are replaced, never fatal alone);
+      every module counts them in one `SkippedRecords` (its `SKIPPED`), each distinct file once
 "length" counts the real (unpadded) steps along the input's first axis: audio samples, video frames, image rows.
 The model side (`BridleModels.model_input`) turns it into a per-patch validity mask.
 """
@@ -135,12 +146,14 @@ def train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     source=None,
+    augment=None,
 ) -> grain.DatasetIterator:
     """The checkpointable infinite iterator of this process's batches (see the module docstring for the record).
 
     Deterministic in `seed` (independent of `num_threads`); `get_state`/`set_state` and
     `grain.checkpoint.CheckpointSave`/`CheckpointRestore` resume it bit-identically. `source`: the split's
-    `train_source(data_config)`, when the caller made it already.
+    `train_source(data_config)`, when the caller made it already. `augment`: fine-tuning's `config.augment` (the
+    fine-tune stream of the module docstring), None for pretraining's.
     """
     ds = module_for(data_config).train_dataset(
         data_config,
@@ -149,6 +162,7 @@ def train_iterator(
         process_index=process_index,
         process_count=process_count,
         source=source,
+        augment=augment,
     )
     read_options = grain.ReadOptions(
         num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
@@ -171,6 +185,20 @@ def eval_size(data_config, split: str, max_examples: int | None = None) -> EvalS
     return module_for(data_config).eval_size(data_config, split, max_examples)
 
 
+def eval_labels(data_config, split: str, max_examples: int | None = None) -> np.ndarray | None:
+    """The labels of the first `eval_size(...).examples` records `split` lists, read from the source's index with
+    nothing decoded; None where only decoding a record tells its label (TFDS, ImageNet). A label set that does not
+    fit the model can so be refused before anything is compiled."""
+    return module_for(data_config).eval_labels(data_config, split, max_examples)
+
+
+def num_classes(data_config) -> int | None:
+    """The class count the data declare: digits and Fashion-MNIST 10, ImageNet 1000, else the train split's (class
+    folders, CSV labels: class names or max + 1, a TFDS ClassLabel, an audio or video source's classes); None where
+    only the labels tell. Fine-tuning checks `config.num_classes` against it."""
+    return module_for(data_config).num_classes(data_config)
+
+
 def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
     """The eval-preprocessed `split` as an iterator of NumPy batches `{"input", "length", "label"}` of `batch_size`
     records (the last one shorter), in stored order: the very records and values of `eval_arrays`, of which only
@@ -186,6 +214,22 @@ def eval_arrays(data_config, split: str, max_examples: int | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------- shared by the modules' eval readers
+
+
+def train_seeds(seed, n: int) -> list[int]:
+    """`n` independent seeds from one integer (SeedSequence avoids correlated streams). The first k of n equal the
+    k of k, so a stream that draws more (fine-tuning's RandAugment, erasing) keeps the shuffle and crop seeds."""
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint32)]
+
+
+def first_labels(source, n: int, label=None) -> np.ndarray:
+    """The labels of a source's first `n` records, by `label(i)` (default `source[i]["label"]`, for sources that
+    decode nothing on access) stacked into one array."""
+    read = label if label is not None else (lambda i: source[i]["label"])
+    labels = [np.asarray(read(i)) for i in range(min(int(n), len(source)))]
+    return np.stack(labels) if labels else np.zeros((0,), np.int32)
 
 
 def check_eval_args(max_examples, batch_size=1) -> None:
@@ -279,15 +323,17 @@ def skipped_count(data_config) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- unreadable records
-# Shared by the image and audio pipelines (each keeps its own counter, `SKIPPED`, and its own wording).
+# One counter class for the three modalities (each module keeps its own counter, `SKIPPED`, and its own wording).
 
 
 class SkippedRecords:
-    """Unreadable files seen by this process (each counted once), with the ``max_skipped`` ceiling. Thread-safe.
-    ``one`` / ``many`` name the records in the warning and the error (e.g. "image" / "images")."""
+    """Unreadable files seen by this process (each distinct file counted once, so the ceiling stays meaningful over
+    many epochs), with the ``max_skipped`` ceiling. Thread-safe. ``one`` / ``many`` name the records in the warning
+    and the error (e.g. "image" / "images"); ``verb`` follows ``many`` in the error ("were skipped"; video's error
+    has always read "... video records skipped")."""
 
-    def __init__(self, one: str, many: str, logger: logging.Logger):
-        self._one, self._many, self._log = one, many, logger
+    def __init__(self, one: str, many: str, logger: logging.Logger, *, verb: str = "were skipped"):
+        self._one, self._many, self._verb, self._log = one, many, verb, logger
         self._lock = threading.Lock()
         self._reasons: collections.OrderedDict[str, str] = collections.OrderedDict()
 
@@ -295,6 +341,11 @@ class SkippedRecords:
     def count(self) -> int:
         with self._lock:
             return len(self._reasons)
+
+    def known(self, path: str) -> bool:
+        """Whether ``path`` was found unreadable already (a reader skips it without decoding it again)."""
+        with self._lock:
+            return path in self._reasons
 
     def last(self, n: int = 5) -> list[str]:
         with self._lock:
@@ -317,7 +368,7 @@ class SkippedRecords:
             )
         if count > max_skipped:
             raise RuntimeError(
-                f"{count} unreadable {self._many} were skipped, more than config.data.max_skipped={max_skipped}; "
+                f"{count} unreadable {self._many} {self._verb}, more than config.data.max_skipped={max_skipped}; "
                 f"the last ones: {last}. Fix or remove them, or raise config.data.max_skipped."
             )
 

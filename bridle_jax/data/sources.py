@@ -115,6 +115,10 @@ class DigitsSource:
   def __len__(self) -> int:
     return len(self._labels)
 
+  @property
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def __getitem__(self, index: int) -> dict:
     return {"image": self._images[index], "label": self._labels[index]}
 
@@ -229,14 +233,7 @@ def check_fields(data_config) -> None:
 # ----------------------------------------------------------------------------------------------- skip counter
 
 
-class SkippedImages(pipeline.SkippedRecords):
-  """Unreadable images seen by this process (each counted once), with the ``max_skipped`` ceiling. Thread-safe."""
-
-  def __init__(self):
-    super().__init__("image", "images", log)
-
-
-SKIPPED = SkippedImages()
+SKIPPED = pipeline.SkippedRecords("image", "images", log)  # unreadable images seen by this process
 
 
 def skipped_count() -> int:
@@ -319,10 +316,26 @@ def make_source(data_config, split: str, *, replace: bool = True):
   return ReadableImages(source, max_skipped(data_config), replace=replace)
 
 
+DECLARED_CLASSES = {"digits": 10, "fashion_mnist": 10, "imagenet2012": 1000}  # fixed datasets: nothing to read
+
+
 def num_classes(data_config) -> int | None:
-  """The class count the data declare (image folders: the train split's class folders or CSV labels; TFDS: a
-  ClassLabel's), or None where only the labels tell."""
+  """The class count the data declare (the fixed datasets' ``DECLARED_CLASSES``; image folders: the train split's
+  class folders or CSV labels; TFDS: a ClassLabel's), or None where only the labels tell."""
+  if data_config.name in DECLARED_CLASSES:
+    return DECLARED_CLASSES[data_config.name]
   source = raw_source(data_config, "train")
   if isinstance(source, _CheckedSource):
     source = source._source  # pylint: disable=protected-access
   return getattr(source, "num_classes", None)
+
+
+def listed_labels(source) -> np.ndarray | None:
+  """A raw source's labels, as its index holds them (in-memory arrays, class folders, CSV rows: nothing decoded),
+  or None where each label is inside an encoded record (TFDS, ImageNet)."""
+  if isinstance(source, _CheckedSource):
+    return None
+  labels = getattr(source, "labels", None)
+  if labels is None:  # FashionMnistSource keeps its in-memory labels private
+    labels = getattr(source, "_labels", None)
+  return None if labels is None else np.asarray(labels)

@@ -42,11 +42,9 @@ construction (see ``video_sources``).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
-import threading
 
 import grain
 import ml_collections
@@ -253,43 +251,7 @@ def make_source(spec: VideoDataSpec, split: str):
 # -------------------------------------------------------------------------------------------- skipped records
 
 
-class SkippedRecords:
-    """Thread-safe record of the distinct unreadable files seen by this process, with the ``max_skipped`` ceiling."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._reasons: dict[str, str] = {}
-        self._last: collections.deque[str] = collections.deque(maxlen=3)
-
-    def known(self, path: str) -> bool:
-        with self._lock:
-            return path in self._reasons
-
-    def add(self, path: str, reason: str, ceiling: int) -> None:
-        with self._lock:
-            if path not in self._reasons:
-                self._reasons[path] = reason
-                self._last.append(path)
-                logger.warning("Skipping unreadable video record (%d so far): %s", len(self._reasons), reason)
-            count, last = len(self._reasons), list(self._last)
-        if count > ceiling:
-            raise RuntimeError(
-                f"{count} unreadable video records skipped, more than config.data.max_skipped={ceiling}; "
-                f"last files: {last}. Fix or remove them, or raise config.data.max_skipped."
-            )
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._reasons)
-
-    def reset(self) -> None:
-        with self._lock:
-            self._reasons.clear()
-            self._last.clear()
-
-
-SKIPPED = SkippedRecords()
+SKIPPED = pipeline.SkippedRecords("video record", "video records", logger, verb="skipped")
 
 
 def skipped_count() -> int:
@@ -328,7 +290,7 @@ class DecodeOrNext(grain.MapDataset):
             try:
                 frames = self._load(path, rng)
             except video.VideoDecodeError as e:
-                SKIPPED.add(path, str(e), self._max_skipped)
+                SKIPPED.record(path, str(e), self._max_skipped)
                 continue
             return {"input": frames, "label": record["label"]}
         raise RuntimeError(f"no readable video among {self._window} consecutive records from position {index}")
@@ -356,13 +318,6 @@ def eval_transforms(spec: VideoDataSpec) -> list:
 # ------------------------------------------------------------------------------------------------------ train
 
 
-def _train_seeds(seed: int) -> tuple[int, int, int, int]:
-    """Independent shuffle / temporal / crop / flip seeds from one integer."""
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    return tuple(int(s) for s in np.random.SeedSequence(int(seed)).generate_state(4, dtype=np.uint32))
-
-
 def train_source(data_config):
     """The train split's records (random access; its length is one epoch), reading none of them."""
     return make_source(data_spec(data_config), "train")
@@ -376,16 +331,20 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     source=None,
+    augment=None,
 ) -> grain.MapDataset:
     """This process's infinite, reshuffled-per-epoch, augmented stream of batches.
 
     Batches are ``{"input": float32 [b, T, S, S, 3], "length": int32 [b], "label": int32 [b]}``; deterministic in
     ``seed`` whatever the thread count, and resumable through ``to_iter_dataset(...)``'s ``get_state/set_state``.
+    ``augment`` (fine-tuning's ``config.augment``) changes nothing here: clips keep the multi-scale crop and the
+    ``config.data.flip`` flip (no clip RandAugment or erasing: docs/method.md, the K400 FT row).
     """
+    del augment  # the same stream for pretraining and fine-tuning
     spec = data_spec(data_config)
     pipeline.check_stream_args(local_batch_size, process_index, process_count)
     source = make_source(spec, "train") if source is None else source  # `source`: train_source(...) made already
-    shuffle_seed, sample_seed, crop_seed, flip_seed = _train_seeds(seed)
+    shuffle_seed, sample_seed, crop_seed, flip_seed = pipeline.train_seeds(seed, 4)  # shuffle, temporal, crop, flip
 
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None, reseed_each_epoch=True)
     ds = DecodeOrNext(ds, _loader(spec), seed=sample_seed, window=len(source), max_skipped=spec.max_skipped)
@@ -409,13 +368,32 @@ def eval_size(data_config, split: str, max_examples: int | None = None) -> pipel
     return pipeline.count_eval(len(make_source(spec, split)), max_examples, spec.max_eval_examples)
 
 
+def num_classes(data_config) -> int | None:
+    """The class count of the train CSV (Kinetics-400: its class names; a ``path,label`` CSV: its class names, or
+    max + 1 of integer labels, the rule of every modality's CSVs)."""
+    return getattr(make_source(data_spec(data_config), "train"), "num_classes", None)
+
+
+def eval_labels(data_config, split: str, max_examples: int | None = None) -> np.ndarray:
+    """The labels of the first :func:`eval_size` clips of ``split``, from the CSV (nothing decoded). Where a clip
+    is unreadable the streamed label is its replacement's (:func:`eval_batches`); these are the CSV's."""
+    spec = data_spec(data_config)
+    pipeline.check_eval_args(max_examples)
+    source = make_source(spec, split)
+    n = pipeline.count_eval(len(source), max_examples, spec.max_eval_examples).examples
+    return pipeline.first_labels(source, n).astype(np.int32)
+
+
 def eval_batches(data_config, split: str, max_examples: int | None = None, batch_size: int = 256):
     """The eval-preprocessed ``split`` in its stored order, ``batch_size`` clips at a time: ``{"input": float32
     [b, T, S, S, 3], "length": int32 [b], "label": int32 [b]}`` (the last batch shorter).
 
-    Capped at ``max_examples``, else ``config.data.max_eval_examples``; an unreadable clip is replaced by the next
-    readable one (as in :func:`eval_arrays`). One batch (b·T·S²·12 bytes: 32 Kinetics clips at 16x224² are 308 MB)
-    plus the loader's prefetch buffer is held at a time. The source is listed (and checked) when this is called.
+    Capped at ``max_examples``, else ``config.data.max_eval_examples``. An unreadable clip is replaced by the next
+    readable one in stored order (counted once in :func:`skipped_count`; more than ``max_skipped`` raise), and its
+    label comes with it, so every batch holds exactly ``batch_size`` labelled clips and the split always yields
+    ``N`` (as in :func:`eval_arrays`; the authors' loaders re-decode the clips at every evaluation too). One batch
+    (b·T·S²·12 bytes: 32 Kinetics clips at 16x224² are 308 MB) plus the loader's prefetch buffer is held at a time.
+    The source is listed (and checked) when this is called.
     """
     return _eval_reader(data_config, split, max_examples, batch_size)[1]
 
