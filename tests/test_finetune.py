@@ -1,4 +1,5 @@
-"""Fine-tuning and linear probes (evaluators/finetune.py, evaluators/augment.py, vit drop-path, optim layer decay):
+"""Fine-tuning and linear probes (evaluators/finetune.py, evaluators/augment.py, data/randaugment.py,
+data/weighted_sampler.py, vit drop-path, optim layer decay):
 NumPy references for the optimizer step and the on-device augmentations, the drop-path semantics, the fold logic,
 the bad-input messages, and one fine-tune vs linear-probe comparison from a tiny pretraining workdir."""
 
@@ -14,8 +15,8 @@ import pytest
 import tiny
 
 from bridle_jax import optim
+from bridle_jax.data import randaugment, weighted_sampler
 from bridle_jax.evaluators import augment, finetune
-from bridle_jax.evaluators import scoring
 from bridle_jax.models import vit
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -225,40 +226,40 @@ def test_patch_mask_2d_keeps_whole_rows_times_whole_columns():
 def test_randaugment_and_random_erasing():
     rng = np.random.default_rng(7)
     image = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
-    invert = augment.RandAugment(num_ops=1, magnitude_std=0.0, prob=1.0, ops=("Invert",))
+    invert = randaugment.RandAugment(num_ops=1, magnitude_std=0.0, prob=1.0, ops=("Invert",))
     out = invert.random_map({"image": image, "label": 3}, np.random.default_rng(0))
     np.testing.assert_array_equal(out["image"], 255 - image)
     assert out["label"] == 3
-    ra = augment.RandAugment()  # rand-m9-mstd0.5-inc1
+    ra = randaugment.RandAugment()  # rand-m9-mstd0.5-inc1
     clip = np.repeat(image[None], 3, axis=0)
     for seed in range(20):  # every op at some point; a clip gets the same ops on every frame
         aug = ra.random_map({"image": clip}, np.random.default_rng(seed))["image"]
         assert aug.dtype == np.uint8 and aug.shape == clip.shape
         np.testing.assert_array_equal(aug[0], aug[2])
     with pytest.raises(ValueError, match="unknown ops"):
-        augment.RandAugment(ops=("Cutout",))
+        randaugment.RandAugment(ops=("Cutout",))
 
     x = rng.normal(size=(20, 30, 3)).astype(np.float32)
-    erase = augment.RandomErasing(prob=1.0)
+    erase = randaugment.RandomErasing(prob=1.0)
     for seed in range(10):
         y = erase.random_map({"image": x}, np.random.default_rng(seed))["image"]
         diff = np.any(y != x, axis=-1)
         rows, cols = np.flatnonzero(diff.any(1)), np.flatnonzero(diff.any(0))
         assert diff.sum() == len(rows) * len(cols)  # one axis-aligned box
         assert 0.02 * 600 * 0.5 <= diff.sum() <= 600 / 3 * 1.5
-    np.testing.assert_array_equal(augment.RandomErasing(prob=0.0).random_map({"image": x}, rng)["image"], x)
+    np.testing.assert_array_equal(randaugment.RandomErasing(prob=0.0).random_map({"image": x}, rng)["image"], x)
 
 
 def test_weighted_sample_draws_in_proportion_to_the_weights():
     import grain
 
     parent = grain.MapDataset.source(list(range(4)))
-    ds = finetune.WeightedSample(parent, np.array([0.0, 1.0, 1.0, 2.0]), epoch_len=4000, seed=3)
+    ds = weighted_sampler.WeightedSample(parent, np.array([0.0, 1.0, 1.0, 2.0]), epoch_len=4000, seed=3)
     draws = np.array([ds[i] for i in range(4000)])
     freq = np.bincount(draws, minlength=4) / 4000
     np.testing.assert_allclose(freq, [0.0, 0.25, 0.25, 0.5], atol=0.03)
     assert [ds[i] for i in range(4000, 4010)] != draws[:10].tolist()  # a new draw each epoch
-    again = finetune.WeightedSample(parent, np.array([0.0, 1.0, 1.0, 2.0]), epoch_len=4000, seed=3)
+    again = weighted_sampler.WeightedSample(parent, np.array([0.0, 1.0, 1.0, 2.0]), epoch_len=4000, seed=3)
     assert [again[i] for i in range(50)] == draws[:50].tolist()
 
     class Labels:  # a multi-label source: labels only
@@ -273,7 +274,7 @@ def test_weighted_sample_draws_in_proportion_to_the_weights():
 
     y = (np.random.default_rng(10).random((37, 6)) < 0.3).astype(np.float32)
     np.testing.assert_allclose(
-        finetune.sampler_weights(Labels(y), chunk=5), scoring.weighted_sampler_weights(y), rtol=1e-12
+        weighted_sampler.sampler_weights(Labels(y), chunk=5), weighted_sampler.weighted_sampler_weights(y), rtol=1e-12
     )
 
 
@@ -490,13 +491,12 @@ def test_video_finetune_streams_the_eval_split(tmp_path):
     c.batch_size, c.num_steps, c.warmup_steps, c.eval_every_steps, c.log_every_steps = 16, 4, 1, 2, 2
     c.eval_batch_size = 16
     c.checkpoint.async_save = False
-    split = finetune.EvalSplit(c, "test")
-    chunks = list(split.chunks(8))
+    chunks = list(pipeline.eval_batches(c.data, "test", None, 8))  # what finetune.eval_logits streams
     assert [len(ch["input"]) for ch in chunks] == [8, 8, 4]
     arrays = pipeline.eval_arrays(c.data, "test")
     for key in ("input", "length", "label"):
         np.testing.assert_array_equal(np.concatenate([ch[key] for ch in chunks]), arrays[key])
-    np.testing.assert_array_equal(split.labels, arrays["label"])
+    np.testing.assert_array_equal(pipeline.eval_labels(c.data, "test"), arrays["label"])
     result = finetune.run(c, str(tmp_path / "ft"))
     assert result["done"] and result["num_eval_examples"] == 20 and [h["step"] for h in result["history"]] == [2, 4]
     assert 0.0 <= result["best"]["top1"] <= result["best"]["top5"] <= 1.0

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
+from bridle_jax.data import weighted_sampler
 from bridle_jax.evaluators import scoring
 
 
@@ -145,9 +146,9 @@ def test_esc50_folds_and_summary():
 
 def test_weighted_sampler_weights_hand_case():
     y = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [0, 0, 0]])
-    w = scoring.weighted_sampler_weights(y)
+    w = weighted_sampler.weighted_sampler_weights(y)
     lw = 1000.0 / (np.array([3, 1, 1]) + 0.01)  # label counts 3, 1, 1
     np.testing.assert_allclose(w, [lw[0], lw[0] + lw[1], lw[0] + lw[2], 0.0], rtol=1e-15)
     assert w[1] > w[0]  # an example with a rare label is drawn more often
     with pytest.raises(ValueError, match="multi_hot: expected 0/1 values"):
-        scoring.weighted_sampler_weights(np.array([[0.5, 1.0]]))
+        weighted_sampler.weighted_sampler_weights(np.array([[0.5, 1.0]]))

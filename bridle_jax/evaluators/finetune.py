@@ -11,10 +11,12 @@ a linear layer initialised with std 2e-5 -- and trains:
   mode "linear_probe"  only fc_norm and the head; E frozen (SPEC 4 LP rows: AdamW, the dataset augmentation on)
 
 Augmentation: audio mixup (waveforms), SpecAugment and 2-D time/frequency patch masking run inside the jitted step
-(`augment`); images get RandAugment + random erasing in the Grain pipeline; video clips the pipeline's multi-scale
-crop and flip (SPEC 4's K400 row; no RandAugment/erasing for clips here). Every `eval_every_steps` the eval split
-is scored (mAP for multi-label, top-1/top-5 otherwise); `<workdir>/finetune.json` (written atomically) keeps the
-whole history and BOTH the best-eval and the last-eval numbers (A12: the authors report the best epoch). With
+(`augment`); the input pipeline's fine-tune stream (`pipeline.train_iterator(..., augment=config.augment)`) gives
+images RandAugment + random erasing, audio the class-balancing sampler where set, video clips the multi-scale crop
+and flip (SPEC 4's K400 row; no RandAugment/erasing for clips here). Every `eval_every_steps` the eval split
+(`pipeline.eval_batches`, streamed) is scored (mAP for multi-label, top-1/top-5 otherwise);
+`<workdir>/finetune.json` (written atomically) keeps the whole history and BOTH the best-eval and the last-eval
+numbers (A12: the authors report the best epoch). With
 `config.cv_folds` (ESC-50, the sounds demo) one run per test fold goes to `<workdir>/fold_<k>`, and the summary has
 the mean and std over folds. Runs checkpoint (Orbax: state + data iterator) and resume.
 """
@@ -25,11 +27,9 @@ import dataclasses
 import functools
 import json
 import math
-import sys
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -453,77 +453,19 @@ def predict(s: Setup, params: dict, batch: dict):
     return s.classifier.apply({"params": params}, x, valid, None, deterministic=True)
 
 
-class EvalSplit:
-    """The labelled eval split, scored chunk by chunk.
-
-    Image and audio splits are preprocessed once and held in memory (`pipeline.eval_arrays`: ImageNet's 50k
-    validation images are ~30 GB, AudioSet's eval clips ~11 GB). Video clips are decoded again at every evaluation
-    (as the authors' loaders do): Kinetics-400's ~20k validation clips would be ~190 GB as arrays. An unreadable
-    clip is replaced by the next readable one (counted in `pipeline.skipped_count`), so the labels come with the
-    clips.
-    """
-
-    def __init__(self, c, split: str):
-        self.split = split
-        self._arrays = None
-        if c.modality == "video":
-            self._dataset, self._options, labels = _video_eval_dataset(c, split)
-            self.labels = labels  # from the CSV (the streamed labels differ only where a clip was replaced)
-        else:
-            self._arrays = pipeline.eval_arrays(c.data, split)
-            self.labels = self._arrays["label"]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def chunks(self, size: int):
-        """{"input", "length", "label"} NumPy chunks of at most `size` examples, in stored order."""
-        if self._arrays is not None:
-            for start in range(0, len(self), size):
-                yield {k: v[start : start + size] for k, v in self._arrays.items()}
-            return
-        buffer = []
-        for record in self._dataset.to_iter_dataset(self._options):
-            buffer.append(record)
-            if len(buffer) == size:
-                yield {k: np.stack([r[k] for r in buffer]) for k in ("input", "length", "label")}
-                buffer = []
-        if buffer:
-            yield {k: np.stack([r[k] for r in buffer]) for k in ("input", "length", "label")}
-
-
-def _video_eval_dataset(c, split: str):
-    """The video eval split as a lazy Grain dataset (centre sampling, resize + centre crop, normalise, pad), plus
-    the labels the CSV gives."""
-    from bridle_jax.data import video, video_pipeline
-
-    spec = video_pipeline.data_spec(c.data)
-    source = video_pipeline.make_source(spec, split)
-    n = len(source) if spec.max_eval_examples is None else min(len(source), spec.max_eval_examples)
-
-    def load(path, rng):
-        return video.read_sampled(
-            path, lambda count: video.sample_indices(count, spec.num_frames, spec.sampling_rate, rng, spec.short_clip)
-        )
-
-    ds = video_pipeline.DecodeOrNext(
-        grain.MapDataset.source(source), load, seed=None, window=len(source), max_skipped=spec.max_skipped
-    )[:n]
-    for t in video_pipeline.eval_transforms(spec):
-        ds = ds.map(t)
-    options = grain.ReadOptions(num_threads=spec.num_threads, prefetch_buffer_size=spec.prefetch_buffer_size)
-    labels = np.asarray([source[i]["label"] for i in range(n)], np.int32)
-    return ds, options, labels
-
-
-def eval_logits(s: Setup, params: dict, split: EvalSplit, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [N, C], labels) of the whole split, in fixed-size chunks sharded over the mesh (the last one padded:
-    one compiled shape)."""
+def eval_logits(s: Setup, params: dict, split: str, mesh, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [N, C], labels) of the whole eval `split`, streamed batch by batch from `pipeline.eval_batches` (one
+    batch decoded at a time: Kinetics-400's ~20k validation clips would be ~190 GB as arrays) and sharded over the
+    mesh; the last batch is padded (one compiled shape). Each batch's labels are checked against
+    `config.num_classes`, so splits whose labels only decoding tells (TFDS, ImageNet) are checked too."""
+    c = s.config
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = max(shards, batch_size // shards * shards)
     fn = _jit_predict(s, mesh)
+    where = f"config.data.name={c.data.name!r} split {split!r}"
     logits, labels = [], []
-    for chunk in split.chunks(batch_size):
+    for chunk in pipeline.eval_batches(c.data, split, None, batch_size):
+        targets_from_labels(chunk["label"], c.num_classes, c.multi_label, where)
         n = len(chunk["input"])
         x = {"input": np.asarray(chunk["input"], np.float32), "length": np.asarray(chunk["length"], np.int32)}
         if n < batch_size:
@@ -542,25 +484,6 @@ def _jit_predict(s: Setup, mesh):
 
 
 # ================================================================================================ labels and data
-
-
-def known_num_classes(c) -> int | None:
-    """The class count the dataset itself declares, where it does (None where only the labels tell)."""
-    name = c.data.name
-    if name in ("digits", "fashion_mnist"):
-        return 10
-    if name == "imagenet2012":
-        return 1000
-    if c.modality == "image":  # image_folder (class folders or CSV labels), tfds:* (a ClassLabel's count)
-        from bridle_jax.data import sources
-
-        return sources.num_classes(c.data)
-    if c.modality == "audio":
-        from bridle_jax.data import audio_pipeline
-
-        source = audio_pipeline.make_source(audio_pipeline.data_spec(c.data), "train")
-        return getattr(source, "num_classes", None)
-    return None
 
 
 def targets_from_labels(labels, num_classes: int, multi_label: bool, where: str) -> np.ndarray:
@@ -587,121 +510,17 @@ def targets_from_labels(labels, num_classes: int, multi_label: bool, where: str)
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def _seeds(seed: int, n: int) -> list[int]:
-    return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint32)]
-
-
-class WeightedSample(grain.MapDataset):
-    """An infinite stream of `parent` records drawn with replacement with probability ∝ `weights`, `epoch_len` per
-    "epoch", redrawn each epoch from (seed, epoch) -- torch's WeightedRandomSampler as AST/AudioMAE use it."""
-
-    def __init__(self, parent: grain.MapDataset, weights: np.ndarray, epoch_len: int, seed: int):
-        super().__init__(parent)
-        w = np.asarray(weights, np.float64)
-        if w.shape != (len(parent),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-            raise ValueError(f"WeightedSample: expected {len(parent)} finite weights >= 0, not all 0, got {w.shape}")
-        self._p = w / w.sum()
-        self._epoch_len, self._seed = int(epoch_len), int(seed)
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def __str__(self) -> str:
-        return f"WeightedSample(epoch_len={self._epoch_len})"
-
-    def indices(self, epoch: int) -> np.ndarray:
-        """The source indices of `epoch` (the latest epoch's are kept: positions are read in order)."""
-        cached = self._cache
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        rng = np.random.default_rng([self._seed, int(epoch)])
-        indices = rng.choice(len(self._p), size=self._epoch_len, replace=True, p=self._p)
-        self._cache = (epoch, indices)  # one tuple assignment: readers in other threads see old or new, whole
-        return indices
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        epoch, pos = divmod(int(index), self._epoch_len)
-        return self._parent[int(self.indices(epoch)[pos])]
-
-
-def _image_train_dataset(c, local_batch_size: int, seed: int, process_index: int, process_count: int):
-    """timm's fine-tune transform: RandomResizedCrop(0.08-1, bicubic), flip, RandAugment, normalise, erase."""
-    from bridle_jax.data import image_pipeline, sources, transforms
-
-    spec, a = image_pipeline.data_spec(c.data), c.augment
-    source = sources.make_source(c.data, "train")
-    s_shuffle, s_crop, s_flip, s_aug, s_erase = _seeds(seed, 5)
-    ds = grain.MapDataset.source(source).shuffle(seed=s_shuffle).repeat(None, reseed_each_epoch=True)
-    ds = ds.random_map(
-        transforms.RandomResizedCrop(spec.image_size, tuple(a.crop_scale), tuple(a.crop_ratio)), seed=s_crop
-    )
-    if a.flip:
-        ds = ds.random_map(transforms.RandomFlip(0.5), seed=s_flip)
-    if a.randaugment_ops:
-        fill = tuple(min(255, round(255 * m)) for m in spec.mean)  # timm: img_mean
-        ra = augment.RandAugment(a.randaugment_ops, a.randaugment_magnitude, a.randaugment_magnitude_std, fill=fill)
-        ds = ds.random_map(ra, seed=s_aug)
-    ds = ds.map(transforms.Normalize(spec.mean, spec.std))
-    if a.random_erasing:
-        ds = ds.random_map(augment.RandomErasing(a.random_erasing), seed=s_erase)
-    size = np.int32(spec.image_size)
-    ds = ds.map(lambda e: {"input": e["image"], "length": size, "label": e["label"]})
-    return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]  # whole batches per process
-
-
-def sampler_weights(source, chunk: int = 65536) -> np.ndarray:
-    """`metrics.weighted_sampler_weights` of a multi-label source's labels (read from its CSV, nothing decoded),
-    computed in chunks: AudioSet-2M's labels as one dense [N, 527] matrix would take 4 GB."""
-    n = len(source)
-    counts = None
-    for start in range(0, n, chunk):
-        y = np.stack([source.label(i) for i in range(start, min(n, start + chunk))]).astype(np.float64)
-        counts = y.sum(0) if counts is None else counts + y.sum(0)
-    label_weight = 1000.0 / (counts + 0.01)  # the scale and eps of weighted_sampler_weights (AudioMAE gen_weight)
-    return np.concatenate(
-        [
-            np.stack([source.label(i) for i in range(start, min(n, start + chunk))]).astype(np.float64) @ label_weight
-            for start in range(0, n, chunk)
-        ]
-    )
-
-
-def _weighted_audio_train_dataset(c, local_batch_size: int, seed: int, process_index: int, process_count: int):
-    """The audio train stream with AST's class-balancing sampler (AS-2M) instead of shuffle-and-repeat."""
-    from bridle_jax.data import audio_pipeline
-
-    spec = audio_pipeline.data_spec(c.data)
-    source = audio_pipeline.make_source(spec, "train")
-    weights = sampler_weights(source)
-    s_sample, s_aug = _seeds(seed, 2)
-    epoch_len = int(c.augment.epoch_len) or len(source)
-    ds = grain.MapDataset.source(audio_pipeline.ReadableSource(source, spec.max_skipped, replace=True))
-    ds = WeightedSample(ds, weights, epoch_len, s_sample)
-    if spec.roll_mag_aug:
-        ds = ds.random_map(audio_pipeline.RollMagAug(spec.roll_shift), seed=s_aug)
-    ds = ds.map(audio_pipeline.CropOrPad(spec.num_samples))
-    return ds.batch(local_batch_size, drop_remainder=True)[process_index::process_count]  # whole batches per process
-
-
 def train_iterator(c, *, local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1):
-    """The checkpointable train iterator of this process (see `pipeline` for the record contract)."""
-    kw = {
-        "local_batch_size": local_batch_size,
-        "seed": seed,
-        "process_index": process_index,
-        "process_count": process_count,
-    }
-    if c.modality == "image":
-        ds = _image_train_dataset(c, **kw)
-    elif c.modality == "audio" and c.augment.weighted_sampler:
-        ds = _weighted_audio_train_dataset(c, **kw)
-    else:  # audio: shuffle, roll_mag_aug, crop; video: multi-scale crop (+ flip when config.data.flip)
-        ds = pipeline.module_for(c.data).train_dataset(c.data, **kw)
-    options = grain.ReadOptions(num_threads=c.data.num_threads, prefetch_buffer_size=c.data.prefetch_buffer_size)
-    return iter(ds.to_iter_dataset(options))
+    """The checkpointable train iterator of this process: the pipeline's fine-tune stream (`augment=config.augment`:
+    see `pipeline` for the record contract and what each modality applies)."""
+    return pipeline.train_iterator(
+        c.data,
+        local_batch_size=local_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        augment=c.augment,
+    )
 
 
 # ================================================================================================ evaluation
@@ -795,10 +614,11 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(c.mesh)
     metric = primary_metric(c)
     eval_split = pipeline.eval_split(c.data)
-    eval_data = EvalSplit(c, eval_split)
-    where = f"config.data.name={c.data.name!r} split {eval_split!r}"
-    targets_from_labels(eval_data.labels, c.num_classes, c.multi_label, where)  # label-set check before compiling
-    declared = known_num_classes(c)
+    eval_labels = pipeline.eval_labels(c.data, eval_split)  # None: checked batch by batch at each evaluation
+    if eval_labels is not None:  # the label set checked before compiling
+        where = f"config.data.name={c.data.name!r} split {eval_split!r}"
+        targets_from_labels(eval_labels, c.num_classes, c.multi_label, where)
+    declared = pipeline.num_classes(c.data)
     if declared is not None and declared != c.num_classes:
         raise ValueError(
             f"config.num_classes={c.num_classes} does not match the data: config.data.name={c.data.name!r} has "
@@ -836,7 +656,7 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
         "init_iteration": s.iteration,
         "dataset": c.data.name,
         "eval_split": eval_split,
-        "num_eval_examples": len(eval_data),
+        "num_eval_examples": pipeline.eval_size(c.data, eval_split).examples,
         "metric": metric,
         "num_steps": int(c.num_steps),
         "batch_size": int(c.batch_size),
@@ -891,7 +711,8 @@ def run_single(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 writer.write(step, values, phase=c.mode)
                 reporting.log_line(f"{line}  loss {float(values['train/loss']):.4f}")
             if step % c.eval_every_steps == 0 or last:
-                logits, labels = eval_logits(s, {**state.frozen, **state.params}, eval_data, mesh, c.eval_batch_size)
+                logits, labels = eval_logits(s, {**state.frozen, **state.params}, eval_split, mesh, c.eval_batch_size)
+                base["num_eval_examples"] = len(labels)  # those scored (unreadable images or clips dropped)
                 result = {"step": step, **score(logits, labels, c.multi_label)}
                 history.append(result)
                 writer.write(step, {f"eval/{k}": v for k, v in result.items() if k != "step"}, phase=c.mode)

@@ -12,7 +12,6 @@ dependency.
 * `kfold_splits`, `esc50_folds`, `summarize_folds` -- ESC-50's 5-fold cross-validation: train on 4 folds, test on
   the fifth, each fold tested once. The authors' scripts run one job per fold and do not average (SPEC 4); the
   summary here is ours.
-* `weighted_sampler_weights` -- the per-example weights of AST/AudioMAE's class-balancing sampler for AudioSet-2M.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ __all__ = [
     "mean_average_precision",
     "summarize_folds",
     "topk_accuracy",
-    "weighted_sampler_weights",
 ]
 
 ESC50_FOLDS = (1, 2, 3, 4, 5)
@@ -211,20 +209,3 @@ def summarize_folds(values, ddof: int = 1) -> dict:
         raise ValueError(f"ddof: expected 0 (population) or 1 (sample), got {ddof!r}")
     std = None if v.size <= ddof else float(np.std(v, ddof=ddof))
     return {"mean": float(np.mean(v)), "std": std, "ddof": ddof, "num_folds": int(v.size), "values": v.tolist()}
-
-
-# ----------------------------------------------------------------------------------------------- sampler
-
-
-def weighted_sampler_weights(multi_hot, *, scale: float = 1000.0, eps: float = 0.01) -> np.ndarray:
-    """Per-example weights [N] of AST/AudioMAE's balanced sampler (AudioMAE `dataset/audioset/gen_weight.py`):
-    label_weight[c] = scale / (count of examples with label c + eps); an example's weight = the sum of its labels'
-    weights. Rare classes are drawn more often; the weights are unnormalised (a sampler normalises them). An
-    example without a label gets weight 0 (never drawn), as there.
-    """
-    y = np.asarray(multi_hot)
-    if y.ndim != 2:
-        raise ValueError(f"multi_hot: expected a 2-D 0/1 array [N, C], got shape {y.shape}")
-    y = _binary("multi_hot", y, y.shape)
-    label_weight = scale / (np.sum(y, axis=0) + eps)
-    return y @ label_weight
