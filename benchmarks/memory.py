@@ -145,8 +145,7 @@ def setup(recipe: str, step: str, remat: bool, batch: int):
     mesh)."""
     import jax
 
-    from bridle_jax import config as config_lib
-    from bridle_jax import optim, schedule, sharding
+    from bridle_jax import config_checks, optim, schedule, sharding
     from bridle_jax import state as state_lib
     from bridle_jax.models.bridle import build_models
 
@@ -155,7 +154,7 @@ def setup(recipe: str, step: str, remat: bool, batch: int):
     config.model.remat = remat
     config.batch_size = batch
     config.mesh.data, config.mesh.fsdp = 1, 1
-    config_lib.validate(config)
+    config_checks.validate(config)
     # the recipes' plans are in epochs; only the phase kinds matter here (the lengths shape the lr schedule alone)
     plan = schedule.parse_plan(schedule.resolve_epochs(config.schedule.phases, 1))
     phase = plan[2] if step == "encoder" else plan[1]  # warm encoder phase: targets from the tokenizer's ViT

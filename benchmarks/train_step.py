@@ -189,14 +189,14 @@ def measure_matmul(n: int, reps: int) -> list[float]:
 def run_worker(args) -> dict:
     import jax
     import numpy as np
-    from bridle_jax import config as config_lib
+    from bridle_jax import config_checks
     from bridle_jax import optim, schedule, sharding, state as state_lib, steps
     from bridle_jax.models.bridle import build_models
 
     t_start = time.perf_counter()
     rss_after_import = current_rss_bytes()
     config = make_config(args)
-    config_lib.validate(config)
+    config_checks.validate(config)
     plan = schedule.parse_plan(config.schedule.phases)
     phase = plan[0] if args.worker == "encoder" else plan[1]
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])

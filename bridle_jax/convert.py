@@ -420,7 +420,7 @@ def convert_checkpoint(
     from bridle_jax import optim, resolve, schedule, sharding
     from bridle_jax import state as state_lib
     from bridle_jax import workdir as workdir_lib
-    from bridle_jax.config import validate
+    from bridle_jax.config_checks import validate
     from bridle_jax.data import pipeline
     from bridle_jax.models.bridle import build_models
 

@@ -37,22 +37,12 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bridle_jax.config import DEFAULT_RULES  # the default table lives with the other defaults
 from bridle_jax.validation import fail
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("length", None),
-    ("features", None),
-    ("mlp", None),
-    ("qkv", None),
-    ("heads", None),
-    ("vocab", None),
-    ("code", None),
-)
 RESIDUAL = ("batch", "length", "embed")  # the transformer's residual stream [B, N, width]
 
 _BOXED = contextvars.ContextVar("bridle_jax_boxed_params", default=False)

@@ -26,7 +26,7 @@ from bridle_jax import encoder_store
 from bridle_jax import paths
 from bridle_jax import preemption
 from bridle_jax import workdir as workdir_lib
-from bridle_jax import config as config_lib
+from bridle_jax import config_checks
 from bridle_jax import reporting
 from bridle_jax import optim
 from bridle_jax import resolve
@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_
     "linear_probe": {iteration: result}, "final_state", "preempted": bool, "done": bool}.
     """
     # ---------------------------------------------------------------- set-up
-    config_lib.validate(config)
+    config_checks.validate(config)
     workdir = paths.resolve_workdir(workdir)  # URLs are kept as they are
     workdir_lib.workdir_exists_or_make(workdir)  # writable, or an error naming it
     lock = workdir_lib.lock_for_run(workdir)  # one run per workdir, before anything in it is touched

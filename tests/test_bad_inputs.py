@@ -14,8 +14,7 @@ import pytest
 import soundfile
 
 from bridle_jax import paths
-from bridle_jax import config as config_lib
-from bridle_jax import sharding, train
+from bridle_jax import config_checks, sharding, train
 from bridle_jax.data import audio, audio_pipeline, audio_sources, csv_files, sources, video, video_sources
 from tests.tiny import ROOT, load_config, tiny_config
 
@@ -77,13 +76,13 @@ def test_config_fields_are_validated_by_name(field, value, message):
     c = tiny_config()
     _set(c, field, value)
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_missing_data_dir_names_the_field():  # 12
     for name in ("audioset", "kinetics400"):
         with pytest.raises(ValueError, match=r"config.data.data_dir"):
-            config_lib.validate(load_config(name))
+            config_checks.validate(load_config(name))
 
 
 def test_impossible_mesh_and_indivisible_batch():  # 13, 14

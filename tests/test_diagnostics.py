@@ -26,7 +26,7 @@ from bridle_jax import schedule
 from bridle_jax import sharding
 from bridle_jax import state as state_lib
 from bridle_jax import steps
-from bridle_jax.config import validate
+from bridle_jax.config_checks import validate
 from bridle_jax.models.bridle import build_models
 from tests import tiny
 

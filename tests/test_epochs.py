@@ -9,8 +9,7 @@ import json
 import pytest
 from absl import flags
 
-from bridle_jax import config as config_lib
-from bridle_jax import recipes, resolve, schedule
+from bridle_jax import config_checks, recipes, resolve, schedule
 from bridle_jax import workdir as workdir_lib
 from bridle_jax.evaluators import finetune
 from tests import tiny
@@ -65,7 +64,7 @@ def test_validate_checks_a_plan_in_epochs_naming_the_field(phases, message):
     c = tiny.tiny_config()
     c.schedule.phases = phases
     with pytest.raises(ValueError, match=rf"config\.schedule\.phases.*{message}"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 # ----------------------------------------------------------------------------------------------- the recipes
@@ -77,7 +76,7 @@ def test_pretraining_recipes_state_epochs_and_their_tuned_batch(name):
     assert all(entry.endswith("ep") for entry in c.schedule.phases), c.schedule.phases
     assert c.optim.tuned_batch_size == c.batch_size
     c.data.data_dir = "/unused"
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 @pytest.mark.parametrize("name", FINETUNING)
@@ -119,7 +118,7 @@ def test_linear_lr_scaling_is_opt_in_and_applied_once():
     c.optim.lr_scaling = "sqrt"
     c.data.data_dir = "/unused"
     with pytest.raises(ValueError, match="config.optim.lr_scaling"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_a_plan_in_steps_needs_no_split_size_and_records_nothing():

@@ -7,8 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from bridle_jax import config as config_lib
-from bridle_jax import train
+from bridle_jax import config_checks, train
 from bridle_jax.data import fashion_mnist, image_pipeline, pipeline
 from tests import tiny
 
@@ -123,7 +122,7 @@ def fashion_config(folder):
 def test_the_image_pipeline_reads_fashion_mnist(idx_dir):
     folder, expected = idx_dir
     c = fashion_config(folder)
-    config_lib.validate(c)
+    config_checks.validate(c)
     assert pipeline.eval_split(c.data) == "test"
     batch = image_pipeline.train_dataset(c.data, local_batch_size=8, seed=0)[0]
     assert batch["input"].shape == (8, 28, 28, 3) and batch["input"].dtype == np.float32
@@ -149,7 +148,7 @@ def test_the_recipe_runs_end_to_end_and_probes_the_whole_test_split(idx_dir, tmp
 
 def test_the_full_recipe_validates_and_follows_the_authors_shape():
     c = tiny.load_config("fashion_mnist")
-    config_lib.validate(c)
+    config_checks.validate(c)
     from bridle_jax import schedule
     from bridle_jax.models import vit
 

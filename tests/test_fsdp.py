@@ -18,8 +18,7 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from bridle_jax import config as config_lib
-from bridle_jax import optim
+from bridle_jax import config_checks, optim
 from bridle_jax import quantizer
 from bridle_jax import schedule
 from bridle_jax import sharding
@@ -39,7 +38,7 @@ def tiny_config(data, fsdp):
     c.optim.encoder.lr = c.optim.tokenizer.lr = 2e-3
     c.optim.eps = 1e-4  # see tests/test_steps.py: keeps Adam's update smooth in gradients that are ~0 up to noise
     c.mesh.data, c.mesh.fsdp = data, fsdp
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 
@@ -260,20 +259,20 @@ def test_rules_are_validated_and_read_back_from_json():
         bad = tiny_config(8, 1)
         bad.mesh.rules = rules
         with pytest.raises(ValueError, match=match):
-            config_lib.validate(bad)
+            config_checks.validate(bad)
 
 
 def test_batch_must_split_into_micro_batches_times_shards():
     c = tiny_config(2, 4)
     c.optim.accumulation_steps = 4  # 16 examples, 4 micro-batches of 4 < 8 shards
     with pytest.raises(ValueError, match=r"config.batch_size: expected a multiple of optim.accumulation_steps=4 x 8"):
-        config_lib.validate(c)
+        config_checks.validate(c)
     c.optim.accumulation_steps = 0
     with pytest.raises(ValueError, match="optim.accumulation_steps: expected an integer >= 1"):
-        config_lib.validate(c)
+        config_checks.validate(c)
     # a -1 mesh axis is only known at run time: jit_step checks the real mesh
     c.mesh.data, c.optim.accumulation_steps = -1, 4
-    config_lib.validate(c)
+    config_checks.validate(c)
     mesh = sharding.make_mesh(c.mesh)
     with pytest.raises(
         ValueError,

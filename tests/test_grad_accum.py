@@ -14,8 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from bridle_jax import config as config_lib
-from bridle_jax import quantizer
+from bridle_jax import config_checks, quantizer
 from bridle_jax import schedule
 from bridle_jax import sharding
 from bridle_jax import state as state_lib
@@ -39,7 +38,7 @@ def make_config():
     c.batch_size = BATCH
     c.schedule.phases = ("encoder_cold_start:10", "tokenizer:10")
     c.mesh.data, c.mesh.fsdp = 2, 2
-    config_lib.validate(c)
+    config_checks.validate(c)
     return c
 
 

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bridle_jax import config as config_lib
+from bridle_jax import config_checks
 from bridle_jax.data import image_folder, image_pipeline, pipeline, sources
 
 SIZE = 16
@@ -372,10 +373,10 @@ def test_registry_and_config_validation_accept_both_forms(folder):
     assert images == set(image_pipeline.DATASETS) >= {"image_folder", pipeline.TFDS_NAME}
     c = config_lib.base_config()
     c.data.name, c.data.image_size = "tfds:cifar10", 32
-    config_lib.validate(c)
+    config_checks.validate(c)
     c.data.name, c.data.data_dir = "image_folder", str(folder[0])
-    config_lib.validate(c)
+    config_checks.validate(c)
     assert pipeline.num_classes(c.data) == 3  # fine-tuning checks config.num_classes against the data's count
     c.data.name = "flowers"
     with pytest.raises(ValueError, match=r"expected one of .*'image_folder'.*'tfds:<name>\[:<version>\]'"):
-        config_lib.validate(c)
+        config_checks.validate(c)

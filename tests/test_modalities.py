@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridle_jax import config as config_lib
+from bridle_jax import config_checks
 from bridle_jax.data import pipeline
 from bridle_jax.models import bridle, vit
 from bridle_jax.models.patch_embed import TubeletEmbed
@@ -127,15 +127,15 @@ def test_modality_config_errors_name_the_field(name, change, message):
             target = target[part]
         target[leaf] = value
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_every_recipe_validates():
     for name in ("digits", "sounds", "moving_digits", "imagenet"):
-        config_lib.validate(load_config(name))
+        config_checks.validate(load_config(name))
     for name in ("audioset", "kinetics400"):  # need their data; everything else checks out
         c = load_config(name)
         with pytest.raises(ValueError, match="config.data.data_dir"):
-            config_lib.validate(c)
+            config_checks.validate(c)
         m = bridle.build_models(c)
         assert m.num_patches == (512 if name == "audioset" else 1568)

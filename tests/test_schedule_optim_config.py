@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from bridle_jax import config as config_lib
-from bridle_jax import optim
+from bridle_jax import config_checks, optim
 from bridle_jax import resolve
 from bridle_jax import schedule
 from tests import tiny
@@ -218,7 +218,7 @@ def test_each_side_uses_its_own_lr_and_weight_decay():
 @pytest.mark.parametrize("name", ["digits", "imagenet"])
 def test_recipes_validate(name):
     c = load_recipe(name)
-    config_lib.validate(c)
+    config_checks.validate(c)
     if name == "imagenet":   # SPEC 3.3 image recipe, in epochs: resolved with ImageNet's 1,281,167 train images
         assert c.model.variant == "B/16" and c.batch_size == 1024 and c.masking.ratio == 0.8
         assert (c.optim.encoder.lr, c.optim.tokenizer.lr) == (5e-4, 2e-4) and c.optim.tuned_batch_size == 1024
@@ -234,7 +234,7 @@ def test_recipes_validate(name):
 
 def test_base_config_validates_and_has_spec_values():
     c = config_lib.base_config()
-    config_lib.validate(c)
+    config_checks.validate(c)
     assert c.masking.ratio == 0.8
     assert (c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim) == (4, 256, 256)
     assert c.quantizer.decay == 0.99 and c.quantizer.commitment_weight == 0.25
@@ -294,7 +294,7 @@ def test_bad_field_raises_naming_it(recipe, field, value):
     c = load_recipe(recipe)
     _set(c, field, value)
     with pytest.raises(ValueError) as err:
-        config_lib.validate(c)
+        config_checks.validate(c)
     assert f"config.{field}" in str(err.value), str(err.value)
 
 
@@ -303,7 +303,7 @@ def test_image_size_not_divisible_by_patch(recipe, size):
     c = load_recipe(recipe)
     c.data.image_size = size
     with pytest.raises(ValueError) as err:
-        config_lib.validate(c)
+        config_checks.validate(c)
     assert "config.data.image_size" in str(err.value)
 
 
@@ -311,7 +311,7 @@ def test_decoder_width_not_divisible_by_heads():
     c = load_recipe("digits")
     c.model.decoder_width, c.model.decoder_heads = 30, 4
     with pytest.raises(ValueError) as err:
-        config_lib.validate(c)
+        config_checks.validate(c)
     assert "config.model.decoder_width" in str(err.value)
 
 
@@ -323,7 +323,7 @@ def test_validate_accepts_reasonable_edits():
     c.model.tokenizer_variant = "mu/4"
     c.mesh.data, c.mesh.fsdp = 2, -1
     c.schedule.phases = ("encoder_cold_start:3", "tokenizer:1", "encoder:2", "tokenizer:1", "encoder:2")
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 # Fields that would otherwise reach the compiled code unchecked.
@@ -332,18 +332,18 @@ def test_image_size_zero_is_rejected():
     c = load_recipe("digits")
     c.data.image_size = 0
     with pytest.raises(ValueError, match="config.data.image_size"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_kmeans_iters_zero_is_rejected():
     c = load_recipe("digits")
     c.quantizer.kmeans_iters = 0
     with pytest.raises(ValueError, match="config.quantizer.kmeans_iters"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_tokenizer_patch_mismatch_is_rejected_by_validate():
     c = load_recipe("digits")
     c.model.tokenizer_variant = "mu/8"
     with pytest.raises(ValueError, match="config.model.tokenizer_variant"):
-        config_lib.validate(c)
+        config_checks.validate(c)

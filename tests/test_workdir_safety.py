@@ -28,7 +28,7 @@ import pytest
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import encoder_store
 from bridle_jax import workdir as workdir_lib
-from bridle_jax import config as config_lib
+from bridle_jax import config_checks
 from bridle_jax import train
 from tests import tiny
 from tests.tiny import ROOT, tiny_config
@@ -155,7 +155,7 @@ def test_non_finite_float_fields_are_refused_by_name(field, value):
         node = node[part]
     node[leaf] = value
     with pytest.raises(ValueError, match=rf"config.{field}: expected a finite number"):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 # ------------------------------------------------------------------------------------------------ 2. resume
@@ -311,7 +311,7 @@ def test_settings_that_train_nothing_are_refused(edit, message):
     c = _config()
     edit(c)
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(c)
+        config_checks.validate(c)
 
 
 def test_a_tube_mask_that_masks_nothing_per_frame_slot_is_refused():
@@ -320,9 +320,9 @@ def test_a_tube_mask_that_masks_nothing_per_frame_slot_is_refused():
     c.data.image_size = 24  # 3x3 patches of 8 per frame slot
     c.masking.ratio = 0.1
     with pytest.raises(ValueError, match=r"config.masking.ratio: .*of the 9 patches per frame slot \(it keeps 9"):
-        config_lib.validate(c)
+        config_checks.validate(c)
     c.masking.ratio = 0.12  # int(1.08) = 1 masked
-    config_lib.validate(c)
+    config_checks.validate(c)
 
 
 # ------------------------------------------------------------------------------------------------ 6. markers, errors
