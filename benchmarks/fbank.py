@@ -75,7 +75,7 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from bridle_jax.data import fbank as fb
+    from bridle_jax import fbank as fb
 
     spec = fb.preset("audioset")
     options = fb.kaldi_options(spec)

@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
-from bridle_jax.data import audio, audio_pipeline, audio_sources, fbank, pipeline
+from bridle_jax import fbank
+from bridle_jax.data import audio, audio_pipeline, audio_sources, pipeline
 
 SR = 16000
 FRAMES = 20  # tiny clips: S = 400 + 19 * 160 = 3440 samples
@@ -532,7 +533,7 @@ def test_default_config_and_spec():
         assert field in cfg
     cfg.data_dir = "/data/audioset"
     audio_pipeline.validate_data_config(cfg)
-    spec = audio_pipeline.frontend_spec(cfg)
+    spec = fbank.frontend_spec(cfg)
     assert spec == fbank.FrontendSpec("bridle", 16000, 128, 1024, -4.4446096, 3.3216383)
     assert audio_pipeline.num_samples(cfg) == fbank.samples_for_frames(1024, spec) == 1023 * 160 + 400
     assert set(audio_pipeline.DATASETS) == {"sounds", "esc50", "audioset", "audio_folder"}

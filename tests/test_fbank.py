@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridle_jax.data import fbank as fb
+from bridle_jax import fbank as fb
 
 GOLDEN = "/work/shared/golden/fbank_torchaudio.npz"
 EPS32 = float(np.finfo(np.float32).eps)

@@ -65,7 +65,7 @@ def test_audio_model_input_runs_the_frontend_and_masks_padded_patch_rows():
     c, m = _models("sounds")
     spec = m.frontend_spec
     assert m.input_shape == (128, 32, 1) and m.patch_grid == (16, 4) and m.time_patch == 8
-    from bridle_jax.data import fbank
+    from bridle_jax import fbank
 
     s = fbank.samples_for_frames(c.data.target_frames, spec)
     rng = np.random.default_rng(3)

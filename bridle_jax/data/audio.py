@@ -1,6 +1,6 @@
 """Audio decoding and waveform-level transforms (SPEC §1.2), in NumPy/SciPy on the host.
 
-The log-mel front-end runs on device inside the training step (``fbank.py``), so the host side only has to turn a
+The log-mel front-end runs on device inside the training step (``bridle_jax/fbank.py``), so the host side only has to turn a
 file into a clean mono float32 waveform at 16 kHz, augment it, and cut/pad it to a static length:
 
   load_audio(path)          soundfile decode → mean over channels → polyphase resampling (``resample_poly``)

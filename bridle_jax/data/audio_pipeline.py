@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Sequence
 
@@ -43,13 +42,13 @@ import grain
 import ml_collections
 import numpy as np
 
-from bridle_jax.data import audio, audio_sources, csv_files, fbank, pipeline, weighted_sampler
+from bridle_jax import fbank
+from bridle_jax.data import audio, audio_sources, csv_files, pipeline, weighted_sampler
 from bridle_jax.validation import fail, get, is_int
 
 log = logging.getLogger(__name__)
 
 DATASETS = {"sounds": "test", "esc50": "test", "audioset": "eval", "audio_folder": "test"}
-FRONTENDS = ("bridle", "beats")
 
 # The demo set is part of the demo's contract (its probe accuracy is reported): fixed parameters and seed.
 SOUNDS_VERSION = "sounds-v1"
@@ -129,15 +128,6 @@ def _int(data_config, field: str, minimum: int) -> int:
     return int(value)
 
 
-def _finite(data_config, field: str, positive: bool = False) -> float:
-    value = get(data_config, "data." + field, hint=_HINT)
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        fail("data." + field, "a finite number", value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        fail("data." + field, "a finite number" + (" > 0" if positive else ""), value)
-    return float(value)
-
-
 def _folds(data_config, field: str) -> tuple[int, ...]:
     value = get(data_config, "data." + field, hint=_HINT)
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
@@ -166,17 +156,7 @@ def data_spec(data_config) -> AudioDataSpec:
         fail(
             "data.data_dir", f"the folder holding {name!r} (only the 'sounds' demo is generated when it is unset)", None
         )
-    kind = get(data_config, "data.frontend", hint=_HINT)
-    if kind not in FRONTENDS:
-        fail("data.frontend", f"one of {FRONTENDS}", kind)
-    spec = fbank.FrontendSpec(
-        kind=kind,
-        sample_rate=_int(data_config, "sample_rate", 1),
-        num_mel_bins=_int(data_config, "num_mel_bins", 1),
-        target_frames=_int(data_config, "target_frames", 1),
-        mean=_finite(data_config, "norm_mean"),
-        std=_finite(data_config, "norm_std", positive=True),
-    )
+    spec = fbank.frontend_spec(data_config, hint=_HINT)
     try:
         num_samples = fbank.samples_for_frames(spec.target_frames, spec)
     except ValueError as e:
@@ -227,11 +207,6 @@ def data_spec(data_config) -> AudioDataSpec:
 def validate_data_config(data_config) -> None:
     """Raises ``ValueError`` naming ``config.data.<field>`` and what was expected."""
     data_spec(data_config)
-
-
-def frontend_spec(data_config) -> fbank.FrontendSpec:
-    """The on-device log-mel front-end described by ``config.data`` (for ``fbank.log_mel`` in the train step)."""
-    return data_spec(data_config).frontend
 
 
 def num_samples(data_config) -> int:

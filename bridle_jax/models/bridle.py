@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bridle_jax import sharding
+from bridle_jax import fbank, sharding
 from bridle_jax.models import decoder as decoder_lib
 from bridle_jax.models import tokenizer as tokenizer_lib
 from bridle_jax.models import vit
@@ -51,8 +51,6 @@ class BridleModels:
         x = batch["input"]
         length = batch.get("length")
         if self.frontend_spec is not None:
-            from bridle_jax.data import fbank  # the audio front-end; imported only by audio runs
-
             feats, length = fbank.log_mel(x, length, self.frontend_spec)
             x = feats[..., None]
         if self.modality == "image" or length is None:
@@ -131,23 +129,6 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple:
     return (d.image_size, d.image_size, 3)
 
 
-def frontend_spec(config: ml_collections.ConfigDict):
-    """The audio front-end of `config.data` (None for the other modalities)."""
-    if config.modality != "audio":
-        return None
-    from bridle_jax.data import fbank
-
-    d = config.data
-    return fbank.FrontendSpec(
-        kind=d.frontend,
-        sample_rate=d.sample_rate,
-        num_mel_bins=d.num_mel_bins,
-        target_frames=d.target_frames,
-        mean=d.norm_mean,
-        std=d.norm_std,
-    )
-
-
 def patch_grid(config: ml_collections.ConfigDict) -> tuple:
     p = vit.decode_variant(config.model.variant)["patch_size"]
     shape = input_shape(config)
@@ -221,5 +202,5 @@ def build_models(config: ml_collections.ConfigDict) -> BridleModels:
         patch_grid=patch_grid(config),
         modality=config.modality,
         time_patch=config.model.tubelet_size if config.modality == "video" else encoder.patch_size,
-        frontend_spec=frontend_spec(config),
+        frontend_spec=fbank.frontend_spec(config.data) if config.modality == "audio" else None,
     )

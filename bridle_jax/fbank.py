@@ -1,5 +1,9 @@
 """Kaldi-compatible log-mel filterbank in JAX, and the two audio front-ends (BRIDLE/AudioMAE and BEATs).
 
+Where: below both the data side (the audio pipeline sizes its waveforms with :func:`samples_for_frames`) and the
+models (:func:`log_mel` runs inside the jitted step), so neither imports the other; :func:`frontend_spec` is the one
+place the front-end settings are read from ``config.data``.
+
 Why here: both reference front-ends call ``torchaudio.compliance.kaldi.fbank`` (SPEC 1.2, 6.2). Computing it in
 JAX lets the input pipeline or the train step batch it on any backend with no torch dependency (SPEC A17 suggests
 precomputing; this port makes both options give the same features). ``fbank`` mirrors torchaudio's option names,
@@ -41,14 +45,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax.validation import is_int, is_number
+from bridle_jax.validation import fail, get, is_int, is_number
 
-__all__ = ["FrontendSpec", "fbank", "kaldi_options", "log_mel", "num_frames", "preset", "samples_for_frames"]
+__all__ = [
+    "FRONTENDS",
+    "FrontendSpec",
+    "fbank",
+    "frontend_spec",
+    "kaldi_options",
+    "log_mel",
+    "num_frames",
+    "preset",
+    "samples_for_frames",
+]
 
 # torch.finfo(torch.float).eps: the floor torchaudio puts under the mel energies and the frame energy before the log.
 _EPS = float(np.finfo(np.float32).eps)
 _WINDOW_TYPES = ("povey", "hanning", "hamming", "rectangular", "blackman")
-_KINDS = ("bridle", "beats")
+FRONTENDS = ("bridle", "beats")  # FrontendSpec.kind, config.data.frontend
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +325,8 @@ class FrontendSpec:
     std: float = 3.3216383
 
     def __post_init__(self):
-        if self.kind not in _KINDS:
-            raise ValueError(f"FrontendSpec.kind must be one of {_KINDS}, got {self.kind!r}")
+        if self.kind not in FRONTENDS:
+            raise ValueError(f"FrontendSpec.kind must be one of {FRONTENDS}, got {self.kind!r}")
         if self.target_frames is not None and (not is_int(self.target_frames) or self.target_frames < 1):
             raise ValueError(f"FrontendSpec.target_frames must be an int >= 1 or None, got {self.target_frames!r}")
         if not self.std > 0:
@@ -327,6 +341,39 @@ _PRESETS = {
     # SPEC 6.2: BEATs.py preprocess defaults (fbank_mean, fbank_std), no fixed length.
     "beats": FrontendSpec("beats", target_frames=None, mean=15.41663, std=6.55582),
 }
+
+
+def _int_field(data_config, field: str, hint: str) -> int:
+    value = get(data_config, "data." + field, hint=hint)
+    if not is_int(value) or value < 1:
+        fail("data." + field, "an int >= 1", value)
+    return int(value)
+
+
+def _finite_field(data_config, field: str, hint: str, positive: bool = False) -> float:
+    value = get(data_config, "data." + field, hint=hint)
+    if not is_number(value):
+        fail("data." + field, "a finite number", value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        fail("data." + field, "a finite number" + (" > 0" if positive else ""), value)
+    return float(value)
+
+
+def frontend_spec(data_config, *, hint: str = "see audio_pipeline.default_data_config()") -> FrontendSpec:
+    """The front-end described by ``config.data`` (``frontend``, ``sample_rate``, ``num_mel_bins``, ``target_frames``,
+    ``norm_mean``, ``norm_std``), checked: an error names ``config.data.<field>`` and what was expected (``hint``
+    follows a missing field's name). The audio pipeline sizes its waveforms from it and the model applies it."""
+    kind = get(data_config, "data.frontend", hint=hint)
+    if kind not in FRONTENDS:
+        fail("data.frontend", f"one of {FRONTENDS}", kind)
+    return FrontendSpec(
+        kind=kind,
+        sample_rate=_int_field(data_config, "sample_rate", hint),
+        num_mel_bins=_int_field(data_config, "num_mel_bins", hint),
+        target_frames=_int_field(data_config, "target_frames", hint),
+        mean=_finite_field(data_config, "norm_mean", hint),
+        std=_finite_field(data_config, "norm_std", hint, positive=True),
+    )
 
 
 def preset(name: str) -> FrontendSpec:
