@@ -34,40 +34,16 @@ import grain
 import ml_collections
 import numpy as np
 
-from bridle_jax.config import IMAGENET_MEAN, IMAGENET_STD
+from bridle_jax import config as config_lib
 from bridle_jax.data import pipeline, randaugment, sources, transforms
 from bridle_jax.validation import fail, get, is_int
 
 DATASETS = dict(sources.EVAL_SPLIT)  # name -> the labelled split the probe tests on (config.data.eval_split unset)
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Every ``config.data`` field the image pipeline reads (the ImageNet recipe's values)."""
-  return ml_collections.ConfigDict(dict(
-      name="imagenet2012",
-      data_dir=ml_collections.config_dict.placeholder(str),
-      image_size=224,
-      crop_scale=(0.2, 1.0),
-      crop_ratio=(3 / 4, 4 / 3),
-      flip=True,
-      mean=IMAGENET_MEAN,
-      std=IMAGENET_STD,
-      eval_crop_fraction=0.875,
-      num_threads=8,
-      prefetch_buffer_size=4,
-      max_eval_examples=ml_collections.config_dict.placeholder(int),
-      # Splits: None = "train" / the dataset's eval split (sources.EVAL_SPLIT: "test" for image_folder and tfds:*).
-      # image_folder: folder names under data_dir; tfds:*: TFDS split names, slicing allowed ("train[:90%]").
-      train_split=ml_collections.config_dict.placeholder(str),
-      eval_split=ml_collections.config_dict.placeholder(str),
-      # image_folder's CSV variant: "path,label" CSVs (relative to data_dir) for the train and eval splits; unset =
-      # the folder layout data_dir/<split>/<class>/<image>.
-      train_csv=ml_collections.config_dict.placeholder(str),
-      eval_csv=ml_collections.config_dict.placeholder(str),
-      # tfds:*: the features holding the image and the label (None = "image" / "label").
-      image_key=ml_collections.config_dict.placeholder(str),
-      label_key=ml_collections.config_dict.placeholder(str),
-      max_skipped=sources.DEFAULT_MAX_SKIPPED,  # undecodable images tolerated per process before the run stops
-  ))
+  """Every ``config.data`` field the image pipeline reads (the ImageNet recipe's values; kept with the other defaults
+  in :func:`bridle_jax.config.image_data_config`, so ``base_config`` needs no data module)."""
+  return config_lib.image_data_config()
 
 
 def validate_data_config(data_config) -> None:

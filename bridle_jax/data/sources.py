@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from bridle_jax.config import DEFAULT_MAX_SKIPPED  # config.data.max_skipped's default
 from bridle_jax.data import csv_files, pipeline, tfds_source
 from bridle_jax.validation import fail, is_int
 
@@ -34,7 +35,6 @@ DATASETS = ("digits", "fashion_mnist", "imagenet2012", "image_folder", TFDS_NAME
 # data (image_folder, tfds:*) default to "test", as audio_folder and video_folder do (and the probe's test_split).
 EVAL_SPLIT = {
     "digits": "test", "fashion_mnist": "test", "imagenet2012": "validation", "image_folder": "test", TFDS_NAME: "test"}
-DEFAULT_MAX_SKIPPED = 1000  # unreadable images tolerated per process (config.data.max_skipped; audio's ceiling)
 
 # The digits split is part of the demo's contract (the probe's accuracy is reported on it): a fixed seed and a
 # per-class split that depends only on NumPy's PCG64 stream, not on scikit-learn's splitter implementation.
