@@ -5,9 +5,9 @@ noise; ImageNet's average ~400x350, ~110 kB), read at the recipe's 224^2 eval pr
 (the `mu/16` ViT: 64 wide, 2 blocks, 196 patches, so the cost measured is the input path) on it, every path and size
 (a quarter, half, all and twice the images written, the last by hard links) in a fresh subprocess:
 
-  preload  what `train._ProbeData` did before: both splits decoded into float32 arrays (`pipeline.eval_arrays`), held,
+  preload  what `loop_probe.ProbeData` did before: both splits decoded into float32 arrays (`pipeline.eval_arrays`), held,
            then pooled (`linear_probe.pooled_features` over the arrays) and the head fitted
-  stream   what the training loop does now: `train._ProbeData` (sizes only) + `train.run_linear_probe`, i.e.
+  stream   what the training loop does now: `loop_probe.ProbeData` (sizes only) + `loop_probe.run_linear_probe`, i.e.
            `linear_probe.split_features` over `pipeline.eval_batches`, one batch of decoded inputs at a time
 
 For each child, after imports, model init and one compile of the feature extractor (a warm-up on 8 images): RSS
@@ -76,9 +76,9 @@ def child(path: str, data_dir: str, threads: int) -> dict:
     import ml_collections
 
     sys.path.insert(0, str(ROOT))
-    from bridle_jax import sharding, train
+    from bridle_jax import sharding
     from bridle_jax.data import pipeline
-    from bridle_jax.evaluators import linear_probe
+    from bridle_jax.evaluators import linear_probe, loop_probe
     from bridle_jax.models import bridle
     from tests.tiny import load_config
 
@@ -113,7 +113,7 @@ def child(path: str, data_dir: str, threads: int) -> dict:
             seed=c.seed,
         )
     else:
-        result = train.run_linear_probe(models, params, train._ProbeData(c), c, mesh)  # pylint: disable=protected-access
+        result = loop_probe.run_linear_probe(models, params, loop_probe.ProbeData(c), c, mesh)  # pylint: disable=protected-access
     seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     return {

@@ -161,12 +161,11 @@ def raw_pixel_rows(args) -> dict:
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    from bridle_jax import train as train_lib
-    from bridle_jax.evaluators import linear_probe
+    from bridle_jax.evaluators import linear_probe, loop_probe
 
     c = variant_config(args, "rq", 0)
     p = c.evals.linear_probe
-    data = train_lib._ProbeData(c)  # the very splits the in-loop probe reads  # pylint: disable=protected-access
+    data = loop_probe.ProbeData(c)  # the very splits the in-loop probe reads
     train, test = data.train, data.test
     flat = lambda a: raw_input_features(c, a)
     probe = [linear_probe.linear_probe(flat(train), train["label"], flat(test), test["label"], steps=p.steps,

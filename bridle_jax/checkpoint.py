@@ -30,18 +30,21 @@ class Checkpointer:
         directory = workdir_path(workdir) / CHECKPOINTS_DIR
         return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
 
-    def __init__(self, workdir, *, max_to_keep: int, async_save: bool):
+    def __init__(self, workdir, *, max_to_keep: int = 1, async_save: bool = False, read_only: bool = False):
+        """`read_only=True` is an evaluator's view of another run's checkpoints: nothing is created, cleaned up,
+        saved or set aside (an unreadable step is only skipped)."""
         self.directory = workdir_path(workdir) / CHECKPOINTS_DIR
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
                 create=True,
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,  # saves killed half-way: never listed, removed here
-            ),
-            item_names=("state", "data", "meta"),
-        )
+            )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -66,24 +69,21 @@ class Checkpointer:
         return self._manager.reached_preemption(step)
 
     def restore(self, step: int, abstract_state, data_iterator):
-        """Restores `step` into the abstract (sharded) state; the iterator is restored in place."""
-        r = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        """Restores `step` into the abstract (sharded) state; the iterator (when given) is restored in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        r = self._manager.restore(step, args=ocp.args.Composite(**items))
         return r.state, r.meta
 
-    def restore_latest(self, abstract_for_step, data_iterator):
-        """Newest restorable checkpoint: (state, meta), or None when there is none; unreadable steps are set aside.
+    def restore_latest(self, abstract_for_step, data_iterator, steps=None):
+        """Newest restorable checkpoint (of `steps`, default all): (state, meta), or None when there is none.
 
         `abstract_for_step(step)` gives the restore target for a checkpoint taken after `step` steps (the optimizer
-        state's structure depends on the phase). Unreadable steps are skipped, newest first, with a warning.
+        state's structure depends on the phase). Unreadable steps are skipped, newest first, with a warning, and
+        set aside unless read-only; a readable step that does not fit the target is an error (CheckpointMismatch).
         """
-        for step in reversed(self.all_steps()):
+        for step in reversed(self.all_steps() if steps is None else sorted(steps)):
             abstract = abstract_for_step(step)
             try:
                 return self.restore(step, abstract, data_iterator)
@@ -101,7 +101,8 @@ class Checkpointer:
                     type(e).__name__,
                     e,
                 )
-                self._set_aside(step)
+                if not self.read_only:
+                    self._set_aside(step)
         return None
 
     def _structure_mismatch(self, step: int, abstract) -> str | None:
@@ -140,5 +141,6 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        if not self.read_only:
+            self._manager.wait_until_finished()
         self._manager.close()

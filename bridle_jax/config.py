@@ -188,6 +188,16 @@ def base_config() -> ml_collections.ConfigDict:
                     max_test_examples=ml_collections.config_dict.placeholder(int),  # the test split's N, if other
                 )
             ),
+            # codebook health at the end of every phase that (re)fits codebooks (bridle_jax/evaluators/codebook.py)
+            codebook=ml_collections.ConfigDict(
+                dict(
+                    enabled=False,
+                    split=ml_collections.config_dict.placeholder(str),  # None: the labelled eval split
+                    max_examples=1000,
+                    batch_size=256,
+                    plots=False,
+                )
+            ),
         )
     )
 

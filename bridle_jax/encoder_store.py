@@ -5,6 +5,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from bridle_jax.paths import workdir_path
+from bridle_jax.validation import is_int
 
 ENCODERS_DIR = "encoders"
 
@@ -41,3 +42,28 @@ def load_encoder_params(workdir, iteration: int, abstract=None):
             f"{saved_iterations(workdir) or 'none (is this a bridle_jax workdir?)'}"
         )
     return ocp.StandardCheckpointer().restore(path, abstract)
+
+
+def pick_iteration(workdir, wanted, *, field: str = "iteration", finished: bool = False) -> int:
+    """The kept encoder to load: `wanted`, or (None) the latest kept one; `finished=True`: the latest one an encoder
+    phase finished (iteration >= 1, not the encoder as initialised). Errors name the field, the folder and what it
+    holds. bool is an int subclass and 1.0 == 1: both would silently pick an iteration, so only true ints pass."""
+    available = saved_iterations(workdir)
+    root = workdir_path(workdir) / ENCODERS_DIR
+    if wanted is not None and not is_int(wanted):
+        raise ValueError(
+            f"{field}: expected an int (an encoder iteration saved in {workdir}: {available}) or None (the latest), "
+            f"got {wanted!r}"
+        )
+    if wanted is None:
+        candidates = [i for i in available if i >= 1] if finished else available
+        if not candidates:
+            kind = "finished encoder" if finished else "saved encoder"
+            raise FileNotFoundError(
+                f"{field}: no {kind} in {root} (found iterations {available or 'none'}; an encoder is kept when an "
+                "encoder phase ends, and iteration 0 when training starts)"
+            )
+        return candidates[-1]
+    if wanted not in available:
+        raise ValueError(f"{field}={wanted}: {root} has no encoder for iteration {wanted}; available: {available}")
+    return int(wanted)

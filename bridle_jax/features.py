@@ -5,13 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridle_jax.validation import is_int
 from bridle_jax import encoder_store
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import sharding
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
 from bridle_jax.models import bridle
-from bridle_jax.validation import is_int
 
 
 class Encoder:
@@ -58,21 +58,10 @@ class Encoder:
 
 def load_encoder(workdir: str, iteration: int | None = None) -> Encoder:
     """The encoder kept at the end of encoder-phase `iteration` (default: the latest; 0: as initialised)."""
-    available = encoder_store.saved_iterations(workdir)
-    # bool is an int subclass and 1.0 == 1: both would silently pick an iteration, so only true ints are accepted.
-    if iteration is not None and not is_int(iteration):
-        raise ValueError(
-            f"iteration: expected an int (an encoder iteration saved in {workdir}: {available}) or None (the "
-            f"latest), got {iteration!r}"
-        )
-    config = workdir_lib.read_config(workdir)
-    if not available:
-        raise FileNotFoundError(f"{workdir}: no saved encoder (encoders/iteration_*); has training started?")
-    if iteration is None:
-        iteration = available[-1]
-    iteration = int(iteration)
-    if iteration not in available:
-        raise ValueError(f"{workdir}: no encoder for iteration {iteration}; available: {available}")
+    if iteration is not None and not is_int(iteration):  # the type is wrong whatever the folder holds
+        encoder_store.pick_iteration(workdir, iteration)
+    config = workdir_lib.read_config(workdir)  # FileNotFoundError naming config.json when not a workdir
+    iteration = encoder_store.pick_iteration(workdir, iteration)
     module = bridle.encoder_from_config(config)
     shape = (1,) + bridle.input_shape(config)
     abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros(shape))["params"])

@@ -38,13 +38,13 @@ def main(argv) -> None:
     reporting.quiet_library_logs(verbosity_given=flags.FLAGS["verbosity"].present)
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from bridle_jax.evaluators import finetune  # after distributed initialisation: importing may touch the backend
+    from bridle_jax import finetune  # after distributed initialisation: importing may touch the backend
 
-    from bridle_jax import train  # its run errors: one clear line instead of a traceback
+    from bridle_jax import run as run_lib  # its run errors: one clear line instead of a traceback
 
     try:
         result = finetune.run(_CONFIG.value, _WORKDIR.value)
-    except train.RUN_ERRORS as e:
+    except run_lib.RUN_ERRORS as e:
         sys.exit(f"bridle_jax.finetune_main: {type(e).__name__}: {e}")
     if result.get("preempted"):
         print("Preempted: checkpoint saved; re-run the same command to resume.")

@@ -65,11 +65,12 @@ def main(argv) -> None:
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax
 
-    from bridle_jax import train  # after distributed initialisation: importing may touch the backend
+    from bridle_jax import run as run_lib  # after distributed initialisation: importing may touch the backend
+    from bridle_jax import train
 
     try:
         summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except train.RUN_ERRORS as e:  # the user's run cannot go on: one clear line, the traceback kept in a file
+    except run_lib.RUN_ERRORS as e:  # the user's run cannot go on: one clear line, the traceback kept in a file
         sys.exit(_report(e, _WORKDIR.value))
     if summary["preempted"]:  # "Preempted at step N: checkpoint saved; ..." is logged: exit 0, re-run resumes
         return

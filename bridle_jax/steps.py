@@ -224,26 +224,36 @@ def _apply_update(state: TrainState, side: str, grads, tx, loss, max_update_rati
     first (~0.6 GB per step for the encoder phase). Guard (2) needs the old params and moments until the new ones
     are judged, which costs one transient copy of the trained side's params and moments.
     """
+    trained = state_lib.trained_params(state.params, side)
+    ok, grad_norm, update_norm, new_trained, opt_state = guarded_update(
+        tx, grads, trained, state.opt_state, loss, max_update_ratio
+    )
+    return ok, grad_norm, update_norm, state_lib.with_trained(state.params, side, new_trained), opt_state
+
+
+def guarded_update(tx, grads, params, opt_state, loss, max_update_ratio: float = float("inf")):
+    """The optimizer step on `params` under both guards of `_apply_update` (pretraining and fine-tuning share it):
+    (ok, grad_norm, update_norm, params, opt_state), the old params and optimizer state where refused."""
     grad_norm = optax.tree.norm(grads)
     grads_ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(operands):
-        grads, side_params, opt_state = operands
-        updates, new_opt_state = tx.update(grads, opt_state, side_params)
-        new_params = optax.apply_updates(side_params, updates)
+        grads, params, opt_state = operands
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         update_norm = optax.tree.norm(updates)
         sane = jnp.isfinite(update_norm) & jnp.isfinite(optax.tree.norm(new_params))
-        sane &= update_norm <= max_update_ratio * optax.tree.norm(side_params)
-        kept = jax.lax.cond(sane, lambda: (new_params, new_opt_state), lambda: (side_params, opt_state))
+        if max_update_ratio != float("inf"):  # (inf x a zero norm would be NaN)
+            sane &= update_norm <= max_update_ratio * optax.tree.norm(params)
+        kept = jax.lax.cond(sane, lambda: (new_params, new_opt_state), lambda: (params, opt_state))
         return sane, update_norm, *kept
 
     def skip(operands):
-        _, side_params, opt_state = operands
-        return jnp.asarray(False), jnp.asarray(jnp.nan, jnp.float32), side_params, opt_state
+        _, params, opt_state = operands
+        return jnp.asarray(False), jnp.asarray(jnp.nan, jnp.float32), params, opt_state
 
-    trained = state_lib.trained_params(state.params, side)
-    ok, update_norm, new_trained, opt_state = jax.lax.cond(grads_ok, update, skip, (grads, trained, state.opt_state))
-    return ok, grad_norm, update_norm, state_lib.with_trained(state.params, side, new_trained), opt_state
+    ok, update_norm, params, opt_state = jax.lax.cond(grads_ok, update, skip, (grads, params, opt_state))
+    return ok, grad_norm, update_norm, params, opt_state
 
 
 def prepare_codebooks(

@@ -16,7 +16,7 @@ numbers could not be retrieved (SPEC 5.2). About 85 % of AudioSet was available 
 clip counts used.
 """
 
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 
 AS2M_EPOCH_LEN = 200_000  # weighted-sampler clips per epoch (SPEC 4, `epoch_len`)
 VARIANTS = ("as2m", "as20k", "lp", "as20k_lp")

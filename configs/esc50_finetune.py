@@ -14,7 +14,7 @@ epoch. Deviation: the position embedding is the 2-D sin-cos of the 32 x 8 grid, 
 number could not be retrieved (SPEC 5.2). `get_config("linear_probe")`: head + fc_norm only, same data.
 """
 
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 
 def get_config(arg=None):
     c = finetune.base_config("audio")

@@ -13,7 +13,7 @@ RandomResizedCrop + flip (MAE's probe transform; the authors' LP transform was n
 the paper's numbers could not be retrieved (SPEC 5.2), and A13 marks this recipe as uncertain.
 """
 
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 
 def get_config(arg=None):
     c = finetune.base_config("image")

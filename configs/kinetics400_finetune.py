@@ -12,7 +12,7 @@ the authors' step count with half their examples per step; VideoMAE's RandAugmen
 applied (SPEC 4 lists neither for BRIDLE's K400 run). No target is claimed (SPEC 5.2).
 """
 
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 
 def get_config(arg=None):
     if arg:

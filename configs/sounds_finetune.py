@@ -17,7 +17,7 @@ Measured (2 shared CPU cores, from the configs/sounds.py workdir, 460 s to pretr
   linear probe (:linear_probe), pretrained      best 0.408 +- 0.037, last 0.385 +- 0.041
 """
 
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 
 def get_config(arg=None):
     c = finetune.base_config("audio")

@@ -11,7 +11,7 @@ from absl import flags
 
 from bridle_jax import config_checks, recipes, resolve, schedule
 from bridle_jax import workdir as workdir_lib
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 from tests import tiny
 
 IMAGENET_TRAIN = 1_281_167
@@ -156,10 +156,10 @@ def test_finetune_epoch_fields_are_checked_by_name():
 
 def test_finetune_resume_under_other_resolved_steps_is_refused():
     recorded = {"num_steps": 100, "warmup_steps": 10, "eval_every_steps": 10, "batch_size": 32, "lr": 1e-3}
-    finetune._check_same_schedule(recorded, dict(recorded), "W")  # pylint: disable=protected-access
+    finetune.runner._check_same_schedule(recorded, dict(recorded), "W")  # pylint: disable=protected-access
     changed = dict(recorded, num_steps=200, batch_size=16)
     with pytest.raises(ValueError, match=r"num_steps: 100 -> 200; batch_size: 32 -> 16"):
-        finetune._check_same_schedule(recorded, changed, "W")  # pylint: disable=protected-access
+        finetune.runner._check_same_schedule(recorded, changed, "W")  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------------------------- resume

@@ -9,6 +9,7 @@ import pytest
 
 from bridle_jax import config_checks, train
 from bridle_jax.data import fashion_mnist, image_pipeline, pipeline
+from bridle_jax.evaluators import loop_probe
 from tests import tiny
 
 
@@ -139,7 +140,7 @@ def test_the_recipe_runs_end_to_end_and_probes_the_whole_test_split(idx_dir, tmp
     c = fashion_config(folder)
     result = train.train_and_evaluate(c, str(tmp_path / "run"))
     assert result["done"]
-    probes = json.loads((tmp_path / "run" / train.PROBE_FILE).read_text())
+    probes = json.loads((tmp_path / "run" / loop_probe.PROBE_FILE).read_text())
     assert sorted(probes) == ["iteration_0", "iteration_1", "iteration_2"]
     # the probe trains on the first 64 train images and tests on all 40 test images: accuracies are multiples of 1/40
     for result in probes.values():

@@ -1,4 +1,4 @@
-"""Fine-tuning and linear probes (evaluators/finetune.py, evaluators/augment.py, data/randaugment.py,
+"""Fine-tuning and linear probes (bridle_jax/finetune/, data/randaugment.py,
 data/weighted_sampler.py, vit drop-path, optim layer decay):
 NumPy references for the optimizer step and the on-device augmentations, the drop-path semantics, the fold logic,
 the bad-input messages, and one fine-tune vs linear-probe comparison from a tiny pretraining workdir."""
@@ -16,7 +16,8 @@ import tiny
 
 from bridle_jax import optim
 from bridle_jax.data import randaugment, weighted_sampler
-from bridle_jax.evaluators import augment, finetune
+from bridle_jax import finetune
+from bridle_jax.finetune import augment
 from bridle_jax.models import vit
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -307,7 +308,7 @@ def test_fold_config_and_cross_validation_summary(tmp_path, monkeypatch):
             "test_folds": [k],
         }
 
-    monkeypatch.setattr(finetune, "run_single", fake_run_single)
+    monkeypatch.setattr(finetune.runner, "run_single", fake_run_single)
     result = finetune.run(c, str(tmp_path))
     assert calls == [(tuple(f for f in range(1, 6) if f != k), k, f"fold_{k}") for k in range(1, 6)]
     for which, values in (("best", best), ("last", last)):
@@ -506,15 +507,15 @@ def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_c
     """As pretraining: non-finite steps are skipped, `optim.max_consecutive_nonfinite` in a row stop the run without
     saving, and the newest checkpoint is the last good step's."""
     from bridle_jax import checkpoint as ckpt_lib
-    from bridle_jax import train
+    from bridle_jax import run as run_lib
 
     real = finetune.train_iterator
-    monkeypatch.setattr(finetune, "train_iterator", lambda *a, **k: tiny.PoisonedIterator(real(*a, **k), 3))
+    monkeypatch.setattr(finetune.runner, "train_iterator", lambda *a, **k: tiny.PoisonedIterator(real(*a, **k), 3))
     c = _digits_config(pretrained, "finetune", steps=12)
     c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 1, 100, 1
     c.optim.max_consecutive_nonfinite = 3
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteError, match=r"step 6: 3 consecutive steps .*the newest checkpoint, step 3, is kept"):
+    with pytest.raises(run_lib.NonFiniteError, match=r"step 6: 3 consecutive steps .*newest checkpoint, step 3 .*last good"):
         finetune.run_single(c, workdir)
     assert ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False).all_steps() == [3]
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]

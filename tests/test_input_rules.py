@@ -235,7 +235,7 @@ def test_load_encoder_iteration_must_be_an_int(tmp_path, iteration):
 
 
 def test_finetune_init_iteration_must_be_an_int():
-    from bridle_jax.evaluators import finetune
+    from bridle_jax import finetune
 
     c = finetune.base_config("image")
     c.init_from, c.num_classes = "/nonexistent", 10

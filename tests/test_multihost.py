@@ -303,7 +303,7 @@ jax.distributed.is_initialized = lambda: False
 cloud_tpu_init.running_in_cloud_tpu_vm = False
 from absl import flags
 from bridle_jax import finetune_main
-from bridle_jax.evaluators import finetune
+from bridle_jax import finetune
 finetune.run = lambda config, workdir: {"preempted": True}  # the start-up is under test, not the fine-tune
 flags.FLAGS(["finetune_main", "--config=configs/esc50_finetune.py", "--workdir=unused"] + EXTRA)
 finetune_main.main([])

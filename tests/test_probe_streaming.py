@@ -17,7 +17,7 @@ import pytest
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import sharding, train
 from bridle_jax.data import pipeline
-from bridle_jax.evaluators import linear_probe
+from bridle_jax.evaluators import linear_probe, loop_probe
 from bridle_jax.models import bridle
 from tests.tiny import load_config, tiny_config
 
@@ -77,10 +77,10 @@ def test_start_up_decodes_nothing(monkeypatch):
         monkeypatch.setattr(module, fn, refuse)
     c = tiny_config()
     c.evals.linear_probe.max_examples = None  # the whole split: 359 test digits, not capped
-    data = train._ProbeData(c)  # pylint: disable=protected-access
+    data = loop_probe.ProbeData(c)  # pylint: disable=protected-access
     assert (data.test_size.examples, data.test_size.total, data.test_size.capped) == (359, 359, False)
     assert (data.train_size.examples, data.train_size.capped) == (1438, False)
-    capped = train._ProbeData(_probe_config())  # pylint: disable=protected-access
+    capped = loop_probe.ProbeData(_probe_config())  # pylint: disable=protected-access
     assert (capped.test_size.examples, capped.test_size.total, capped.test_size.capped) == (MAX, 359, True)
 
 
@@ -150,8 +150,8 @@ def test_probe_streams_one_batch_and_matches_the_preload_path(monkeypatch):
 
     monkeypatch.setattr(module, "eval_batches", instrumented)
     monkeypatch.setattr(module, "eval_arrays", refuse)
-    data = train._ProbeData(config)  # pylint: disable=protected-access
-    result = train.run_linear_probe(models, params, data, config, mesh)
+    data = loop_probe.ProbeData(config)  # pylint: disable=protected-access
+    result = loop_probe.run_linear_probe(models, params, data, config, mesh)
     assert stats["batches"] == 2 * 7 and stats["max_rows"] == BATCH
     # when a batch is read, at most the two before it are still alive (features in flight on the devices, which on
     # CPU may alias the host arrays; how many have finished depends on timing): never the split (7 batches here)
@@ -213,7 +213,7 @@ def test_resume_does_not_probe_an_encoder_again(tmp_path, monkeypatch):
     first = train.train_and_evaluate(c, str(workdir))
     assert first["done"] and sorted(first["linear_probe"]) == ["iteration_0", "iteration_1"]
     assert calls == ["train", "test"] * 2  # each encoder's features extracted once
-    recorded = json.loads((workdir / train.PROBE_FILE).read_text())
+    recorded = json.loads((workdir / loop_probe.PROBE_FILE).read_text())
 
     # as if killed after the probe of iteration 1 and before its phase-end checkpoint: that checkpoint is gone
     shutil.rmtree(workdir / "checkpoints" / "2")
@@ -221,7 +221,7 @@ def test_resume_does_not_probe_an_encoder_again(tmp_path, monkeypatch):
     calls.clear()
     second = train.train_and_evaluate(c, str(workdir))
     assert second["done"] and calls == []  # nothing extracted again
-    assert json.loads((workdir / train.PROBE_FILE).read_text()) == recorded == second["linear_probe"]
+    assert json.loads((workdir / loop_probe.PROBE_FILE).read_text()) == recorded == second["linear_probe"]
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["eval/linear_probe/top1"] for x in lines if "eval/linear_probe/top1" in x] == [
         recorded["iteration_1"]["top1_test"]
@@ -229,11 +229,11 @@ def test_resume_does_not_probe_an_encoder_again(tmp_path, monkeypatch):
 
     # as if killed during the probe of iteration 1, after its phase-end checkpoint: the resume starts at the end of
     # the plan, trains nothing and probes the kept encoder once, with the same result
-    (workdir / train.PROBE_FILE).write_text(json.dumps({"iteration_0": recorded["iteration_0"]}))
+    (workdir / loop_probe.PROBE_FILE).write_text(json.dumps({"iteration_0": recorded["iteration_0"]}))
     (workdir / workdir_lib.DONE_FILE).unlink()
     third = train.train_and_evaluate(c, str(workdir))
     assert third["done"] and calls == ["train", "test"]
-    assert json.loads((workdir / train.PROBE_FILE).read_text()) == recorded
+    assert json.loads((workdir / loop_probe.PROBE_FILE).read_text()) == recorded
 
 
 def test_a_probe_recorded_by_another_start_is_reused_at_step_zero(tmp_path, monkeypatch):
@@ -243,17 +243,17 @@ def test_a_probe_recorded_by_another_start_is_reused_at_step_zero(tmp_path, monk
     models, params = _encoder(config)
     mesh = _mesh()
     workdir = str(tmp_path)
-    (pathlib.Path(workdir) / train.PROBE_FILE).write_text(json.dumps({"iteration_0": {"top1_test": 0.5}}))
+    (pathlib.Path(workdir) / loop_probe.PROBE_FILE).write_text(json.dumps({"iteration_0": {"top1_test": 0.5}}))
     calls = []
     monkeypatch.setattr(
         linear_probe,
         "split_features",
         lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError("extracted")),
     )
-    data = train._ProbeData(config)  # pylint: disable=protected-access
-    result, reused = train._probe_once(workdir, "iteration_0", models, params, data, config, mesh)
+    data = loop_probe.ProbeData(config)  # pylint: disable=protected-access
+    result, reused = loop_probe.probe_once(workdir, "iteration_0", models, params, data, config, mesh)
     assert reused and result == {"top1_test": 0.5} and not calls
     monkeypatch.undo()
-    result, reused = train._probe_once(workdir, "iteration_1", models, params, data, config, mesh)
+    result, reused = loop_probe.probe_once(workdir, "iteration_1", models, params, data, config, mesh)
     assert not reused and set(result) == {"top1_train", "top1_test", "final_loss"}
-    assert json.loads((pathlib.Path(workdir) / train.PROBE_FILE).read_text())["iteration_1"] == result
+    assert json.loads((pathlib.Path(workdir) / loop_probe.PROBE_FILE).read_text())["iteration_1"] == result

@@ -11,6 +11,7 @@ import pytest
 import bridle_jax
 from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import encoder_store
+from bridle_jax import run as run_lib
 from bridle_jax import train
 from bridle_jax.data import sources
 from tests.tiny import PoisonedIterator, tiny_config
@@ -156,7 +157,7 @@ def test_repeated_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint
     config.optim.max_consecutive_nonfinite = 2
     config.evals.linear_probe.enabled = False
     workdir = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteError, match=r"consecutive steps were refused.*step 4 .*is the last good one"):
+    with pytest.raises(run_lib.NonFiniteError, match=r"consecutive steps were refused.*step 4 .*is the last good one"):
         train.train_and_evaluate(config, workdir)
     manager = ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False)
     assert manager.all_steps() == [4]  # saved before the poison; nothing after it

@@ -29,6 +29,7 @@ from bridle_jax import checkpoint as ckpt_lib
 from bridle_jax import encoder_store
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import config_checks
+from bridle_jax import run as run_lib
 from bridle_jax import train
 from tests import tiny
 from tests.tiny import ROOT, tiny_config
@@ -88,7 +89,7 @@ def test_an_exploding_lr_on_resume_never_replaces_the_good_checkpoints(copy, lr)
     c = _config()
     c.optim.encoder.lr = c.optim.tokenizer.lr = lr
     c.resume.allow_changes = "optim"
-    with pytest.raises(train.NonFiniteError, match=r"step 12: 6 consecutive steps were refused.*step 6 .*last good"):
+    with pytest.raises(run_lib.NonFiniteError, match=r"step 12: 6 consecutive steps were refused.*step 6 .*last good"):
         train.train_and_evaluate(c, str(copy))
     assert {s: _tree_hash(copy / "checkpoints" / str(s)) for s in _steps(copy)} == before
     assert _tree_hash(copy / "encoders") == encoders
@@ -353,7 +354,7 @@ def test_a_failed_checkpoint_write_is_one_clear_line_naming_the_last_good_one(co
         return real(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save)
-    with pytest.raises(train.CheckpointWriteError) as error:
+    with pytest.raises(run_lib.CheckpointWriteError) as error:
         train.train_and_evaluate(_config(), str(copy))
     message = str(error.value)
     assert "cannot write checkpoint step 8" in message and "No space left on device" in message

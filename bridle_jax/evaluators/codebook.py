@@ -38,14 +38,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import paths
+from bridle_jax import paths, reporting
 from bridle_jax import workdir as workdir_lib
 from bridle_jax import optim, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
 from bridle_jax.data import pipeline
+from bridle_jax.evaluators import base
 from bridle_jax.models import bridle
 
 HEALTH_FILE = "codebook_health.json"
@@ -99,13 +99,9 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
     directory = path / ckpt_lib.CHECKPOINTS_DIR
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no checkpoints in {path} (has the run saved one yet?)")
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "data", "meta"),
-    )
+    checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
-        available = sorted(manager.all_steps())
+        available = checkpointer.all_steps()
         if not available:
             raise FileNotFoundError(f"{directory}: no checkpoints in {path} (has the run saved one yet?)")
         listing = ", ".join(f"{s} (iteration {schedule.phase_of_checkpoint(plan, s).iteration})" for s in available)
@@ -123,21 +119,20 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
             candidates = available
         models = bridle.build_models(config)
         mesh = _eval_mesh(config)
-        errors = []
-        for s in reversed(candidates):
+
+        def abstract_for_step(s):
             phase = schedule.phase_of_checkpoint(plan, s)
             tx, _ = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
-            abstract = state_lib.abstract_for(models, config, tx, phase, config.seed, mesh)
-            try:
-                restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-            except Exception as e:  # noqa: BLE001 (a damaged step, whatever the error: try the previous one)
-                _log.warning("checkpoint %d in %s cannot be restored (%s: %s)", s, directory, type(e).__name__, e)
-                errors.append(f"step {s}: {type(e).__name__}: {e}")
-                continue
-            return RestoredRun(config, models, restored.state, s, phase, mesh)
-        raise ValueError(f"{directory}: no checkpoint could be restored: " + "; ".join(errors))
+            return state_lib.abstract_for(models, config, tx, phase, config.seed, mesh)
+
+        restored = checkpointer.restore_latest(abstract_for_step, None, steps=candidates)
+        if restored is None:
+            raise ValueError(f"{directory}: no checkpoint of steps {candidates} could be restored (see the warnings)")
+        state, _ = restored
+        s = int(state.step)
+        return RestoredRun(config, models, state, s, schedule.phase_of_checkpoint(plan, s), mesh)
     finally:
-        manager.close()
+        checkpointer.close()
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -395,6 +390,14 @@ def codebook_health(
     the PNGs unless `plots=False`) into `out_dir` (default: the workdir) and returns the report (see the module
     docstring; per level under "levels")."""
     run = restore_run(workdir, iteration=iteration, step=step)
+    report, code_norms = health_report(run, split=split, max_examples=max_examples, batch_size=batch_size)
+    report = {"workdir": paths.resolve_workdir(workdir), **report}
+    out = paths.workdir_path(out_dir if out_dir is not None else workdir)
+    return write_report(report, code_norms, out, plots=plots)
+
+
+def health_report(run: RestoredRun, *, split: str | None, max_examples: int | None, batch_size: int):
+    """(report, code norms [M, K]) of `run`'s tokenizer and codebooks over one pass of `split`."""
     config = run.config
     split = split or pipeline.eval_split(config.data)
     arrays = pipeline.eval_arrays(config.data, split, max_examples)
@@ -418,7 +421,6 @@ def codebook_health(
             }
         )
     report = {
-        "workdir": paths.resolve_workdir(workdir),
         "step": run.step,
         "phase": run.phase.name,
         "iteration": run.phase.iteration,
@@ -430,7 +432,11 @@ def codebook_health(
         **acc,
         "levels": levels,
     }
-    out = paths.workdir_path(out_dir if out_dir is not None else workdir)
+    return report, code_norms
+
+
+def write_report(report: dict, code_norms, out, *, plots: bool) -> dict:
+    """Writes the report into `out` (process 0), then its PNGs when `plots` and matplotlib is installed."""
     if plots and not _have_matplotlib():
         logging.warning(
             "matplotlib is not installed: writing %s without its plots (pip install 'bridle_jax[plots]' for the "
@@ -439,15 +445,52 @@ def codebook_health(
         )
         report["plots_skipped"] = "matplotlib is not installed (pip install 'bridle_jax[plots]')"
         plots = False
-    names = [USAGE_PLOT.format(level=lv["level"]) for lv in levels] + [NORMS_PLOT] if plots else []
+    names = [USAGE_PLOT.format(level=lv["level"]) for lv in report["levels"]] + [NORMS_PLOT] if plots else []
     report["files"] = [HEALTH_FILE, *names]
     if jax.process_index() == 0:  # the JSON first: a plotting failure never costs the numbers
         out.mkdir(parents=True, exist_ok=True)
         paths.write_text_atomic(out / HEALTH_FILE, json.dumps(report, indent=2, allow_nan=False) + "\n")
         if plots:
-            for name, data in _plots(report, code_norms).items():
-                (out / name).write_bytes(data)
+            for plot_name, data in _plots(report, code_norms).items():
+                (out / plot_name).write_bytes(data)
     return report
+
+
+class CodebookEvaluator(base.Evaluator):
+    """The codebook evaluator in the pretraining loop (`config.evals.codebook`): at the end of every phase that
+    (re)fits codebooks (the cold start, tokenizer and joint phases), the health of the codebooks the next encoder
+    phase trains against, over `split` (default: the labelled eval split) capped at `max_examples`. Writes
+    `<workdir>/codebook_health/<phase>/codebook_health.json` (with its PNGs when `plots`) and logs per level the utilisation and
+    perplexity as `eval/codebook/{utilisation,perplexity}_level{m}`."""
+
+    name = "codebook"
+    DIR = "codebook_health"
+
+    def __init__(self, config, **context):
+        super().__init__(config, **context)
+        self._reports = {}
+
+    def at_phase_end(self, phase, state) -> base.Lines:
+        if not phase.fresh_codebooks:  # an encoder phase: the codebooks of the phase before it, unchanged
+            return []
+        restored = RestoredRun(self.config, self.models, state, phase.end_step, phase, self.mesh)
+        s = self.settings
+        report, code_norms = health_report(
+            restored, split=s.split, max_examples=s.max_examples, batch_size=s.batch_size
+        )
+        out = paths.workdir_path(self.workdir) / self.DIR / phase.name
+        self._reports[phase.name] = write_report(report, code_norms, out, plots=s.plots)
+        values = {}
+        for level in report["levels"]:
+            m = level["level"]
+            values[f"eval/codebook/utilisation_level{m}"] = level["utilisation"]
+            values[f"eval/codebook/perplexity_level{m}"] = level["perplexity"]
+        line = ", ".join(f"level {lv['level']} {lv['perplexity']:.1f}" for lv in report["levels"])
+        reporting.log_line(f"Codebook health after {phase.name} ({report['split']}): perplexity {line}")
+        return [(phase.end_step, phase.name, values)]
+
+    def results(self) -> dict:
+        return self._reports
 
 
 # ----------------------------------------------------------------------------------------------- CLI
