@@ -29,7 +29,7 @@ endif
 # The venv, when PYTHON is it and it is not there yet.
 NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 
-.PHONY: install install-test demo test study bench-quantizer bench-train-step
+.PHONY: install install-test demo test lint study bench-quantizer bench-train-step
 
 $(VENV)/bin/python:
 	@echo "$(BASE_PYTHON) does not let pip install into it (PEP 668 'externally managed', or no pip): using a virtual environment in $(VENV)"
@@ -49,6 +49,11 @@ demo: install
 # The test suite on CPU with 8 fake devices (tests/conftest.py sets them).
 test: install-test
 	$(PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# ruff's lint and format checks with the repository's config (pyproject.toml); .ci/run runs them before the tests.
+lint: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 # The real-data study (README "Does it learn?"): Fashion-MNIST (apt-get install dataset-fashion-mnist), ~150 min (RQ, VQ and the joint variant).
 study: install-test

@@ -1,4 +1,5 @@
 """bridle_jax: BRIDLE self-supervised pretraining (residual-quantised targets, interleaved loop) in JAX."""
+
 from setuptools import find_packages, setup
 
 CORE = [
@@ -50,6 +51,8 @@ setup(
             # tests/test_recipes.py builds the wheel without network (pip wheel --no-build-isolation)
             "setuptools>=64",
             "wheel>=0.38,<1",
+            # make lint (.ci/run): pinned, as another ruff release may format differently
+            "ruff==0.17.6",
         ],
         # The codebook evaluator's PNGs (it writes its JSON without them), notebooks/evaluate.ipynb's figures and
         # benchmarks/study.py's plot.

@@ -5,7 +5,8 @@ noise; ImageNet's average ~400x350, ~110 kB), read at the recipe's 224^2 eval pr
 (the `mu/16` ViT: 64 wide, 2 blocks, 196 patches, so the cost measured is the input path) on it, every path and size
 (a quarter, half, all and twice the images written, the last by hard links) in a fresh subprocess:
 
-  preload  what `loop_probe.ProbeData` did before: both splits decoded into float32 arrays (`pipeline.eval_arrays`), held,
+  preload  what `loop_probe.ProbeData` did before: both splits decoded into float32 arrays (`pipeline.eval_arrays`),
+  held,
            then pooled (`linear_probe.pooled_features` over the arrays) and the head fitted
   stream   what the training loop does now: `loop_probe.ProbeData` (sizes only) + `loop_probe.run_linear_probe`, i.e.
            `linear_probe.split_features` over `pipeline.eval_batches`, one batch of decoded inputs at a time
@@ -13,7 +14,8 @@ noise; ImageNet's average ~400x350, ~110 kB), read at the recipe's 224^2 eval pr
 For each child, after imports, model init and one compile of the feature extractor (a warm-up on 8 images): RSS
 before the probe, the peak RSS during it (VmHWM, reset through /proc/self/clear_refs just before), the probe's wall
 time and its result (both paths must give the same numbers). The line through the two largest of the four sizes
-gives the per-image slope, extrapolated linearly to the ImageNet recipe's probe (`--recipe_images`, default 100,000: 50,000
+gives the per-image slope, extrapolated linearly to the ImageNet recipe's probe (`--recipe_images`, default 100,000:
+50,000
 train + 50,000 validation images). The streaming path's features grow as N x width x 4 bytes; at ViT-B width (768)
 that is added analytically (the tiny encoder's are 64 wide).
 

@@ -10,6 +10,7 @@ floor set by the distance matmuls alone (M dependent N×D×K matmuls in JAX) and
 The machine must be otherwise idle: ``--wait-quiet`` waits until the CPUs are idle before each part, and the CPU
 load seen just before each part is printed so that contaminated numbers can be spotted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,6 +26,7 @@ import time
 def cpu_busy(dt: float = 0.5) -> float:
     """Fraction of all CPUs busy over ``dt`` seconds (from /proc/stat; 0.0 where unavailable)."""
     try:
+
         def read():
             vals = list(map(int, open("/proc/stat").readline().split()[1:]))
             return sum(vals), vals[3] + vals[4]
@@ -70,8 +72,10 @@ def timeit_many(fns: dict, runs: int, warmup: int) -> dict:
             times[name].append(time.perf_counter() - t)
     busy1, own1, t1 = *_cpu_seconds(), time.perf_counter()
     other = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
-    out = {name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "runs": runs}
-           for name, ts in times.items()}
+    out = {
+        name: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts), "runs": runs}
+        for name, ts in times.items()
+    }
     out["other_cpus"] = other
     return out
 
@@ -85,7 +89,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{model}, nproc={os.cpu_count()}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return (
+        f"{model}, nproc={os.cpu_count()}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ JAX
@@ -146,11 +152,15 @@ def run_peer(args) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
-    rvq = ResidualVQ(dim=args.dim, num_quantizers=args.levels, codebook_size=args.codebook_size,
-                     kmeans_init=False, decay=0.99).train()
+    rvq = ResidualVQ(
+        dim=args.dim, num_quantizers=args.levels, codebook_size=args.codebook_size, kmeans_init=False, decay=0.99
+    ).train()
     x = torch.randn(1, args.n, args.dim)
-    res = {"torch": torch.__version__, "vqp": getattr(vector_quantize_pytorch, "__version__", "?"),
-           "threads": torch.get_num_threads()}
+    res = {
+        "torch": torch.__version__,
+        "vqp": getattr(vector_quantize_pytorch, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+    }
 
     def fwd_no_grad():
         with torch.no_grad():
@@ -162,8 +172,11 @@ def run_peer(args) -> dict:
         rvq(xg)
 
     res["cpu_busy_before"] = wait_quiet(args.wait_quiet)
-    res.update(timeit_many({"train_forward_no_grad": fwd_no_grad, "train_forward_autograd": fwd_autograd},
-                           args.runs, args.warmup))
+    res.update(
+        timeit_many(
+            {"train_forward_no_grad": fwd_no_grad, "train_forward_autograd": fwd_autograd}, args.runs, args.warmup
+        )
+    )
     return res
 
 
@@ -190,29 +203,62 @@ def main() -> None:
 
     results = {"machine": machine(), "argv": sys.argv, "jax": run_jax(args)}
     if args.peer_python:
-        cmd = [args.peer_python, os.path.abspath(__file__), "--peer-worker", "--n", str(args.n), "--dim", str(args.dim),
-               "--levels", str(args.levels), "--codebook-size", str(args.codebook_size), "--runs", str(args.runs),
-               "--warmup", str(args.warmup)] + (["--wait-quiet"] if args.wait_quiet else [])
+        cmd = [
+            args.peer_python,
+            os.path.abspath(__file__),
+            "--peer-worker",
+            "--n",
+            str(args.n),
+            "--dim",
+            str(args.dim),
+            "--levels",
+            str(args.levels),
+            "--codebook-size",
+            str(args.codebook_size),
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+        ] + (["--wait-quiet"] if args.wait_quiet else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         results["peer"] = json.loads(out.stdout.strip().splitlines()[-1])
 
     j = results["jax"]
-    rows = [("bridle_jax quantize + ema_update (jit)", j["train_step"]["median_ms"]),
-            ("bridle_jax quantize only (jit)", j["quantize"]["median_ms"])]
+    rows = [
+        ("bridle_jax quantize + ema_update (jit)", j["train_step"]["median_ms"]),
+        ("bridle_jax quantize only (jit)", j["quantize"]["median_ms"]),
+    ]
     if "matmul_floor" in j:
-        rows.append((f"distance matmuls alone ({args.levels} × {args.n}×{args.dim}×{args.codebook_size}, JAX)",
-                     j["matmul_floor"]["median_ms"]))
+        rows.append(
+            (
+                f"distance matmuls alone ({args.levels} × {args.n}×{args.dim}×{args.codebook_size}, JAX)",
+                j["matmul_floor"]["median_ms"],
+            )
+        )
     if "peer" in results:
-        rows.append(("vector-quantize-pytorch ResidualVQ train fwd, no_grad", results["peer"]["train_forward_no_grad"]["median_ms"]))
-        rows.append(("vector-quantize-pytorch ResidualVQ train fwd, autograd on",
-                     results["peer"]["train_forward_autograd"]["median_ms"]))
+        rows.append(
+            (
+                "vector-quantize-pytorch ResidualVQ train fwd, no_grad",
+                results["peer"]["train_forward_no_grad"]["median_ms"],
+            )
+        )
+        rows.append(
+            (
+                "vector-quantize-pytorch ResidualVQ train fwd, autograd on",
+                results["peer"]["train_forward_autograd"]["median_ms"],
+            )
+        )
     step = j["train_step"]["median_ms"]
     print(f"machine: {results['machine']}")
-    print(f"JAX {j['jax']} ({j['backend']}): 2048³ f32 matmul {j['gflops_2048']:.0f} GFLOP/s; "
-          f"CPUs kept busy by other processes while timing: JAX part {j['other_cpus']:.2f}"
-          + (f", peer part {results['peer']['other_cpus']:.2f}" if "peer" in results else ""))
-    print(f"median of {args.runs} runs after {args.warmup} warm-up, N={args.n} D={args.dim} M={args.levels} "
-          f"K={args.codebook_size}\n")
+    print(
+        f"JAX {j['jax']} ({j['backend']}): 2048³ f32 matmul {j['gflops_2048']:.0f} GFLOP/s; "
+        f"CPUs kept busy by other processes while timing: JAX part {j['other_cpus']:.2f}"
+        + (f", peer part {results['peer']['other_cpus']:.2f}" if "peer" in results else "")
+    )
+    print(
+        f"median of {args.runs} runs after {args.warmup} warm-up, N={args.n} D={args.dim} M={args.levels} "
+        f"K={args.codebook_size}\n"
+    )
     print("| what | median ms | vs ours |\n|---|---:|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.1f} | {ms / step:.2f}× |")

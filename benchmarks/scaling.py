@@ -60,7 +60,8 @@ def steps_worker(args) -> dict:
     import jax
     import numpy as np
 
-    from bridle_jax import optim, schedule, sharding, state as state_lib, steps
+    from bridle_jax import optim, schedule, sharding, steps
+    from bridle_jax import state as state_lib
     from bridle_jax.data import pipeline
     from bridle_jax.models.bridle import build_models
 
@@ -125,7 +126,9 @@ def run_checkpoints(args) -> list[dict]:
     import jax
     import numpy as np
 
-    from bridle_jax import checkpoint as ckpt_lib, optim, schedule, sharding, state as state_lib
+    from bridle_jax import checkpoint as ckpt_lib
+    from bridle_jax import optim, schedule, sharding
+    from bridle_jax import state as state_lib
     from bridle_jax.data import pipeline
     from bridle_jax.models.bridle import build_models
 
@@ -195,7 +198,8 @@ def main():
             f"\nGlobal batch {args.batch}, digits recipe (micro ViT, 32x32), data-parallel, {args.steps} timed steps\n"
         )
         print(
-            "| devices | encoder step (ms) | encoder steps/s | vs 1 device | tokenizer step (ms) | tokenizer steps/s | vs 1 device |"
+            "| devices | encoder step (ms) | encoder steps/s | vs 1 device "
+            "| tokenizer step (ms) | tokenizer steps/s | vs 1 device |"
         )
         print("|---|---|---|---|---|---|---|")
         for r in report["steps"]:
@@ -208,7 +212,8 @@ def main():
     if args.part in ("checkpoint", "both"):
         report["checkpoint"] = run_checkpoints(args)
         print(
-            "\n| variant | state (MiB) | save blocks the loop (s) | save until written (s) | restore (s) | MiB/s written |"
+            "\n| variant | state (MiB) | save blocks the loop (s) | save until written (s) | restore (s) "
+            "| MiB/s written |"
         )
         print("|---|---|---|---|---|---|")
         for r in report["checkpoint"]:

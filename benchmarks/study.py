@@ -16,7 +16,8 @@ whole 10,000-image test set):
   the FLOPs of both plans, from XLA's cost analysis of each phase kind's step, are recorded next to the row.
 An MAE-style pixel-target baseline is not offered: the framework has no pixel-regression head.
 
-Codebook usage: at the end of every tokenizer (or joint) phase the run stops (a planned stop, resumed bit-identically), and
+Codebook usage: at the end of every tokenizer (or joint) phase the run stops (a planned stop, resumed bit-identically),
+and
 `evaluators.codebook.codebook_health` counts, per level, the codes the tokenizer uses over the whole test set.
 
 Each (variant, seed) runs in its own subprocess and workdir under `--out`, and writes `<variant>_seed<s>.json`;
@@ -84,9 +85,18 @@ def run_one(args, variant: str, seed: int) -> dict:
     result = train.train_and_evaluate(c, workdir)
     wall = time.time() - start - health_seconds
     probes = {k: v["top1_test"] for k, v in sorted(result["linear_probe"].items())}
-    return {"variant": variant, "seed": seed, "probe_top1": probes, "usage": usage, "train_seconds": wall,
-            "config": {"num_levels": c.quantizer.num_levels, "codebook_size": c.quantizer.codebook_size,
-                       "phases": list(c.schedule.phases)}}
+    return {
+        "variant": variant,
+        "seed": seed,
+        "probe_top1": probes,
+        "usage": usage,
+        "train_seconds": wall,
+        "config": {
+            "num_levels": c.quantizer.num_levels,
+            "codebook_size": c.quantizer.codebook_size,
+            "phases": list(c.schedule.phases),
+        },
+    }
 
 
 def plan_gflops(c) -> dict:
@@ -97,31 +107,45 @@ def plan_gflops(c) -> dict:
     import jax
     import numpy as np
 
-    from bridle_jax import optim, schedule, sharding, state as state_lib, steps
+    from bridle_jax import optim, schedule, sharding, steps
+    from bridle_jax import state as state_lib
     from bridle_jax.models.bridle import build_models
 
     models, mesh = build_models(c), sharding.make_mesh(c.mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     local = {k: np.asarray(v[:1]) for k, v in pipeline_example(c).items()}
-    batch = {k: jax.ShapeDtypeStruct((c.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
-             for k, v in local.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct((c.batch_size, *v.shape[1:]), v.dtype, sharding=batch_sharding)
+        for k, v in local.items()
+    }
 
     def gflop(kind, cold_start):
         phase = schedule.Phase(index=0, kind=kind, cold_start=cold_start, steps=100, iteration=1, start_step=0)
         tx, lr = optim.make_optimizer(c.optim, state_lib.trained_side(phase), phase.steps)
         abstract = state_lib.abstract_for(models, c, tx, phase, 0, mesh)
-        fn = steps.jit_step(phase, models=models, config=c, tx=tx, lr_schedule=lr,
-                            state_shardings=jax.tree.map(lambda x: x.sharding, abstract), batch_sharding=batch_sharding)
+        fn = steps.jit_step(
+            phase,
+            models=models,
+            config=c,
+            tx=tx,
+            lr_schedule=lr,
+            state_shardings=jax.tree.map(lambda x: x.sharding, abstract),
+            batch_sharding=batch_sharding,
+        )
         analysis = fn.lower(abstract, batch).compile().cost_analysis()
         return float((analysis[0] if isinstance(analysis, list) else analysis)["flops"]) / 1e9
 
-    per_step = {"encoder_cold_start": gflop("encoder", True), "encoder": gflop("encoder", False),
-                "tokenizer": gflop("tokenizer", False)}
+    per_step = {
+        "encoder_cold_start": gflop("encoder", True),
+        "encoder": gflop("encoder", False),
+        "tokenizer": gflop("tokenizer", False),
+    }
     total = 0.0
     for phase in schedule.parse_plan(c.schedule.phases):
         if phase.kind == "joint":
-            with_tokenizer = sum(bool(steps.joint_trains_tokenizer(phase, s, c))
-                                 for s in range(phase.start_step, phase.end_step))
+            with_tokenizer = sum(
+                bool(steps.joint_trains_tokenizer(phase, s, c)) for s in range(phase.start_step, phase.end_step)
+            )
             total += phase.steps * per_step["encoder"] + with_tokenizer * per_step["tokenizer"]
         else:
             total += phase.steps * per_step["encoder_cold_start" if phase.cold_start else phase.kind]
@@ -168,13 +192,29 @@ def raw_pixel_rows(args) -> dict:
     data = loop_probe.ProbeData(c)  # the very splits the in-loop probe reads
     train, test = data.train, data.test
     flat = lambda a: raw_input_features(c, a)
-    probe = [linear_probe.linear_probe(flat(train), train["label"], flat(test), test["label"], steps=p.steps,
-                                       lr=p.lr, batch_size=p.batch_size, seed=s)["top1_test"] for s in args.seeds]
+    probe = [
+        linear_probe.linear_probe(
+            flat(train),
+            train["label"],
+            flat(test),
+            test["label"],
+            steps=p.steps,
+            lr=p.lr,
+            batch_size=p.batch_size,
+            seed=s,
+        )["top1_test"]
+        for s in args.seeds
+    ]
     t = time.time()
     logreg = LogisticRegression(max_iter=1000).fit(flat(train), train["label"])
     sk = float(np.mean(logreg.predict(flat(test)) == test["label"]))
-    return {"probe": probe, "sklearn_logreg": sk, "sklearn_seconds": time.time() - t,
-            "num_train": int(len(train["label"])), "num_test": int(len(test["label"]))}
+    return {
+        "probe": probe,
+        "sklearn_logreg": sk,
+        "sklearn_seconds": time.time() - t,
+        "num_train": int(len(train["label"])),
+        "num_test": int(len(test["label"])),
+    }
 
 
 # ------------------------------------------------------------------------------------------- aggregate
@@ -182,8 +222,12 @@ def raw_pixel_rows(args) -> dict:
 
 def mean_std(values) -> dict:
     values = [float(v) for v in values]
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": statistics.mean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }
 
 
 def aggregate(runs: list[dict], raw: dict) -> dict:
@@ -202,9 +246,16 @@ def aggregate(runs: list[dict], raw: dict) -> dict:
         for it in sorted({k for r in mine for k in r["usage"]}):
             levels = list(zip(*(r["usage"][it] for r in mine)))
             usage[f"{variant} {it}"] = [mean_std(level) for level in levels]
-    return {"rows": rows, "usage": usage, "sklearn_logreg": raw["sklearn_logreg"],
-            "train_seconds": {v: mean_std(r["train_seconds"] for r in runs if r["variant"] == v)
-                              for v in VARIANTS if any(r["variant"] == v for r in runs)}}
+    return {
+        "rows": rows,
+        "usage": usage,
+        "sklearn_logreg": raw["sklearn_logreg"],
+        "train_seconds": {
+            v: mean_std(r["train_seconds"] for r in runs if r["variant"] == v)
+            for v in VARIANTS
+            if any(r["variant"] == v for r in runs)
+        },
+    }
 
 
 def plot(summary: dict, path: str) -> None:
@@ -216,8 +267,13 @@ def plot(summary: dict, path: str) -> None:
     rows = summary["rows"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     names = list(rows)
-    ax.barh(range(len(names)), [100 * rows[n]["mean"] for n in names],
-            xerr=[100 * rows[n]["std"] for n in names], color="tab:blue", alpha=0.8)
+    ax.barh(
+        range(len(names)),
+        [100 * rows[n]["mean"] for n in names],
+        xerr=[100 * rows[n]["std"] for n in names],
+        color="tab:blue",
+        alpha=0.8,
+    )
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     lo = min(100 * rows[n]["mean"] for n in names)
@@ -247,11 +303,17 @@ def markdown(summary: dict) -> str:
     for name, t in summary["train_seconds"].items():
         lines.append(f"| {name} | {t['mean']:.0f} ± {t['std']:.0f} |")
     if "compute" in summary:
-        lines += ["", "| plan | GFLOP per step (cold-start encoder / encoder / tokenizer) | plan GFLOP |", "|---|---|---|"]
+        lines += [
+            "",
+            "| plan | GFLOP per step (cold-start encoder / encoder / tokenizer) | plan GFLOP |",
+            "|---|---|---|",
+        ]
         for name, g in summary["compute"].items():
             per = g["per_step_gflop"]
-            lines.append(f"| {name} | {per['encoder_cold_start']:.2f} / {per['encoder']:.2f} / {per['tokenizer']:.2f} "
-                         f"| {g['plan_gflop']:,.0f} |")
+            lines.append(
+                f"| {name} | {per['encoder_cold_start']:.2f} / {per['encoder']:.2f} / {per['tokenizer']:.2f} "
+                f"| {g['plan_gflop']:,.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -292,8 +354,14 @@ def main(argv=None) -> dict | None:
         for seed in args.seeds:
             path = os.path.join(args.out, f"{variant}_seed{seed}.json")
             if not os.path.exists(path):
-                cmd = [sys.executable, os.path.abspath(__file__), f"--one={variant}:{seed}", f"--out={args.out}",
-                       f"--config={args.config}", f"--usage_examples={args.usage_examples}"]
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    f"--one={variant}:{seed}",
+                    f"--out={args.out}",
+                    f"--config={args.config}",
+                    f"--usage_examples={args.usage_examples}",
+                ]
                 if args.data_dir:
                     cmd.append(f"--data_dir={args.data_dir}")
                 print(f"[study] {variant} seed {seed} ...", flush=True)

@@ -16,6 +16,7 @@ and after the steps: MFU = achieved FLOP/s / that measured peak. Two FLOP counts
 HLO op, elementwise included) and the dot/convolution FLOPs alone, read from the optimised HLO (the conventional
 "model FLOPs"); MFU is computed for both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The issue's reference point: the authors' PyTorch code on a 2-core AVX-512 machine (JAX float32 2048^3 matmul there:
 # 209 GFLOP/s).
 REFERENCE = {"encoder_s_per_step": 3.89, "tokenizer_s_per_step": 2.40, "peak_rss_gb": 2.9, "matmul_gflops": 209.0}
-REFERENCE_POINT = {"variant": "S/16", "tokenizer_variant": "S/16", "image_size": 224, "batch": 8, "dtype": "float32",
-                   "mask_ratio": 0.8, "decoder_depth": 16, "decoder_width": 512, "estimator_depth": 3}
+REFERENCE_POINT = {
+    "variant": "S/16",
+    "tokenizer_variant": "S/16",
+    "image_size": 224,
+    "batch": 8,
+    "dtype": "float32",
+    "mask_ratio": 0.8,
+    "decoder_depth": 16,
+    "decoder_width": 512,
+    "estimator_depth": 3,
+}
 MFU_TARGET = 0.75
 SPEEDUP_TARGET = 1.25
 
@@ -84,20 +94,27 @@ def make_config(args):
     c.data.image_size = args.image_size
     c.batch_size = args.batch
     c.mesh.data, c.mesh.fsdp = 1, 1
-    c.schedule.phases = ("encoder_cold_start:1000", "tokenizer:1000")   # budgets only shape the lr schedules
+    c.schedule.phases = ("encoder_cold_start:1000", "tokenizer:1000")  # budgets only shape the lr schedules
     return c
 
 
 def is_reference_point(args) -> bool:
-    got = {"variant": args.variant, "tokenizer_variant": args.tokenizer_variant, "image_size": args.image_size,
-           "batch": args.batch, "dtype": args.dtype, "mask_ratio": args.mask_ratio,
-           "decoder_depth": args.decoder_depth, "decoder_width": args.decoder_width,
-           "estimator_depth": args.estimator_depth}
+    got = {
+        "variant": args.variant,
+        "tokenizer_variant": args.tokenizer_variant,
+        "image_size": args.image_size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "mask_ratio": args.mask_ratio,
+        "decoder_depth": args.decoder_depth,
+        "decoder_width": args.decoder_width,
+        "estimator_depth": args.estimator_depth,
+    }
     return got == REFERENCE_POINT
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def current_rss_bytes() -> int:
@@ -115,7 +132,7 @@ def _dims(text: str) -> list[int]:
 
 def dot_conv_flops(hlo_text: str) -> dict:
     """2*M*N*K of every `dot` and every `convolution` in the optimised HLO (fusions included), by op kind."""
-    shapes = {}         # instruction name -> dims, per computation (names are unique module-wide in XLA)
+    shapes = {}  # instruction name -> dims, per computation (names are unique module-wide in XLA)
     out = {"dot": 0.0, "convolution": 0.0}
     lines = hlo_text.splitlines()
     inst = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+([\w\-]+)\((.*)$")
@@ -148,7 +165,7 @@ def dot_conv_flops(hlo_text: str) -> dict:
             lm = re.search(r"dim_labels=([a-z0-9]+)_([a-z0-9]+)->", line)
             k = 1
             if lm and rhs:
-                kernel = lm.group(2)   # e.g. 01io: spatial dims and i (input features) contract
+                kernel = lm.group(2)  # e.g. 01io: spatial dims and i (input features) contract
                 for pos, ch in enumerate(kernel):
                     if ch != "o":
                         k *= rhs[pos]
@@ -162,15 +179,18 @@ def cost_flops(compiled) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     cost = dict(cost or {})
-    return {"flops": float(cost.get("flops", float("nan"))),
-            "transcendentals": float(cost.get("transcendentals", float("nan"))),
-            "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
+    return {
+        "flops": float(cost.get("flops", float("nan"))),
+        "transcendentals": float(cost.get("transcendentals", float("nan"))),
+        "bytes_accessed": float(cost.get("bytes accessed", float("nan"))),
+    }
 
 
 # --------------------------------------------------------------------------------------------- the worker
 def measure_matmul(n: int, reps: int) -> list[float]:
     import jax
     import jax.numpy as jnp
+
     ka, kb = jax.random.split(jax.random.PRNGKey(0))
     a = jax.random.normal(ka, (n, n), jnp.float32)
     b = jax.random.normal(kb, (n, n), jnp.float32)
@@ -181,7 +201,7 @@ def measure_matmul(n: int, reps: int) -> list[float]:
     for _ in range(reps):
         t0 = time.perf_counter()
         dot(a, b).block_until_ready()
-        rates.append(2.0 * n ** 3 / (time.perf_counter() - t0))
+        rates.append(2.0 * n**3 / (time.perf_counter() - t0))
     del a, b
     return rates
 
@@ -189,8 +209,9 @@ def measure_matmul(n: int, reps: int) -> list[float]:
 def run_worker(args) -> dict:
     import jax
     import numpy as np
-    from bridle_jax import config_checks
-    from bridle_jax import optim, schedule, sharding, state as state_lib, steps
+
+    from bridle_jax import config_checks, optim, schedule, sharding, steps
+    from bridle_jax import state as state_lib
     from bridle_jax.models.bridle import build_models
 
     t_start = time.perf_counter()
@@ -212,10 +233,11 @@ def run_worker(args) -> dict:
     batch = sharding.global_batch(mesh, {"input": image.astype(np.float32)})
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    kw = dict(models=models, config=config, state_shardings=state_shardings,
-              batch_sharding=sharding.batch_sharding(mesh))
+    kw = dict(
+        models=models, config=config, state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh)
+    )
     t0 = time.perf_counter()
-    state = steps.jit_prepare_codebooks(phase, **kw)(state, batch)      # k-means on the first batch (+ restart)
+    state = steps.jit_prepare_codebooks(phase, **kw)(state, batch)  # k-means on the first batch (+ restart)
     jax.block_until_ready(state)
     prepare_s = time.perf_counter() - t0
 
@@ -244,7 +266,7 @@ def run_worker(args) -> dict:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
     loss = float(metrics["train/loss"])
-    peak_rss = peak_rss_bytes()          # before the second matmul measurement (its buffers are small anyway)
+    peak_rss = peak_rss_bytes()  # before the second matmul measurement (its buffers are small anyway)
     rss_after_steps = current_rss_bytes()
 
     matmul_after = measure_matmul(args.matmul_size, args.matmul_reps)
@@ -252,24 +274,31 @@ def run_worker(args) -> dict:
     peak = statistics.median(matmul_before + matmul_after)
     result = {
         "phase": args.worker,
-        "step_s": {"median": med, "min": min(times), "max": max(times), "mean": statistics.fmean(times),
-                   "all": times},
+        "step_s": {"median": med, "min": min(times), "max": max(times), "mean": statistics.fmean(times), "all": times},
         "steps_per_s": 1.0 / med,
-        "compile_s": compile_s, "prepare_codebooks_s_incl_compile": prepare_s,
+        "compile_s": compile_s,
+        "prepare_codebooks_s_incl_compile": prepare_s,
         "xla_cost": xla_cost,
         "hlo_dot_conv_flops": hlo_flops,
         "achieved_flops_per_s_xla": xla_cost["flops"] / med,
         "achieved_flops_per_s_dot_conv": hlo_flops["total"] / med,
-        "matmul_flops_per_s": {"median": peak, "median_before": statistics.median(matmul_before),
-                               "median_after": statistics.median(matmul_after), "max": max(matmul_before + matmul_after)},
+        "matmul_flops_per_s": {
+            "median": peak,
+            "median_before": statistics.median(matmul_before),
+            "median_after": statistics.median(matmul_after),
+            "max": max(matmul_before + matmul_after),
+        },
         "mfu_xla": xla_cost["flops"] / med / peak,
         "mfu_dot_conv": hlo_flops["total"] / med / peak,
-        "peak_rss_bytes": peak_rss, "rss_after_import_bytes": rss_after_import,
-        "peak_rss_through_compile_bytes": peak_rss_compile, "rss_before_steps_bytes": rss_before_steps,
+        "peak_rss_bytes": peak_rss,
+        "rss_after_import_bytes": rss_after_import,
+        "peak_rss_through_compile_bytes": peak_rss_compile,
+        "rss_before_steps_bytes": rss_before_steps,
         "rss_after_steps_bytes": rss_after_steps,
         "loss_last": loss,
         "wall_s": time.perf_counter() - t_start,
-        "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
     }
     return result
 
@@ -293,7 +322,7 @@ def spawn(args, phase: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", phase]
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:     # one real CPU device, never fake ones
+    if "xla_force_host_platform_device_count" in flags:  # one real CPU device, never fake ones
         env["XLA_FLAGS"] = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
     env.setdefault("JAX_PLATFORMS", "cpu")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
@@ -312,7 +341,8 @@ def summarise(r: dict, reference: bool) -> str:
         f"  FLOPs/step: XLA {r['xla_cost']['flops'] / g:.1f} GFLOP, dot+conv {r['hlo_dot_conv_flops']['total'] / g:.1f}"
         f" GFLOP; achieved {r['achieved_flops_per_s_xla'] / g:.1f} (XLA) / "
         f"{r['achieved_flops_per_s_dot_conv'] / g:.1f} (dot+conv) GFLOP/s",
-        f"  matmul {r['matmul_flops_per_s']['median'] / g:.1f} GFLOP/s (before {r['matmul_flops_per_s']['median_before'] / g:.1f},"
+        f"  matmul {r['matmul_flops_per_s']['median'] / g:.1f} GFLOP/s "
+        f"(before {r['matmul_flops_per_s']['median_before'] / g:.1f},"
         f" after {r['matmul_flops_per_s']['median_after'] / g:.1f}) -> MFU {r['mfu_xla']:.3f} (XLA flops), "
         f"{r['mfu_dot_conv']:.3f} (dot+conv); target {MFU_TARGET}",
         f"  peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB (after import {r['rss_after_import_bytes'] / 1e9:.2f} GB, "
@@ -321,8 +351,9 @@ def summarise(r: dict, reference: bool) -> str:
         f"reference peak {REFERENCE['peak_rss_gb']} GB",
     ]
     if reference:
-        lines.append(f"  vs reference {ref_s} s/step: {ref_s / r['step_s']['median']:.2f}x faster "
-                     f"(target >= {SPEEDUP_TARGET}x)")
+        lines.append(
+            f"  vs reference {ref_s} s/step: {ref_s / r['step_s']['median']:.2f}x faster (target >= {SPEEDUP_TARGET}x)"
+        )
     return "\n".join(lines)
 
 
@@ -333,11 +364,18 @@ def main():
         return
     phases = ["encoder", "tokenizer"] if args.phase == "both" else [args.phase]
     reference = is_reference_point(args)
-    out = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "worker"},
-           "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
-           "reference_point": reference, "reference": REFERENCE, "runs": []}
-    print(f"machine: {out['machine']['nproc']} CPUs, {out['machine']['cpu_model']}, "
-          f"load avg {out['machine']['loadavg_start'][0]:.2f}")
+    out = {
+        "machine": machine(),
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "command": " ".join(["python", os.path.relpath(os.path.abspath(__file__), REPO), *sys.argv[1:]]),
+        "reference_point": reference,
+        "reference": REFERENCE,
+        "runs": [],
+    }
+    print(
+        f"machine: {out['machine']['nproc']} CPUs, {out['machine']['cpu_model']}, "
+        f"load avg {out['machine']['loadavg_start'][0]:.2f}"
+    )
     if not reference:
         print("note: not the issue's reference point; the ratios against the reference times are not comparable")
     for rep in range(args.repeat):

@@ -118,9 +118,10 @@ class Checkpointer:
             return None
         if len(saved_shapes) != len(target_shapes):
             return f"{len(saved_shapes)} arrays saved, {len(target_shapes)} expected"
-        return "array shapes differ: " + ", ".join(
-            f"{a} saved vs {b} expected" for a, b in zip(saved_shapes, target_shapes) if a != b
-        )[:300]
+        return (
+            "array shapes differ: "
+            + ", ".join(f"{a} saved vs {b} expected" for a, b in zip(saved_shapes, target_shapes) if a != b)[:300]
+        )
 
     def _set_aside(self, step: int) -> None:
         """Moves an unreadable step out of the way (kept for inspection, never deleted) so it can be re-saved."""

@@ -415,9 +415,7 @@ def convert_checkpoint(
     import orbax.checkpoint as ocp
 
     from bridle_jax import checkpoint as ckpt_lib
-    from bridle_jax import encoder_store
-    from bridle_jax import paths
-    from bridle_jax import optim, resolve, schedule, sharding
+    from bridle_jax import encoder_store, optim, paths, resolve, schedule, sharding
     from bridle_jax import state as state_lib
     from bridle_jax import workdir as workdir_lib
     from bridle_jax.config_checks import validate
@@ -501,7 +499,7 @@ def main(argv=None) -> None:
     needs (README "Parity")."""
     from absl import app, flags
 
-    from bridle_jax import reporting, recipes
+    from bridle_jax import recipes, reporting
 
     recipes.DEFINE_config_flag("config", "The recipe (sizes) of the official checkpoint: a name or a path.")
     flags.DEFINE_string("checkpoint", None, "Official checkpoint: .pth (needs --allow_pickle), .safetensors or .npz.")

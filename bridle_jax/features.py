@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridle_jax.validation import is_int
-from bridle_jax import encoder_store
+from bridle_jax import encoder_store, sharding
 from bridle_jax import workdir as workdir_lib
-from bridle_jax import sharding
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe
 from bridle_jax.models import bridle
+from bridle_jax.validation import is_int
 
 
 class Encoder:

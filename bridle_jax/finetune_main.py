@@ -39,7 +39,6 @@ def main(argv) -> None:
     if _DISTRIBUTED.value == "auto":
         initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     from bridle_jax import finetune  # after distributed initialisation: importing may touch the backend
-
     from bridle_jax import run as run_lib  # its run errors: one clear line instead of a traceback
 
     try:

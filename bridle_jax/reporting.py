@@ -235,7 +235,8 @@ def run_summary(
         lines.append("              " + "; ".join(parts[i : i + 2]))
     lines += [
         f"  data        {config.data.name}: train split {train_text}; eval split {eval_text}",
-        f"  plan        {len(plan)} phase{'s' if len(plan) > 1 else ''}, {total:,} steps = {_epochs(total, batch, train_examples)}{remaining}",
+        f"  plan        {len(plan)} phase{'s' if len(plan) > 1 else ''}, {total:,} steps = "
+        f"{_epochs(total, batch, train_examples)}{remaining}",
     ]
     width = max(len(p.name) for p in plan)
     spans = [f"{p.start_step:,}..{p.end_step:,}" for p in plan]
@@ -243,7 +244,8 @@ def run_summary(
     for p, span in zip(plan, spans):
         where = "done" if start_step >= p.end_step else ("<- here" if start_step >= p.start_step else "")
         lines.append(
-            f"    {p.index:>2} {p.name:<{width}}  {'cold start' if p.cold_start else '':<10}  steps {span:<{span_width}}"
+            f"    {p.index:>2} {p.name:<{width}}  {'cold start' if p.cold_start else '':<10}  "
+            f"steps {span:<{span_width}}"
             f"  ({p.steps:,} steps, {_epochs(p.steps, batch, train_examples)})  {where}".rstrip()
         )
     lines += [

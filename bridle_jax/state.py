@@ -12,8 +12,7 @@ import ml_collections
 import optax
 from flax import struct
 
-from bridle_jax import quantizer
-from bridle_jax import sharding
+from bridle_jax import quantizer, sharding
 from bridle_jax.models.bridle import BridleModels
 from bridle_jax.schedule import Phase
 

@@ -29,11 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bridle_jax import losses
-from bridle_jax import masking
-from bridle_jax import quantizer
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import losses, masking, quantizer, schedule, sharding
 from bridle_jax import state as state_lib
 from bridle_jax.models.bridle import BridleModels
 from bridle_jax.state import TrainState

@@ -10,7 +10,6 @@ whether any process was signalled and, if so, checkpoints the current step, wait
 access goes through etils.epath.
 """
 
-
 import jax
 import ml_collections
 

@@ -32,8 +32,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import paths
-from bridle_jax import schedule
+from bridle_jax import paths, schedule
 
 LOCK_FILE = "LOCK"
 CONFIG_FILE = "config.json"
@@ -288,7 +287,9 @@ class WorkdirLock:
             if time.time() - holder.heartbeat < self.lease_s:
                 self._refuse(holder)
             logging.warning(
-                "took over a stale lock (%s; no heartbeat for %.0f s)", holder.describe(), time.time() - holder.heartbeat
+                "took over a stale lock (%s; no heartbeat for %.0f s)",
+                holder.describe(),
+                time.time() - holder.heartbeat,
             )
         self._write_lease()
         time.sleep(min(1.0, self.lease_s / 100))  # two starts racing: the later write wins, the other one sees it
@@ -389,7 +390,9 @@ def write_done(workdir, step: int) -> dict:
         "unix_time": now,
     }
     if jax.process_index() == 0:
-        paths.write_text_atomic(paths.workdir_path(workdir) / DONE_FILE, json.dumps(done, indent=2, sort_keys=True) + "\n")
+        paths.write_text_atomic(
+            paths.workdir_path(workdir) / DONE_FILE, json.dumps(done, indent=2, sort_keys=True) + "\n"
+        )
     return done
 
 

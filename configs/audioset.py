@@ -24,6 +24,7 @@ epoch) also adds 0.2 x the tokenizer loss, the only sub-step with the codebook E
 from bridle_jax import config as common
 from bridle_jax.data import audio_pipeline
 
+
 def get_config(arg=None):
     if arg not in (None, "", "joint"):
         raise ValueError(f"configs/audioset.py: unknown variant {arg!r}; expected none or 'joint'")

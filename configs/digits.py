@@ -4,7 +4,8 @@
 
 The 8x8 digits are upsampled to 32x32 and cut into 4x4 patches (8x8 = 64 patches, 12 visible at mask 0.8). The full
 plan (cold-start encoder -> tokenizer -> encoder) and a linear probe after every encoder phase run in a few minutes
-on 2 CPU cores (4 min 41 s measured); the run prints the probe's test top-1 for the encoder as initialised (iteration 0) and after each
+on 2 CPU cores (4 min 41 s measured); the run prints the probe's test top-1 for the encoder as initialised (iteration
+0) and after each
 encoder phase. Measured numbers are in the README. The plan is in steps, as the demo's budget is CPU minutes: at
 batch 64 over the 1,438 train images (22 steps per epoch) it is 36 / 14 / 36 epochs.
 """

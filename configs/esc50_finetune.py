@@ -16,6 +16,7 @@ number could not be retrieved (SPEC 5.2). `get_config("linear_probe")`: head + f
 
 from bridle_jax import finetune
 
+
 def get_config(arg=None):
     c = finetune.base_config("audio")
     c.data.name = "esc50"

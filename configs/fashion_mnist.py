@@ -26,7 +26,6 @@ encoder lr, 5e-4, for all four networks); tokenizer every 4th step, ratio 0.2, a
 
 from bridle_jax import config as common
 
-
 JOINT_STEPS = 1331  # equal FLOPs to the interleaved plan (docstring)
 
 

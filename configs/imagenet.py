@@ -6,11 +6,13 @@ Plan: cold-start encoder 200 epochs (lr 5e-4, warm-up 10), tokenizer 50 epochs (
 epochs (warm-started). The plan is in epochs: the run turns them into steps from the train split's size and the
 batch (1,281,167 // 1024 = 1,251 steps per epoch; `--config.batch_size=512` keeps the epochs and runs 2,502), and
 says so; the lrs were tuned at batch 1024 and are kept as they are at another batch unless
-`--config.optim.lr_scaling=linear`. Needs `imagenet2012` prepared as TFDS ArrayRecord (see README). The paper-side numbers for
+`--config.optim.lr_scaling=linear`. Needs `imagenet2012` prepared as TFDS ArrayRecord (see README). The paper-side
+numbers for
 this recipe could not be retrieved (SPEC 5.2); no target is claimed here.
 """
 
 from bridle_jax import config as common
+
 
 def get_config(arg=None):
     del arg

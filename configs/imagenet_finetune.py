@@ -15,6 +15,7 @@ the paper's numbers could not be retrieved (SPEC 5.2), and A13 marks this recipe
 
 from bridle_jax import finetune
 
+
 def get_config(arg=None):
     c = finetune.base_config("image")
     c.data.name = "imagenet2012"

@@ -5,7 +5,8 @@
 Plan: cold-start encoder 801 epochs (lr 1.2e-3, warm-up 40, batch 2048, decoder 4 x 384), tokenizer 50 epochs (lr
 2e-4, warm-up 2; our choice: the released video tokenizer path does not run, SPEC A16, so the image recipe's budget
 is used), encoder 801 epochs (warm-started): the plan is in epochs, resolved at run time from the clips your copy
-holds and the batch (the lrs were tuned at batch 2048, kept unless `--config.optim.lr_scaling=linear`). The tokenizer sees the full clip and the targets are read at the masked
+holds and the batch (the lrs were tuned at batch 2048, kept unless `--config.optim.lr_scaling=linear`). The tokenizer
+sees the full clip and the targets are read at the masked
 positions (A16); TE is 4 blocks of 384 predicting E's 768-d features. 8 x 14 x 14 = 1568 tokens per clip, 160
 visible; no cls token; no flip (VideoMAE pretraining). Memory: remat per block is on (see README, "Video memory").
 Preparation (README "Kinetics-400"): clips named {youtube_id}_{start:06d}_{end:06d}.mp4 in data_dir/train and
@@ -14,6 +15,7 @@ data_dir/val with the official train.csv / validate.csv. No paper-side number is
 
 from bridle_jax import config as common
 from bridle_jax.data import video_pipeline
+
 
 def get_config(arg=None):
     del arg

@@ -14,6 +14,7 @@ applied (SPEC 4 lists neither for BRIDLE's K400 run). No target is claimed (SPEC
 
 from bridle_jax import finetune
 
+
 def get_config(arg=None):
     if arg:
         raise ValueError(f"configs/kinetics400_finetune.py takes no argument, got {arg!r}")

@@ -6,7 +6,8 @@
 rendered and encoded to mp4 once at run time into ~/.cache/bridle_jax (`BRIDLE_JAX_CACHE` overrides), then decoded
 with PyAV like any video dataset: 8 frames at sampling rate 2, multi-scale crop (scales 1 and .875), tubelets 2x8x8
 (4 x 4 x 4 = 64 tokens), no cls token, tube masking, and the VideoMAE-style 2-block predictor and estimator.
-Deviation from the video recipe, for a 4x4 spatial grid: tube mask 0.75 (0.9 would keep 2 of the 16 patches per frame slot).
+Deviation from the video recipe, for a 4x4 spatial grid: tube mask 0.75 (0.9 would keep 2 of the 16 patches per frame
+slot).
 Measured numbers are in the README. The plan is in steps, as the demo's budget is CPU minutes: at batch 32 over the
 480 train clips (15 steps per epoch) it is 33 / 13 / 33 epochs.
 """

@@ -19,6 +19,7 @@ Measured (2 shared CPU cores, from the configs/sounds.py workdir, 460 s to pretr
 
 from bridle_jax import finetune
 
+
 def get_config(arg=None):
     c = finetune.base_config("audio")
     c.data.name = "sounds"

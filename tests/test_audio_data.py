@@ -57,7 +57,8 @@ def write_csv(path, header, rows):
 
 
 def make_esc50(root, num_classes=3, folds=5, rng=None, n=2000):
-    """ESC-50 layout, one clip per (class, fold); rows sorted by name like ESC-50. Returns [(filename, fold, target)]."""
+    """ESC-50 layout, one clip per (class, fold); rows sorted by name like ESC-50.
+    Returns [(filename, fold, target)]."""
     rng = rng or np.random.default_rng(0)
     os.makedirs(os.path.join(root, "audio"))
     os.makedirs(os.path.join(root, "meta"))

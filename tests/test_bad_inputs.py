@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from bridle_jax import paths
-from bridle_jax import config_checks, sharding, train
+from bridle_jax import config_checks, paths, sharding, train
 from bridle_jax.data import audio, audio_pipeline, audio_sources, csv_files, sources, video, video_sources
 from tests.tiny import ROOT, load_config, tiny_config
 

@@ -14,8 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bridle_jax import encoder_store
-from bridle_jax import convert, schedule, train
+from bridle_jax import convert, encoder_store, schedule, train
 from bridle_jax.data import pipeline
 from bridle_jax.models.bridle import build_models
 from tests.tiny import tiny_config

@@ -14,18 +14,11 @@ import functools
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bridle_jax import losses
-from bridle_jax import masking
-from bridle_jax import optim
-from bridle_jax import quantizer
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import losses, masking, optim, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
-from bridle_jax import steps
 from bridle_jax.config_checks import validate
 from bridle_jax.models.bridle import build_models
 from tests import tiny
@@ -142,8 +135,11 @@ def encoder_runs():
     images = np.random.default_rng(11).normal(size=(config.batch_size, 16, 16, 3)).astype(np.float32)
     batch = sharding.global_batch(mesh, {"input": images})
     state = state_lib.create_sharded(models, config, tx, phase, SEED, mesh)
-    kw = {"models": models, "state_shardings": jax.tree.map(lambda x: x.sharding, state),
-          "batch_sharding": sharding.batch_sharding(mesh)}
+    kw = {
+        "models": models,
+        "state_shardings": jax.tree.map(lambda x: x.sharding, state),
+        "batch_sharding": sharding.batch_sharding(mesh),
+    }
     state = steps.jit_prepare_codebooks(phase, config=config, **kw)(state, batch)
     start = jax.tree.map(np.array, jax.device_get(state))
     metrics = {}
@@ -163,8 +159,9 @@ def test_encoder_step_logs_position_only_accuracy_per_level(encoder_runs):
     key = jax.random.fold_in(start.rng, start.step)
     mask = masking.make_mask(config.masking.kind, key, images.shape[0], models.patch_grid, config.masking.ratio)
     z = models.cold_start.apply({"params": start.params["cold_start"]}, images)
-    codes = quantizer.quantize(start.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
-                               commitment_weight=q.commitment_weight).codes
+    codes = quantizer.quantize(
+        start.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs, commitment_weight=q.commitment_weight
+    ).codes
     codes, targets = np.asarray(codes), np.asarray(mask.masked)
     assert len(np.unique(codes[..., 0])) > 3 and 0 < targets.mean() < 1
     want = np_position_only_accuracy(codes, targets, q.codebook_size)
@@ -172,10 +169,18 @@ def test_encoder_step_logs_position_only_accuracy_per_level(encoder_runs):
         keys = sorted(k for k in m if k.startswith("train/encoder/position_only_accuracy_level"))
         assert keys == [f"train/encoder/position_only_accuracy_level{lvl}" for lvl in range(q.num_levels)], acc
         for lvl in range(q.num_levels):
-            np.testing.assert_allclose(m[f"train/encoder/position_only_accuracy_level{lvl}"], want[lvl], rtol=1e-6,
-                                       err_msg=f"accumulation_steps={acc} level {lvl}")
+            np.testing.assert_allclose(
+                m[f"train/encoder/position_only_accuracy_level{lvl}"],
+                want[lvl],
+                rtol=1e-6,
+                err_msg=f"accumulation_steps={acc} level {lvl}",
+            )
             assert 0.0 <= m[f"train/encoder/accuracy_level{lvl}"] <= 1.0
     # the encoder's own accuracy per level agrees with and without accumulation too
     for lvl in range(q.num_levels):
-        np.testing.assert_allclose(metrics[2][f"train/encoder/accuracy_level{lvl}"],
-                                   metrics[1][f"train/encoder/accuracy_level{lvl}"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            metrics[2][f"train/encoder/accuracy_level{lvl}"],
+            metrics[1][f"train/encoder/accuracy_level{lvl}"],
+            rtol=1e-6,
+            atol=1e-7,
+        )

@@ -9,9 +9,8 @@ import json
 import pytest
 from absl import flags
 
-from bridle_jax import config_checks, recipes, resolve, schedule
+from bridle_jax import config_checks, finetune, recipes, resolve, schedule
 from bridle_jax import workdir as workdir_lib
-from bridle_jax import finetune
 from tests import tiny
 
 IMAGENET_TRAIN = 1_281_167

@@ -68,7 +68,11 @@ def test_codebook_evaluator_reports_each_phase_that_fits_codebooks(finished):
         assert report["num_examples"] == 48 and len(report["levels"]) == c.quantizer.num_levels
         # the in-loop report equals the standalone evaluator on the phase-end checkpoint
         again = codebook.codebook_health(
-            workdir, step=phase.end_step, max_examples=48, batch_size=16, out_dir=os.path.join(workdir, "again"),
+            workdir,
+            step=phase.end_step,
+            max_examples=48,
+            batch_size=16,
+            out_dir=os.path.join(workdir, "again"),
             plots=False,
         )
         for ours, theirs in zip(report["levels"], again["levels"]):

@@ -1,5 +1,6 @@
 """Fashion-MNIST as a data source: the IDX reader against files written here in the official format (plain and
 gzipped), its errors, the image pipeline on it, and the recipe end to end on a tiny copy (no real data needed)."""
+
 import gzip
 import json
 import struct
@@ -63,8 +64,12 @@ def test_missing_files_name_the_files_the_folder_and_the_package(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         fashion_mnist.load_split("train", str(tmp_path))
     message = str(e.value)
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         assert stem in message
     assert str(tmp_path) in message and "apt-get install dataset-fashion-mnist" in message
     assert fashion_mnist.DEFAULT_DIR in message

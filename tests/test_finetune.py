@@ -14,9 +14,8 @@ import optax
 import pytest
 import tiny
 
-from bridle_jax import optim
+from bridle_jax import finetune, optim
 from bridle_jax.data import randaugment, weighted_sampler
-from bridle_jax import finetune
 from bridle_jax.finetune import augment
 from bridle_jax.models import vit
 
@@ -503,7 +502,9 @@ def test_video_finetune_streams_the_eval_split(tmp_path):
     assert 0.0 <= result["best"]["top1"] <= result["best"]["top5"] <= 1.0
 
 
-def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
+def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_checkpoint(
+    pretrained, tmp_path, monkeypatch
+):
     """As pretraining: non-finite steps are skipped, `optim.max_consecutive_nonfinite` in a row stop the run without
     saving, and the newest checkpoint is the last good step's."""
     from bridle_jax import checkpoint as ckpt_lib
@@ -515,7 +516,9 @@ def test_repeated_nonfinite_finetune_steps_stop_the_run_and_keep_the_last_good_c
     c.log_every_steps, c.eval_every_steps, c.checkpoint.every_steps = 1, 100, 1
     c.optim.max_consecutive_nonfinite = 3
     workdir = str(tmp_path / "nan")
-    with pytest.raises(run_lib.NonFiniteError, match=r"step 6: 3 consecutive steps .*newest checkpoint, step 3 .*last good"):
+    with pytest.raises(
+        run_lib.NonFiniteError, match=r"step 6: 3 consecutive steps .*newest checkpoint, step 3 .*last good"
+    ):
         finetune.run_single(c, workdir)
     assert ckpt_lib.Checkpointer(workdir, max_to_keep=2, async_save=False).all_steps() == [3]
     lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")]

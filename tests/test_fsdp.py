@@ -18,12 +18,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from bridle_jax import config_checks, optim
-from bridle_jax import quantizer
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import config_checks, optim, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
-from bridle_jax import steps
 from bridle_jax.models.bridle import build_models
 from tests import tiny
 

@@ -14,11 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from bridle_jax import config_checks, quantizer
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import config_checks, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
-from bridle_jax import steps
 from bridle_jax.models.bridle import build_models
 from tests import tiny
 

@@ -223,7 +223,8 @@ def test_csv_variant_with_class_names(folder, tmp_path, fresh_counter):
     (meta / "imgs/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     # A BOM, CRLF line ends, a quoted comma, an extra column; paths relative to data_dir, as for audio and video.
     (meta / "train.csv").write_bytes(
-        "\ufeffpath,label,note\r\n\"meta/imgs/a, b.png\",zebra,x\r\nmeta/imgs/c.png,ant,\r\nmeta/imgs/broken.png,ant,\r\n"
+        "\ufeffpath,label,note\r\n\"meta/imgs/a, b.png\",zebra,x\r\nmeta/imgs/c.png,ant,\r\n"
+        "meta/imgs/broken.png,ant,\r\n"
         "meta/imgs/missing.png,zebra,\r\nmeta/imgs/d.bmp,ant,\r\n".encode("utf-8")
     )
     (meta / "test.csv").write_text("path,label\nmeta/imgs/e.png,zebra\nmeta/imgs/c.png,ant\n")

@@ -19,8 +19,15 @@ import pytest
 import soundfile as sf
 
 from bridle_jax import features
-from bridle_jax.data import audio, audio_pipeline, audio_sources, image_pipeline, pipeline
-from bridle_jax.data import video_pipeline, video_sources
+from bridle_jax.data import (
+    audio,
+    audio_pipeline,
+    audio_sources,
+    image_pipeline,
+    pipeline,
+    video_pipeline,
+    video_sources,
+)
 from tests.tiny import tiny_config
 
 SR = 16000

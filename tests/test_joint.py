@@ -24,13 +24,8 @@ import optax
 import pytest
 
 import bridle_jax
-from bridle_jax import encoder_store
-from bridle_jax import optim
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import encoder_store, optim, schedule, sharding, steps, train
 from bridle_jax import state as state_lib
-from bridle_jax import steps
-from bridle_jax import train
 from bridle_jax.config_checks import validate
 from bridle_jax.models.bridle import build_models
 from tests import tiny
@@ -54,7 +49,10 @@ def test_joint_may_start_a_plan_or_follow_any_phase_and_teaches_or_targets_the_n
     assert [p.start_step for p in plan] == [0, 10, 13, 17, 22]
     joint = plan[0]
     assert joint.trains_encoder and joint.fresh_codebooks and joint.restarts_codes and not joint.cold_start
-    assert [p.name for p in schedule.parse_plan(("encoder_cold_start:2", "joint:3"))] == ["iter1_encoder", "iter2_joint"]
+    assert [p.name for p in schedule.parse_plan(("encoder_cold_start:2", "joint:3"))] == [
+        "iter1_encoder",
+        "iter2_joint",
+    ]
     for bad, reason in [
         (("tokenizer:3", "joint:3"), "starts with encoder_cold_start or joint"),
         (("joint:3", "encoder_cold_start:3"), "comes first"),
@@ -205,7 +203,11 @@ def test_a_tokenizer_step_is_the_encoder_step_plus_ratio_times_the_tokenizer_ste
     (joint, jm), (enc, em), (tok, tm) = recorded["joint0"], recorded["encoder0"], recorded["tokenizer0"]
     assert int(jm["train/joint/tokenizer_step"]) == 1
     # E+D: the encoder step's gradients (same mask draw, same codes)
-    _assert_close(_delta(joint.params["encoder"], start.params["encoder"]), _delta(enc.params["encoder"], start.params["encoder"]), "E+D")
+    _assert_close(
+        _delta(joint.params["encoder"], start.params["encoder"]),
+        _delta(enc.params["encoder"], start.params["encoder"]),
+        "E+D",
+    )
     # T+TE: ratio x the tokenizer step's gradients
     tok_delta = jax.tree.map(lambda d: RATIO * d, _delta(tok.params["tokenizer"], start.params["tokenizer"]))
     _assert_close(_delta(joint.params["tokenizer"], start.params["tokenizer"]), tok_delta, "T+TE", atol=1e-7)
@@ -228,7 +230,11 @@ def test_other_steps_train_only_the_encoder_and_leave_the_codebooks(recorded):
     before = recorded["joint0"][0]
     (joint, jm), (enc, em) = recorded["joint1"], recorded["encoder1"]
     assert int(jm["train/joint/tokenizer_step"]) == 0 and int(joint.step) == 2
-    _assert_close(_delta(joint.params["encoder"], before.params["encoder"]), _delta(enc.params["encoder"], before.params["encoder"]), "E+D")
+    _assert_close(
+        _delta(joint.params["encoder"], before.params["encoder"]),
+        _delta(enc.params["encoder"], before.params["encoder"]),
+        "E+D",
+    )
     _assert_equal(joint.params["tokenizer"], before.params["tokenizer"], "T+TE")  # zero gradients, zero update
     _assert_equal(joint.codebooks, before.codebooks, "codebooks")  # the EMA is off
     np.testing.assert_allclose(jm["train/loss"], em["train/loss"], rtol=1e-5)
@@ -264,7 +270,9 @@ def test_one_adamw_state_keeps_moving_the_tokenizer_between_its_steps(recorded):
     tx, lr = optim.make_optimizer(c.optim, "joint", 8)
     start, o = recorded["start"], c.optim
     params = state_lib.trained_params(start.params, "joint")
-    g_tok = jax.tree.map(lambda d: -RATIO * d, _delta(recorded["tokenizer0"][0].params["tokenizer"], start.params["tokenizer"]))
+    g_tok = jax.tree.map(
+        lambda d: -RATIO * d, _delta(recorded["tokenizer0"][0].params["tokenizer"], start.params["tokenizer"])
+    )
     g_enc = jax.tree.map(lambda d: -d, _delta(recorded["encoder0"][0].params["encoder"], start.params["encoder"]))
     update = jax.jit(lambda g, s, p: tx.update(g, s, p))
     opt = tx.init(params)
@@ -325,8 +333,14 @@ def test_a_joint_plan_runs_end_to_end_and_keeps_its_encoder(joint_run):
     joint_lines = [l for l in lines if l.get("phase") == "iter1_joint" and "train/loss" in l]
     assert [l["step"] for l in joint_lines] == [2, 4, 6]
     for line in joint_lines:  # both losses and codebook health at every log step, never NaN
-        for key in (*steps.JOINT_TOKENIZER_METRICS, "train/encoder/loss", "train/encoder/accuracy_level0",
-                    "train/encoder/position_only_accuracy_level0", "codebook/level0/usage", "codebook/level1/perplexity"):
+        for key in (
+            *steps.JOINT_TOKENIZER_METRICS,
+            "train/encoder/loss",
+            "train/encoder/accuracy_level0",
+            "train/encoder/position_only_accuracy_level0",
+            "codebook/level0/usage",
+            "codebook/level1/perplexity",
+        ):
             assert np.isfinite(line[key]), (line["step"], key)
     assert {l["phase"] for l in lines} == {"iter1_joint", "iter2_tokenizer", "iter2_encoder"}
     assert [l["step"] for l in lines if "eval/linear_probe/top1" in l] == [6, TOTAL]

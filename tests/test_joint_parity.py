@@ -60,7 +60,9 @@ def run_case(golden, case: str, monkeypatch):
     state = state_lib.create(models, c, tx, phase, 0).replace(
         params=params, codebooks=codebooks, step=jnp.asarray(step_number, jnp.int32)
     )
-    fn = jax.jit(functools.partial(steps.joint_step, models=models, config=c, tx=tx, lr_schedule=lambda n: 1.0, phase=phase))
+    fn = jax.jit(
+        functools.partial(steps.joint_step, models=models, config=c, tx=tx, lr_schedule=lambda n: 1.0, phase=phase)
+    )
     new, metrics = fn(state, {"input": jnp.asarray(np.moveaxis(golden["image/x"], 1, -1))})
     trained = state_lib.JOINT_PARTS
     grads = {k: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params[k], new.params[k]) for k in trained}
@@ -87,7 +89,10 @@ def test_the_joint_step_matches_the_authors(golden, case, monkeypatch):
     grad_abs, grad_rel = check_grads(official, golden, case)
     loss_rel = abs(float(metrics["train/loss"]) / float(golden[f"{case}/loss"]) - 1)
     book_abs = float(np.abs(np.asarray(new.codebooks.codes) - golden[f"{case}/rq/codebook_after"]).max())
-    print(f"\n{case}: loss rel {loss_rel:.2g}, gradients max abs {grad_abs:.2g} / rel {grad_rel:.2g}, codebooks {book_abs:.2g}")
+    print(
+        f"\n{case}: loss rel {loss_rel:.2g}, gradients max abs {grad_abs:.2g} / rel {grad_rel:.2g}, "
+        f"codebooks {book_abs:.2g}"
+    )
     none = {str(n) for n in np.atleast_1d(golden[f"{case}/grad_none"]) if str(n)}
     assert any(n.startswith("tokenizer.cold_start_encoder") for n in none)  # never used by the joint model
     if case == "joint_enc":

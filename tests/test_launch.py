@@ -523,7 +523,8 @@ def _only_log(workdir: Path) -> str:
 
 
 def test_train_guard_pattern_matches_training_but_not_the_ssh_shell(stub):
-    """With the real pgrep: a `python -m bridle_jax.main` process matches; the `bash -c` carrying the command doesn't."""
+    """With the real pgrep: a `python -m bridle_jax.main` process matches; the `bash -c` carrying the command
+    doesn't."""
     (printed,) = stub.dry("train.sh", *BASE, "--config=c.py", "--workdir=gs://b/w")
     pattern = re.search(r"pgrep -f '([^']*)'", remote_command(printed)).group(1)
     fake = subprocess.Popen(["bash", "-c", 'exec -a "/venv/bin/python -m bridle_jax.main" sleep 20'])
@@ -710,8 +711,8 @@ def test_missing_parameters_are_named(stub, script, args, names):
         ("setup.sh", [*BASE, f"--repo={URL}", "--remote-dir=my code"], "--remote-dir: 'my code' may use only"),
         ("setup.sh", [*BASE, f"--repo={URL}", "--venv=../x"], "--venv: '../x' must name a directory"),
         ("setup.sh", [*BASE, f"--repo={URL}", "--python=/usr/bin/python3"], "--python (BRIDLE_PYTHON)"),
-        ("setup.sh", [*BASE, "--data-bucket=gs://b", "--data-disk=d"], "--data-bucket (BRIDLE_DATA_BUCKET) and --data-disk"),
-        ("watch.sh", [*WATCH, "--data-bucket=gs://b/x", "--data-disk=d"], "--data-bucket (BRIDLE_DATA_BUCKET) and --data"),
+        ("setup.sh", [*BASE, "--data-bucket=gs://b", "--data-disk=d"], "(BRIDLE_DATA_BUCKET) and --data-disk"),
+        ("watch.sh", [*WATCH, "--data-bucket=gs://b/x", "--data-disk=d"], "(BRIDLE_DATA_BUCKET) and --data"),
         ("setup.sh", [*BASE, "--data-bucket=my-bucket/tfds"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
         ("watch.sh", [*WATCH, "--data-bucket=/mnt/tfds"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
         ("setup.sh", [*BASE, "--data-bucket=gs://"], "--data-bucket (BRIDLE_DATA_BUCKET) must be gs://bucket"),
@@ -723,7 +724,7 @@ def test_missing_parameters_are_named(stub, script, args, names):
         ("setup.sh", [*BASE, "--data-disk=d", "--data-mount=/home"], "must not hide a system directory"),
         ("setup.sh", [*BASE, "--data-mount=/mnt/data"], "--data-mount (BRIDLE_DATA_MOUNT) needs --data-bucket or"),
         ("setup.sh", [*BASE, "--data-disk=d", "--data-cache-mb=100"], "--data-cache-mb (BRIDLE_DATA_CACHE_MB) caches"),
-        ("setup.sh", [*BASE, "--data-bucket=gs://bkt", "--data-cache-mb=lots"], "--data-cache-mb (BRIDLE_DATA_CACHE_MB)"),
+        ("setup.sh", [*BASE, "--data-bucket=gs://bkt", "--data-cache-mb=lots"], "(BRIDLE_DATA_CACHE_MB)"),
     ],
 )  # fmt: skip
 def test_bad_input_fails_with_a_clear_message(stub, script, args, message):

@@ -4,6 +4,7 @@ masked_code_cross_entropy: per-level mean CE over the masked patches (PyTorch Cr
 masked targets, no label smoothing), per-level accuracy, only masked positions count, bf16 logits computed in f32.
 cosine_distance: mean over tokens of 1 - cos, any leading shape, bf16 inputs in f32, zero vectors guarded.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +23,8 @@ def np_masked_ce(logits, codes, masked):
     """Reference: gather the masked (patch, level) rows and average the per-row NLL, per level (as a PyTorch
     CrossEntropyLoss per level on logits[masked][:, m], codes[masked][:, m])."""
     logits = np.asarray(logits, np.float64)
-    sel_logits = logits[masked]                     # [T, M, K]
-    sel_codes = codes[masked]                       # [T, M]
+    sel_logits = logits[masked]  # [T, M, K]
+    sel_codes = codes[masked]  # [T, M]
     m = logits.shape[2]
     per_level, acc = np.zeros(m), np.zeros(m)
     for level in range(m):
@@ -44,7 +45,7 @@ def random_ce_inputs(seed, b=4, n=13, m=3, k=11, ratio=0.6, scale=3.0):
     right = rng.random((b, n, m)) < 0.4
     codes = np.where(right, np.argmax(logits, axis=-1), codes).astype(np.int32)
     masked = rng.random((b, n)) < ratio
-    masked[0, 0], masked[0, 1] = True, False        # at least one of each
+    masked[0, 0], masked[0, 1] = True, False  # at least one of each
     return logits, codes, masked
 
 
@@ -58,7 +59,7 @@ def test_masked_ce_matches_numpy(seed):
     np.testing.assert_allclose(np.asarray(acc), ref_acc, rtol=1e-6)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     assert loss.dtype == jnp.float32
-    assert 0.1 < float(np.mean(acc)) < 0.9          # the accuracy reference is not trivially 0 or 1
+    assert 0.1 < float(np.mean(acc)) < 0.9  # the accuracy reference is not trivially 0 or 1
 
 
 def test_masked_ce_only_masked_positions_count():
@@ -90,7 +91,7 @@ def test_masked_ce_is_a_mean_over_masked_pairs_not_over_samples():
     loss = float(losses.masked_code_cross_entropy(logits, codes, masked)[0])
     ref = np_masked_ce(logits, codes, masked)[0]
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
-    per_sample = np.mean([np_masked_ce(logits[i:i + 1], codes[i:i + 1], masked[i:i + 1])[0] for i in range(3)])
+    per_sample = np.mean([np_masked_ce(logits[i : i + 1], codes[i : i + 1], masked[i : i + 1])[0] for i in range(3)])
     assert abs(per_sample - ref) > 1e-3
 
 
@@ -127,6 +128,7 @@ def test_masked_ce_no_masked_position_is_finite():
 
 
 # ---------------------------------------------------------------- cosine distance
+
 
 def np_cosine_distance(pred, target):
     p = np.asarray(pred, np.float64)

@@ -1,5 +1,6 @@
 """Models against NumPy references (float64) on fresh random inputs: stem, blocks, encoder with masking, decoder
 unshuffle, tokenizer, cold start, estimator; plus dtypes, inits, variants and remat."""
+
 import functools
 import math
 import re
@@ -69,8 +70,10 @@ _jit_mask = jax.jit(random_mask, static_argnums=(1, 2, 3))
 
 # ---------------------------------------------------------------- NumPy references
 
+
 def mae_sincos_2d(embed_dim, grid_h, grid_w):
     """MAE's get_2d_sincos_pos_embed (flexible h x w version), transcribed."""
+
     def one_d(dim, pos):
         omega = np.arange(dim // 2, dtype=np.float64)
         omega /= dim / 2.0
@@ -158,6 +161,7 @@ def np_decoder(params, encoded, keep, grid, cfg):
 
 # ---------------------------------------------------------------- variants and position embeddings
 
+
 def test_decode_variant_table():
     assert decode_variant("B/16") == {"width": 768, "depth": 12, "num_heads": 12, "mlp_dim": 3072, "patch_size": 16}
     assert decode_variant("S/16")["width"] == 384 and decode_variant("L/14")["depth"] == 24
@@ -192,6 +196,7 @@ def test_sincos_rejects_bad_width():
 
 # ---------------------------------------------------------------- stem and block
 
+
 def test_image_patch_embed_matches_reference_and_rejects_bad_sizes():
     x = images(1, (2, 8, 12, 3))
     stem = ImagePatchEmbed(width=16, patch_size=4)
@@ -210,11 +215,13 @@ def test_block_matches_reference():
     x = images(2, (2, 7, 32))
     block = Block(width=32, num_heads=4, mlp_dim=48)
     params = rand_params(block, x, seed=3)
-    np.testing.assert_allclose(japply(block, params, x), np_block(f64(params), np.asarray(x, np.float64), 4),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        japply(block, params, x), np_block(f64(params), np.asarray(x, np.float64), 4), rtol=1e-4, atol=1e-4
+    )
 
 
 # ---------------------------------------------------------------- encoder E
+
 
 @pytest.mark.parametrize("shape", [(2, 16, 16, 3), (3, 8, 16, 1)])
 def test_encoder_matches_reference_with_and_without_mask(shape):
@@ -257,6 +264,7 @@ def test_encoder_is_equivariant_to_the_order_of_keep_idx():
 
 # ---------------------------------------------------------------- decoder D
 
+
 def test_unshuffle_matches_scatter_by_keep_idx():
     mask = make_mask(10, 3, 12, 0.6)
     visible = images(11, (3, mask.keep_idx.shape[1], 5))
@@ -274,13 +282,16 @@ def test_decoder_matches_reference_identity_and_permuted_restore():
 
     logits = japply(dec, params, encoded, mask.restore_idx, patch_grid=grid)
     assert logits.shape == (b, n, 3, 8) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(logits, np_decoder(f64(params), encoded, mask.keep_idx, grid, DEC), rtol=1e-4,
-                               atol=1e-4)
+    np.testing.assert_allclose(logits, np_decoder(f64(params), encoded, mask.keep_idx, grid, DEC), rtol=1e-4, atol=1e-4)
 
     identity = jnp.tile(jnp.arange(n, dtype=jnp.int32), (b, 1))  # visible tokens are patches 0..3
     keep = np.tile(np.arange(4), (b, 1))
-    np.testing.assert_allclose(japply(dec, params, encoded, identity, patch_grid=grid),
-                               np_decoder(f64(params), encoded, keep, grid, DEC), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        japply(dec, params, encoded, identity, patch_grid=grid),
+        np_decoder(f64(params), encoded, keep, grid, DEC),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     with pytest.raises(ValueError, match="patch_grid"):
         japply(dec, params, encoded, mask.restore_idx, patch_grid=(4, 5))
 
@@ -307,6 +318,7 @@ def test_encoder_decoder_ignore_the_shuffle_order_of_visible_tokens():
 
 
 # ---------------------------------------------------------------- tokenizer, cold start, estimator
+
 
 def test_tokenizer_matches_reference():
     x = images(20)
@@ -348,19 +360,28 @@ def test_estimator_matches_reference():
 
 # ---------------------------------------------------------------- dtypes, inits, remat
 
+
 def test_bf16_compute_keeps_f32_params_and_outputs():
     x, b, n = images(26), 2, 16
     mask = make_mask(27, b, n, 0.75)
 
     def build(dt):
-        return (ViTEncoder(**ENC1, dtype=dt), LabelPredictor(**DEC1, dtype=dt), Tokenizer(**ENC1, code_dim=12, dtype=dt),
-                Estimator(width=16, depth=1, num_heads=2, mlp_dim=32, out_dim=32, dtype=dt))
+        return (
+            ViTEncoder(**ENC1, dtype=dt),
+            LabelPredictor(**DEC1, dtype=dt),
+            Tokenizer(**ENC1, code_dim=12, dtype=dt),
+            Estimator(width=16, depth=1, num_heads=2, mlp_dim=32, out_dim=32, dtype=dt),
+        )
 
     enc, dec, tok, est = build(jnp.float32)
     encoded = jax.ShapeDtypeStruct((b, 1 + mask.keep_idx.shape[1], 32), jnp.float32)
     z = jax.ShapeDtypeStruct((b, n, 12), jnp.float32)
-    params = (rand_params(enc, x, mask.keep_idx, seed=1), rand_params(dec, encoded, mask.restore_idx, patch_grid=(4, 4)),
-              rand_params(tok, x, seed=2), rand_params(est, z, patch_grid=(4, 4), seed=3))
+    params = (
+        rand_params(enc, x, mask.keep_idx, seed=1),
+        rand_params(dec, encoded, mask.restore_idx, patch_grid=(4, 4)),
+        rand_params(tok, x, seed=2),
+        rand_params(est, z, patch_grid=(4, 4), seed=3),
+    )
 
     @functools.partial(jax.jit, static_argnums=0)
     def forward(dt, params):
@@ -376,8 +397,11 @@ def test_bf16_compute_keeps_f32_params_and_outputs():
     for lo, hi in zip(low, ref):  # same params: bf16 compute is a rounding of the f32 result
         assert lo.shape == hi.shape
         np.testing.assert_allclose(np.asarray(lo, np.float32), hi, atol=0.15, rtol=0.05)
-    for m, args, static in zip(build(jnp.bfloat16), [(x,), (encoded, mask.restore_idx), (x,), (z,)],
-                               [{}, {"patch_grid": (4, 4)}, {}, {"patch_grid": (4, 4)}]):
+    for m, args, static in zip(
+        build(jnp.bfloat16),
+        [(x,), (encoded, mask.restore_idx), (x,), (z,)],
+        [{}, {"patch_grid": (4, 4)}, {}, {"patch_grid": (4, 4)}],
+    ):
         shapes = jax.eval_shape(functools.partial(m.init, **static), jax.random.PRNGKey(0), *args)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(shapes)), type(m).__name__
 
@@ -388,14 +412,19 @@ def test_inits_follow_spec():
     dec = LabelPredictor(width=128, depth=1, num_heads=4, mlp_dim=256)
     encoded, restore = images(31, (1, 3, 128)), jnp.arange(4, dtype=jnp.int32)[None]
     p, pd = jax.jit(lambda k: (enc.init(k, x)["params"], dec.init(k, encoded, restore, (2, 2))["params"]))(
-        jax.random.PRNGKey(30))
+        jax.random.PRNGKey(30)
+    )
     conv = p["patch_embed"]["conv"]
     bound = math.sqrt(6 / (48 + 128))  # xavier on the flattened (out, in*p*p) view
     assert 0.95 * bound < np.abs(conv["kernel"]).max() <= bound
     assert 0 < np.abs(conv["bias"]).max() <= 1 / math.sqrt(48)
     blk = p["transformer"]["block_0"]
-    for name, sub, (fi, fo) in [("qkv", blk["attn"]["qkv"], (128, 384)), ("proj", blk["attn"]["proj"], (128, 128)),
-                                ("fc1", blk["fc1"], (128, 256)), ("fc2", blk["fc2"], (256, 128))]:
+    for name, sub, (fi, fo) in [
+        ("qkv", blk["attn"]["qkv"], (128, 384)),
+        ("proj", blk["attn"]["proj"], (128, 128)),
+        ("fc1", blk["fc1"], (128, 256)),
+        ("fc2", blk["fc2"], (256, 128)),
+    ]:
         bound = math.sqrt(6 / (fi + fo))
         assert 0.95 * bound < np.abs(sub["kernel"]).max() <= bound, name
         np.testing.assert_array_equal(sub["bias"], 0)
@@ -423,15 +452,19 @@ def test_remat_gives_same_outputs_and_grads():
 
     # Every module passes `remat` down: same parameter tree, and a checkpoint in its traced forward.
     restore = jnp.tile(jnp.arange(16, dtype=jnp.int32), (2, 1))
-    cases = [(ViTEncoder(**ENC1), (images(36),), {}),
-             (LabelPredictor(**DEC1), (images(37, (2, 5, 24)), restore), {"patch_grid": (4, 4)}),
-             (Tokenizer(**ENC1), (images(36),), {}),
-             (Estimator(width=16, depth=1, num_heads=2, mlp_dim=32), (images(38, (2, 16, 8)),), {"patch_grid": (4, 4)})]
+    cases = [
+        (ViTEncoder(**ENC1), (images(36),), {}),
+        (LabelPredictor(**DEC1), (images(37, (2, 5, 24)), restore), {"patch_grid": (4, 4)}),
+        (Tokenizer(**ENC1), (images(36),), {}),
+        (Estimator(width=16, depth=1, num_heads=2, mlp_dim=32), (images(38, (2, 16, 8)),), {"patch_grid": (4, 4)}),
+    ]
     for mod, args, static in cases:
+
         def trace(m):
             init = functools.partial(m.init, **static)
             shapes = jax.eval_shape(init, jax.random.PRNGKey(0), *args)
             return shapes, str(jax.make_jaxpr(lambda v: m.apply(v, *args, **static))(shapes))
+
         (s0, j0), (s1, j1) = trace(mod), trace(mod.clone(remat=True))
         assert jax.tree.structure(s0) == jax.tree.structure(s1), type(mod).__name__
         assert not REMAT.search(j0) and REMAT.search(j1), type(mod).__name__

@@ -331,14 +331,18 @@ def test_finetune_entry_joins_the_hosts_as_pretraining_does(env, extra, expected
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("CALLS "))
-    assert json.loads(line[len("CALLS "):]) == expected
+    assert json.loads(line[len("CALLS ") :]) == expected
 
 
 def test_finetune_entry_names_a_missing_process_count():
     base = {k: v for k, v in os.environ.items() if k not in DIST_VARS + entry.TPU_ENV_VARS}
     code = "EXTRA = []\n" + _FINETUNE_START
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**base, "JAX_COORDINATOR_ADDRESS": "h:1"}, cwd=ROOT, capture_output=True,
-        text=True, timeout=300,
+        [sys.executable, "-c", code],
+        env={**base, "JAX_COORDINATOR_ADDRESS": "h:1"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode != 0 and "JAX_NUM_PROCESSES" in out.stderr and "KeyError" not in out.stderr

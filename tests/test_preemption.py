@@ -22,13 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import data_log
-from bridle_jax import encoder_store
-from bridle_jax import paths
-from bridle_jax import preemption
+from bridle_jax import data_log, encoder_store, paths, preemption, reporting, train
 from bridle_jax import workdir as workdir_lib
-from bridle_jax import reporting
-from bridle_jax import train
 from tests.tiny import ROOT, tiny_config
 
 TOTAL_STEPS = 16  # 6 cold-start encoder + 4 tokenizer + 6 encoder

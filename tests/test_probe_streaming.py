@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bridle_jax import workdir as workdir_lib
 from bridle_jax import sharding, train
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import linear_probe, loop_probe
 from bridle_jax.models import bridle

@@ -23,7 +23,10 @@ def test_names_and_configs_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     imagenet = str(ROOT / "configs" / "imagenet.py")
     for value in ("imagenet", "imagenet.py", "configs/imagenet.py", "./configs/imagenet.py"):
         assert recipes.resolve(value) == imagenet, value
-    assert recipes.resolve("configs/audioset_finetune.py:as20k") == str(ROOT / "configs" / "audioset_finetune.py") + ":as20k"
+    assert (
+        recipes.resolve("configs/audioset_finetune.py:as20k")
+        == str(ROOT / "configs" / "audioset_finetune.py") + ":as20k"
+    )
     assert recipes.available() == RECIPES
 
     mine = tmp_path / "configs" / "imagenet.py"  # a file that exists is used as given
@@ -85,7 +88,17 @@ def test_the_wheel_ships_the_recipes_and_they_resolve_outside_the_checkout(tmp_p
         shutil.copy(ROOT / name, src / name)
     for name in ("bridle_jax", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path / "dist"),
+    ]
     subprocess.run([*cmd, str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("bridle_jax-*.whl")
     site = tmp_path / "site"

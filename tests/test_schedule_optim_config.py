@@ -7,6 +7,7 @@
   two AdamW updates against a NumPy AdamW.
 - config.validate: the digits and ImageNet recipes pass; each bad field raises ValueError naming that field.
 """
+
 import math
 
 import jax
@@ -16,15 +17,14 @@ import optax
 import pytest
 
 from bridle_jax import config as config_lib
-from bridle_jax import config_checks, optim
-from bridle_jax import resolve
-from bridle_jax import schedule
+from bridle_jax import config_checks, optim, resolve, schedule
 from tests import tiny
 
 load_recipe = tiny.load_config  # configs/<name>.py's get_config(), without ml_collections' config_flags
 
 
 # ================================================================ schedule
+
 
 def test_parse_plan_iterations_and_steps():
     rng = np.random.default_rng(11)
@@ -39,8 +39,13 @@ def test_parse_plan_iterations_and_steps():
     starts = np.concatenate([[0], np.cumsum(steps)[:-1]])
     assert [p.start_step for p in plan] == list(starts)
     assert [p.end_step for p in plan] == list(np.cumsum(steps))
-    assert [p.name for p in plan] == ["iter1_encoder", "iter2_tokenizer", "iter2_encoder", "iter3_tokenizer",
-                                      "iter3_encoder"]
+    assert [p.name for p in plan] == [
+        "iter1_encoder",
+        "iter2_tokenizer",
+        "iter2_encoder",
+        "iter3_tokenizer",
+        "iter3_encoder",
+    ]
     assert schedule.total_steps(plan) == sum(steps)
 
 
@@ -50,23 +55,26 @@ def test_parse_plan_accepts_lists_and_a_single_phase():
     assert schedule.total_steps(plan) == 7
 
 
-@pytest.mark.parametrize("phases, bad_index", [
-    (("encoder:5",), 0),                                           # must start with the cold start
-    (("tokenizer:5",), 0),
-    (("encoder_cold_start:0",), 0),                                # steps >= 1
-    (("encoder_cold_start:-3",), 0),
-    (("encoder_cold_start:2.5",), 0),
-    (("encoder_cold_start:abc",), 0),
-    (("encoder_cold_start",), 0),                                  # no ':'
-    (("encoder_cold_start:",), 0),
-    (("bogus:5",), 0),
-    (("encoder_cold_start:5", "encoder:5"), 1),                    # encoder needs a tokenizer before it
-    (("encoder_cold_start:5", "tokenizer:5", "tokenizer:5"), 2),   # tokenizer needs an encoder before it (teacher)
-    (("encoder_cold_start:5", "encoder_cold_start:5"), 1),         # cold start only at the start
-    (("encoder_cold_start:5", "tokenizer:5", "encoder_cold_start:5"), 2),
-    (("encoder_cold_start:5", "tokenizer:5", "encoder:x"), 2),
-    (("encoder_cold_start:5", "tokenizer:5", "Encoder:5"), 2),
-])
+@pytest.mark.parametrize(
+    "phases, bad_index",
+    [
+        (("encoder:5",), 0),  # must start with the cold start
+        (("tokenizer:5",), 0),
+        (("encoder_cold_start:0",), 0),  # steps >= 1
+        (("encoder_cold_start:-3",), 0),
+        (("encoder_cold_start:2.5",), 0),
+        (("encoder_cold_start:abc",), 0),
+        (("encoder_cold_start",), 0),  # no ':'
+        (("encoder_cold_start:",), 0),
+        (("bogus:5",), 0),
+        (("encoder_cold_start:5", "encoder:5"), 1),  # encoder needs a tokenizer before it
+        (("encoder_cold_start:5", "tokenizer:5", "tokenizer:5"), 2),  # tokenizer needs an encoder before it (teacher)
+        (("encoder_cold_start:5", "encoder_cold_start:5"), 1),  # cold start only at the start
+        (("encoder_cold_start:5", "tokenizer:5", "encoder_cold_start:5"), 2),
+        (("encoder_cold_start:5", "tokenizer:5", "encoder:x"), 2),
+        (("encoder_cold_start:5", "tokenizer:5", "Encoder:5"), 2),
+    ],
+)
 def test_parse_plan_rejects_bad_entries_naming_them(phases, bad_index):
     with pytest.raises(ValueError) as err:
         schedule.parse_plan(phases)
@@ -97,6 +105,7 @@ def test_phase_of_step():
 
 # ================================================================ optim
 
+
 def np_lr(t, lr, warmup, total):
     """The authors' util/lr_sched.py (per iteration, min_lr = 0)."""
     if t < warmup:
@@ -106,16 +115,19 @@ def np_lr(t, lr, warmup, total):
     return lr * 0.5 * (1.0 + math.cos(math.pi * (t - warmup) / (total - warmup)))
 
 
-@pytest.mark.parametrize("lr, warmup_fraction, num_steps", [
-    (5e-4, 0.05, 400), (2e-4, 0.04, 1000), (1e-3, 0.1, 37), (3e-3, 0.0, 50), (1e-3, 0.5, 10)])
+@pytest.mark.parametrize(
+    "lr, warmup_fraction, num_steps",
+    [(5e-4, 0.05, 400), (2e-4, 0.04, 1000), (1e-3, 0.1, 37), (3e-3, 0.0, 50), (1e-3, 0.5, 10)],
+)
 def test_learning_rate_schedule_matches_numpy(lr, warmup_fraction, num_steps):
     side = config_lib.base_config().optim.encoder
     side.lr, side.warmup_fraction = lr, warmup_fraction
     sched = optim.learning_rate_schedule(side, num_steps)
     warmup = int(round(warmup_fraction * num_steps))
     for t in range(num_steps + 5):
-        np.testing.assert_allclose(float(sched(t)), np_lr(t, lr, warmup, num_steps), rtol=1e-5, atol=1e-10,
-                                   err_msg=f"step {t}")
+        np.testing.assert_allclose(
+            float(sched(t)), np_lr(t, lr, warmup, num_steps), rtol=1e-5, atol=1e-10, err_msg=f"step {t}"
+        )
     if warmup:
         assert float(sched(0)) == 0.0
         np.testing.assert_allclose(float(sched(warmup)), lr, rtol=1e-6)
@@ -126,10 +138,12 @@ def test_learning_rate_schedule_matches_numpy(lr, warmup_fraction, num_steps):
 def _toy_params(seed):
     rng = np.random.default_rng(seed)
     f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
-    return {"dense": {"kernel": f(6, 5), "bias": f(5)},
-            "norm": {"scale": f(5), "bias": f(5)},
-            "patch": {"kernel": f(2, 2, 3, 4)},
-            "cls": f(1, 1, 5)}
+    return {
+        "dense": {"kernel": f(6, 5), "bias": f(5)},
+        "norm": {"scale": f(5), "bias": f(5)},
+        "patch": {"kernel": f(2, 2, 3, 4)},
+        "cls": f(1, 1, 5),
+    }
 
 
 def _optim_config(lr, wd, warmup_fraction=0.0):
@@ -140,8 +154,12 @@ def _optim_config(lr, wd, warmup_fraction=0.0):
 
 def test_decay_mask_is_ndim_greater_than_one():
     mask = optim.decay_mask(_toy_params(0))
-    assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False, "bias": False},
-                    "patch": {"kernel": True}, "cls": True}
+    assert mask == {
+        "dense": {"kernel": True, "bias": False},
+        "norm": {"scale": False, "bias": False},
+        "patch": {"kernel": True},
+        "cls": True,
+    }
 
 
 def test_weight_decay_only_on_matrices_one_update_with_zero_grads():
@@ -157,7 +175,7 @@ def test_weight_decay_only_on_matrices_one_update_with_zero_grads():
         for k in path:
             q = q[k.key]
         p, q = np.asarray(p), np.asarray(q)
-        if p.ndim > 1:     # decoupled decay: p <- p - lr * wd * p
+        if p.ndim > 1:  # decoupled decay: p <- p - lr * wd * p
             np.testing.assert_allclose(q, p * (1 - lr * wd), rtol=1e-6, err_msg=str(path))
             assert not np.array_equal(q, p)
         else:
@@ -193,9 +211,12 @@ def test_adamw_betas_and_two_updates_against_numpy():
         np_p = jax.tree.map(lambda o: o[0], out, is_leaf=lambda x: isinstance(x, tuple))
         np_m = jax.tree.map(lambda o: o[1], out, is_leaf=lambda x: isinstance(x, tuple))
         np_v = jax.tree.map(lambda o: o[2], out, is_leaf=lambda x: isinstance(x, tuple))
-        if t == 0:   # the first moments read back: mu = (1 - b1) g, nu = (1 - b2) g^2
-            adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-                    if isinstance(s, optax.ScaleByAdamState)]
+        if t == 0:  # the first moments read back: mu = (1 - b1) g, nu = (1 - b2) g^2
+            adam = [
+                s
+                for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState)
+            ]
             assert len(adam) == 1
             for mu, nu, g in zip(jax.tree.leaves(adam[0].mu), jax.tree.leaves(adam[0].nu), jax.tree.leaves(grads)):
                 np.testing.assert_allclose(mu, 0.1 * np.asarray(g), rtol=1e-6)
@@ -215,11 +236,12 @@ def test_each_side_uses_its_own_lr_and_weight_decay():
 
 # ================================================================ config.validate
 
+
 @pytest.mark.parametrize("name", ["digits", "imagenet"])
 def test_recipes_validate(name):
     c = load_recipe(name)
     config_checks.validate(c)
-    if name == "imagenet":   # SPEC 3.3 image recipe, in epochs: resolved with ImageNet's 1,281,167 train images
+    if name == "imagenet":  # SPEC 3.3 image recipe, in epochs: resolved with ImageNet's 1,281,167 train images
         assert c.model.variant == "B/16" and c.batch_size == 1024 and c.masking.ratio == 0.8
         assert (c.optim.encoder.lr, c.optim.tokenizer.lr) == (5e-4, 2e-4) and c.optim.tuned_batch_size == 1024
         assert (c.quantizer.num_levels, c.quantizer.codebook_size, c.quantizer.dim) == (4, 256, 256)
@@ -317,7 +339,7 @@ def test_decoder_width_not_divisible_by_heads():
 
 def test_validate_accepts_reasonable_edits():
     c = load_recipe("digits")
-    c.quantizer.num_levels, c.quantizer.codebook_size = 1, 1024      # the VQ baseline
+    c.quantizer.num_levels, c.quantizer.codebook_size = 1, 1024  # the VQ baseline
     c.masking.ratio = 0.5
     c.model.dtype = "bfloat16"
     c.model.tokenizer_variant = "mu/4"
@@ -327,6 +349,7 @@ def test_validate_accepts_reasonable_edits():
 
 
 # Fields that would otherwise reach the compiled code unchecked.
+
 
 def test_image_size_zero_is_rejected():
     c = load_recipe("digits")

@@ -2,7 +2,8 @@
 
 - sharded == single device: the same initial state and global batches through prepare_codebooks + 2 cold-start
   encoder steps + hand-over + prepare + 2 tokenizer steps on 8 fake devices (data=2 x fsdp=4: kernels split along
-  "embed" by the logical rules, codebooks replicated), the encoder phase also on data=8, and on 1 device (which also runs hand-over + 1
+  "embed" by the logical rules, codebooks replicated), the encoder phase also on data=8, and on 1 device (which also
+  runs hand-over + 1
   warm encoder step): metrics and every leaf of every intermediate state agree (rtol 1e-5, atol 1e-6; ints exactly).
 - encoder_step (SPEC 2.1, 2.8): only params["encoder"] change; the loss is recomputed outside the step (same mask
   key, tokenizer codes, NumPy CE on the logits); the loss falls over 20 steps on a fixed batch.
@@ -14,6 +15,7 @@
 - non-finite guard: a NaN batch / inf params leave params, opt_state and codebooks unchanged, count the step, and a
   following finite step resets the in-a-row counter.
 """
+
 import functools
 
 import jax
@@ -22,14 +24,8 @@ import numpy as np
 import optax
 import pytest
 
-from bridle_jax import losses
-from bridle_jax import masking
-from bridle_jax import optim
-from bridle_jax import quantizer
-from bridle_jax import schedule
-from bridle_jax import sharding
+from bridle_jax import losses, masking, optim, quantizer, schedule, sharding, steps
 from bridle_jax import state as state_lib
-from bridle_jax import steps
 from bridle_jax.config_checks import validate
 from bridle_jax.models.bridle import build_models
 from tests import tiny
@@ -78,8 +74,11 @@ def assert_trees_equal(a, b, what=""):
 
 def assert_all_leaves_differ(a, b, what=""):
     """Every floating leaf changed (no leaf was silently frozen)."""
-    same = [p for (p, x), (_, y) in zip(leaves_with_paths(a), leaves_with_paths(b))
-            if np.issubdtype(x.dtype, np.floating) and np.array_equal(x, y)]
+    same = [
+        p
+        for (p, x), (_, y) in zip(leaves_with_paths(a), leaves_with_paths(b))
+        if np.issubdtype(x.dtype, np.floating) and np.array_equal(x, y)
+    ]
     assert not same, f"{what}: unchanged leaves {same}"
 
 
@@ -136,17 +135,29 @@ def run_pipeline(config, mesh, images, init=None, *, num_phases=3):
             state, m = step_fn(state, b)
             snaps[name] = host(state)
             metrics[name] = host(m)
-    return dict(snaps=snaps, metrics=metrics, fns=fns, models=models, plan=plan, txs=tx_lr, mesh=mesh,
-                fingerprint=fingerprint(snaps))
+    return dict(
+        snaps=snaps,
+        metrics=metrics,
+        fns=fns,
+        models=models,
+        plan=plan,
+        txs=tx_lr,
+        mesh=mesh,
+        fingerprint=fingerprint(snaps),
+    )
 
 
 def fingerprint(snaps):
     import hashlib
-    return {name: hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in jax.tree.leaves(tree)))
-            .hexdigest() for name, tree in snaps.items()}
+
+    return {
+        name: hashlib.sha256(b"".join(np.ascontiguousarray(x).tobytes() for x in jax.tree.leaves(tree))).hexdigest()
+        for name, tree in snaps.items()
+    }
 
 
 # ---------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def config():
@@ -180,6 +191,7 @@ def fsdp4(config, images, single):
 
 
 # ---------------------------------------------------------------- sharded == single device
+
 
 def assert_close_leaves(a, b, what, rtol=1e-5, atol=1e-6):
     """Floating leaves within float tolerance; integer and bool leaves (codes, steps, flags, rng) exactly."""
@@ -223,8 +235,12 @@ def features(single, images):
     models, snaps = single["models"], single["snaps"]
     cold = jax.jit(models.cold_start.apply)({"params": snaps["init"].params["cold_start"]}, images[0])
     tok = jax.jit(models.tokenizer.apply)({"params": snaps["handed1"].params["tokenizer"]["tokenizer"]}, images[2])
-    return {"prepared0": np.asarray(cold), "phase0_step1": np.asarray(cold), "prepared1": np.asarray(tok),
-            "phase1_step1": np.asarray(tok)}
+    return {
+        "prepared0": np.asarray(cold),
+        "phase0_step1": np.asarray(cold),
+        "prepared1": np.asarray(tok),
+        "phase1_step1": np.asarray(tok),
+    }
 
 
 def _compare_codes(run, ref, features):
@@ -279,11 +295,13 @@ def test_pipeline_losses_are_finite_and_move(single):
         assert ms[name]["train/lr"] == pytest.approx(LR, rel=1e-6)
     assert ms["phase0_step1"]["train/lr"] == pytest.approx(LR * 0.5 * (1 + np.cos(np.pi / 20)), rel=1e-5)
     snaps = single["snaps"]
-    assert [int(snaps[k].step) for k in ("phase0_step0", "phase0_step1", "phase1_step0", "phase1_step1",
-                                         "phase2_step0")] == [1, 2, 21, 22, 41]
+    assert [
+        int(snaps[k].step) for k in ("phase0_step0", "phase0_step1", "phase1_step0", "phase1_step1", "phase2_step0")
+    ] == [1, 2, 21, 22, 41]
 
 
 # ---------------------------------------------------------------- encoder_step
+
 
 def _forward_encoder_loss(models, config, state, images, *, cold_start):
     """The encoder-phase loss recomputed outside the step: same mask key, same codes, CE in NumPy."""
@@ -294,8 +312,9 @@ def _forward_encoder_loss(models, config, state, images, *, cold_start):
     else:
         z = models.tokenizer.apply({"params": state.params["tokenizer"]["tokenizer"]}, images)
     q = config.quantizer
-    codes = quantizer.quantize(state.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
-                               commitment_weight=q.commitment_weight).codes
+    codes = quantizer.quantize(
+        state.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs, commitment_weight=q.commitment_weight
+    ).codes
     enc = state.params["encoder"]
     encoded, _ = models.encoder.apply({"params": enc["encoder"]}, images, keep_idx=mask.keep_idx)
     logits = models.decoder.apply({"params": enc["decoder"]}, encoded, mask.restore_idx, models.patch_grid)
@@ -306,7 +325,7 @@ def _np_ce(logits, codes, masked):
     logits = np.asarray(logits, np.float64)
     logits = logits - logits.max(-1, keepdims=True)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, np.asarray(codes)[..., None], -1)[..., 0]      # [B, N, M]
+    nll = -np.take_along_axis(logp, np.asarray(codes)[..., None], -1)[..., 0]  # [B, N, M]
     masked = np.asarray(masked)
     per_level = nll[masked].mean(axis=0)
     acc = (np.argmax(logits, -1) == np.asarray(codes))[masked].mean(axis=0)
@@ -320,16 +339,20 @@ def encoder_forward(single, config):
 
     def get(cold_start):
         if cold_start not in cache:
-            cache[cold_start] = jax.jit(functools.partial(_forward_encoder_loss, single["models"], config,
-                                                          cold_start=cold_start))
+            cache[cold_start] = jax.jit(
+                functools.partial(_forward_encoder_loss, single["models"], config, cold_start=cold_start)
+            )
         return cache[cold_start]
+
     return get
 
 
-@pytest.mark.parametrize("before, after", [("prepared0", "phase0_step0"), ("phase0_step0", "phase0_step1"),
-                                           ("handed2", "phase2_step0")])
-def test_encoder_step_trains_only_the_encoder_and_its_loss_is_the_masked_ce(single, images, config, encoder_forward,
-                                                                            before, after):
+@pytest.mark.parametrize(
+    "before, after", [("prepared0", "phase0_step0"), ("phase0_step0", "phase0_step1"), ("handed2", "phase2_step0")]
+)
+def test_encoder_step_trains_only_the_encoder_and_its_loss_is_the_masked_ce(
+    single, images, config, encoder_forward, before, after
+):
     s0, s1 = single["snaps"][before], single["snaps"][after]
     m = single["metrics"][after]
     cold_start = after.startswith("phase0")
@@ -407,13 +430,15 @@ def test_encoder_loss_decreases_on_a_fixed_batch(single, images):
 
 # ---------------------------------------------------------------- tokenizer_step
 
+
 def _forward_tokenizer(models, config, state, images):
     q = config.quantizer
     target = models.encoder.apply({"params": state.params["encoder"]["encoder"]}, images)[0][:, 1:]
     tok = state.params["tokenizer"]
     z = models.tokenizer.apply({"params": tok["tokenizer"]}, images)
-    out = quantizer.quantize(state.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs,
-                             commitment_weight=q.commitment_weight)
+    out = quantizer.quantize(
+        state.codebooks, z, normalize_stage_inputs=q.normalize_stage_inputs, commitment_weight=q.commitment_weight
+    )
     pred = models.estimator.apply({"params": tok["estimator"]}, out.z_q, models.patch_grid)
     ema = quantizer.ema_update(state.codebooks, out.stage_inputs, out.codes, decay=q.decay, renormalize=q.renormalize)
     return target, pred, out, ema
@@ -462,6 +487,7 @@ def test_tokenizer_step_trains_tokenizer_and_ema_only(single, images, config, to
 
 # ---------------------------------------------------------------- prepare_codebooks
 
+
 def test_prepare_codebooks_initialises_fresh_codebooks(single):
     snaps = single["snaps"]
     for before, after in (("init", "prepared0"), ("handed1", "prepared1")):
@@ -481,9 +507,13 @@ def test_prepare_codebooks_is_a_noop_on_initialised_codebooks(single, images, co
     trained = single["snaps"]["phase1_step1"]
     assert bool(trained.codebooks.initialized)
     prep = functools.partial(steps.prepare_codebooks, models=single["models"], config=config, restart=False)
-    both = jax.jit(lambda st, b: (prep(st, b, cold_start=False), prep(st, b, cold_start=True),
-                                  prep(st.replace(codebooks=st.codebooks.replace(initialized=jnp.asarray(False))), b,
-                                       cold_start=False)))
+    both = jax.jit(
+        lambda st, b: (
+            prep(st, b, cold_start=False),
+            prep(st, b, cold_start=True),
+            prep(st.replace(codebooks=st.codebooks.replace(initialized=jnp.asarray(False))), b, cold_start=False),
+        )
+    )
     warm, cold, fresh = host(both(trained, {"input": jnp.asarray(images[4])}))
     assert_trees_equal(trained, warm, "encoder-phase prepare")
     assert_trees_equal(trained, cold, "cold-start prepare")
@@ -500,21 +530,25 @@ def test_prepare_then_tokenizer_restart_uses_every_code(single, images, config):
     models = single["models"]
     batch = {"input": jnp.asarray(np.repeat(images[5][:1], 16, axis=0))}
     prep = functools.partial(steps.prepare_codebooks, models=models, config=config, cold_start=False)
-    with_restart, without = host(jax.jit(lambda st, b: (prep(st, b, restart=True), prep(st, b, restart=False)))(
-        start, batch))
+    with_restart, without = host(
+        jax.jit(lambda st, b: (prep(st, b, restart=True), prep(st, b, restart=False)))(start, batch)
+    )
     # k-means on 16 distinct vectors for 16 codes leaves dead and duplicate codes; duplicates make quantisation ties,
     # so which of two equal codes a batch "uses" depends on rounding: the test checks the restart's contract on the
     # codes it replaced, not a recount of the ties
     dead = without.codebooks.cluster_size == 0
-    assert np.any(dead), without.codebooks.cluster_size           # the scenario does leave dead codes
+    assert np.any(dead), without.codebooks.cluster_size  # the scenario does leave dead codes
     replaced = np.any(with_restart.codebooks.codes != without.codebooks.codes, axis=-1)
     assert replaced.sum() >= max(1, dead.sum() // 2), (replaced, dead)
     assert np.all(with_restart.codebooks.cluster_size[replaced] == 1.0)
-    np.testing.assert_array_equal(with_restart.codebooks.cluster_size[~replaced], without.codebooks.cluster_size[~replaced])
+    np.testing.assert_array_equal(
+        with_restart.codebooks.cluster_size[~replaced], without.codebooks.cluster_size[~replaced]
+    )
     dead = replaced
     # level 0: every restarted code is one of the batch's stage inputs l2(z)
-    z = np.asarray(jax.jit(models.tokenizer.apply)({"params": start.params["tokenizer"]["tokenizer"]},
-                                                   batch["input"]), np.float64).reshape(-1, config.quantizer.dim)
+    z = np.asarray(
+        jax.jit(models.tokenizer.apply)({"params": start.params["tokenizer"]["tokenizer"]}, batch["input"]), np.float64
+    ).reshape(-1, config.quantizer.dim)
     u0 = z / np.linalg.norm(z, axis=-1, keepdims=True)
     for k in np.flatnonzero(dead[0]):
         assert np.min(np.abs(u0 - with_restart.codebooks.codes[0, k]).max(-1)) < 1e-5, k
@@ -524,13 +558,17 @@ def test_prepare_then_tokenizer_restart_uses_every_code(single, images, config):
 
 # ---------------------------------------------------------------- hand_over
 
+
 def _poisoned_counters(state):
     return state.replace(nonfinite=jnp.asarray([5, 3], jnp.int32))
 
 
 def _is_fresh_opt_state(opt_state, params):
-    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-            if isinstance(s, optax.ScaleByAdamState)]
+    adam = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
     assert len(adam) == 1
     assert int(adam[0].count) == 0
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves((adam[0].mu, adam[0].nu)))
@@ -542,8 +580,8 @@ def test_hand_over_into_tokenizer_phase(single, config):
     end = single["snaps"]["phase0_step1"]
     assert int(end.opt_state[0].count) == 2
     new = host(state_lib.hand_over(_poisoned_counters(jax.tree.map(jnp.asarray, end)), models, config, tx, plan[1]))
-    assert_trees_equal(end.params, new.params, "params")              # everything kept, the tokenizer included
-    assert not bool(new.codebooks.initialized)                         # re-initialised: k-means on the next batch
+    assert_trees_equal(end.params, new.params, "params")  # everything kept, the tokenizer included
+    assert not bool(new.codebooks.initialized)  # re-initialised: k-means on the next batch
     assert not np.allclose(new.codebooks.codes, end.codebooks.codes)
     assert not np.any(new.codebooks.cluster_size)
     _is_fresh_opt_state(new.opt_state, end.params["tokenizer"])
@@ -552,8 +590,11 @@ def test_hand_over_into_tokenizer_phase(single, config):
     np.testing.assert_array_equal(new.rng, end.rng)
     # the jitted/sharded variant the loop uses gives the same state
     at_start = jax.tree.map(jnp.asarray, end.replace(step=np.int32(plan[1].start_step)))
-    assert_trees_equal(single["snaps"]["handed1"], host(state_lib.hand_over(at_start, models, config, tx, plan[1])),
-                       "hand_over_sharded vs hand_over")
+    assert_trees_equal(
+        single["snaps"]["handed1"],
+        host(state_lib.hand_over(at_start, models, config, tx, plan[1])),
+        "hand_over_sharded vs hand_over",
+    )
 
 
 @pytest.mark.parametrize("warm", [True, False])
@@ -563,11 +604,11 @@ def test_hand_over_into_encoder_phase(single, config, warm):
     c = config.copy_and_resolve_references()
     c.schedule.encoder_warm_start = warm
     new = host(jax.jit(lambda st: state_lib.hand_over(st, models, c, tx, plan[2]))(_poisoned_counters(end)))
-    assert_trees_equal(end.codebooks, new.codebooks, "codebooks")     # trained codebooks kept (A3b)
+    assert_trees_equal(end.codebooks, new.codebooks, "codebooks")  # trained codebooks kept (A3b)
     assert bool(new.codebooks.initialized)
     assert_trees_equal(end.params["tokenizer"], new.params["tokenizer"], "tokenizer")
     assert_trees_equal(end.params["cold_start"], new.params["cold_start"], "cold_start")
-    if warm:                                                           # A7: warm start from the previous E and D
+    if warm:  # A7: warm start from the previous E and D
         assert_trees_equal(end.params["encoder"], new.params["encoder"], "encoder")
     else:
         old_l, new_l = leaves_with_paths(end.params["encoder"]), leaves_with_paths(new.params["encoder"])
@@ -603,6 +644,7 @@ def test_hand_over_is_deterministic_and_phase_dependent(single, config):
 
 
 # ---------------------------------------------------------------- non-finite guard
+
 
 def _run_guard(single, phase_index, start, batches):
     step_fn, shardings = single["fns"][phase_index]
@@ -652,13 +694,14 @@ def test_nonfinite_params_are_skipped(single, images):
     enc = jax.tree.map(np.copy, s0.params["encoder"])
     enc["decoder"]["head"]["kernel"][0, 0] = np.inf
     poisoned = s0.replace(params={**s0.params, "encoder": enc})
-    (s1, m1), = _run_guard(single, 0, poisoned, [images[1]])
+    ((s1, m1),) = _run_guard(single, 0, poisoned, [images[1]])
     assert not np.isfinite(m1["train/loss"]) or not np.isfinite(m1["train/grad_norm"])
     _assert_skipped(poisoned, s1, "inf params")
     np.testing.assert_array_equal(s1.nonfinite, [1, 1])
 
 
 # ---------------------------------------------------------------- last: nothing above wrote into the shared snapshots
+
 
 def test_host_snapshots_were_not_mutated(single):
     """Every test above reads the module's host snapshots; a donated step aliasing one of them would corrupt the

@@ -10,9 +10,8 @@ import pytest
 
 import bridle_jax
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import encoder_store
+from bridle_jax import encoder_store, train
 from bridle_jax import run as run_lib
-from bridle_jax import train
 from bridle_jax.data import sources
 from tests.tiny import PoisonedIterator, tiny_config
 
@@ -87,7 +86,9 @@ def test_a_plan_in_epochs_is_recorded_resolved_and_a_resume_at_another_batch_is_
     copy = str(tmp_path / "copy")
     shutil.copytree(workdir, copy)
     before = sorted(os.listdir(os.path.join(copy, "checkpoints")))
-    with pytest.raises(ValueError, match=r"schedule\.phases: \[.*'encoder_cold_start:6'.*\] -> \[.*'encoder_cold_start:3'"):
+    with pytest.raises(
+        ValueError, match=r"schedule\.phases: \[.*'encoder_cold_start:6'.*\] -> \[.*'encoder_cold_start:3'"
+    ):
         train.train_and_evaluate(other, copy)
     assert sorted(os.listdir(os.path.join(copy, "checkpoints"))) == before
 

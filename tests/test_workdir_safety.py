@@ -26,11 +26,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import encoder_store
-from bridle_jax import workdir as workdir_lib
-from bridle_jax import config_checks
+from bridle_jax import config_checks, encoder_store, train
 from bridle_jax import run as run_lib
-from bridle_jax import train
+from bridle_jax import workdir as workdir_lib
 from tests import tiny
 from tests.tiny import ROOT, tiny_config
 
@@ -109,7 +107,8 @@ def test_updates_beyond_the_ratio_are_refused_in_the_step():
     import jax
     import optax
 
-    from bridle_jax import schedule, sharding, state as state_lib, steps
+    from bridle_jax import schedule, sharding, steps
+    from bridle_jax import state as state_lib
     from bridle_jax.models.bridle import build_models
 
     c = _config()

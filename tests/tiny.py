@@ -1,4 +1,5 @@
-"""What the end-to-end tests share: the tiny BRIDLE config (seconds per phase on 2 CPU cores) and a poisoned iterator."""
+"""What the end-to-end tests share: the tiny BRIDLE config (seconds per phase on 2 CPU cores) and a poisoned
+iterator."""
 
 import importlib.util
 import json

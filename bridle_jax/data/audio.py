@@ -1,6 +1,7 @@
 """Audio decoding and waveform-level transforms (SPEC §1.2), in NumPy/SciPy on the host.
 
-The log-mel front-end runs on device inside the training step (``bridle_jax/fbank.py``), so the host side only has to turn a
+The log-mel front-end runs on device inside the training step (``bridle_jax/fbank.py``), so the host side only has to
+turn a
 file into a clean mono float32 waveform at 16 kHz, augment it, and cut/pad it to a static length:
 
   load_audio(path)          soundfile decode → mean over channels → polyphase resampling (``resample_poly``)
@@ -119,7 +120,8 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
         claimed, present = int(match.group(1)), int(match.group(2))
         if present < claimed and claimed not in _STREAMING_PLACEHOLDERS:
             raise AudioDecodeError(
-                f"audio file {path!r}: truncated, the data chunk declares {claimed} bytes but only {present} are present"
+                f"audio file {path!r}: truncated, the data chunk declares {claimed} bytes but only {present} are "
+                "present"
             )
     if data.shape[0] == 0 or data.shape[1] == 0:
         raise AudioDecodeError(f"audio file {path!r}: no samples (empty or truncated before the first frame)")

@@ -1,5 +1,5 @@
-"""The one reader of annotation CSVs, for every modality (audio, video and image sources use it; README "Your own data"),
-and the file access every reader shares: local paths, ``gs://`` and any other fsspec URL (see "Files" below).
+"""The one reader of annotation CSVs, for every modality (audio, video and image sources use it; README "Your own
+data"), and the file access every reader shares: local paths, ``gs://`` and any other fsspec URL (see "Files" below).
 
 One set of rules, so a CSV that one modality accepts the other accepts too:
 

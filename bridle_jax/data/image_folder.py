@@ -25,7 +25,8 @@ CSV layout (``config.data.train_csv`` / ``eval_csv``, relative to ``data_dir``):
 read by :mod:`bridle_jax.data.csv_files`, the reader of the audio and video CSVs (a UTF-8 BOM, any line ending and
 quoted fields are fine; labels are integers used as given or class names mapped to their sorted index, the train
 CSV's mapping for every split; errors name the file and row). Image paths are relative to ``data_dir``, as in the
-audio and video CSVs, and may not leave it (absolute paths and ``..`` are rejected); any format PIL reads is accepted. A listed file that is
+audio and video CSVs, and may not leave it (absolute paths and ``..`` are rejected); any format PIL reads is accepted.
+A listed file that is
 missing is not an error here: like a corrupt one, it fails when read and is counted as skipped.
 
 Decoding (:func:`decode_image`) gives uint8 ``[H, W, 3]`` at the file's own size (the crops resize):

@@ -299,7 +299,8 @@ def write_moving_digits(
 ) -> str:
     """Renders the moving-digits demo into ``root`` (atomically) and returns the CSV path.
 
-    Each clip shows one of scikit-learn's bundled 8x8 handwritten digits (upsampled to 55-75% of the frame side, random colour)
+    Each clip shows one of scikit-learn's bundled 8x8 handwritten digits (upsampled to 55-75% of the frame side, random
+    colour)
     moving along a straight path that bounces off the walls of a ``size`` x ``size`` canvas; the label is the digit
     class (balanced). ``distractor`` adds a moving grey square. Clips are real mp4 files (h264, else mpeg4) at
     ``root/clips/{i:05d}.mp4``, listed in ``root/clips.csv`` as ``path,label,split`` (the generic

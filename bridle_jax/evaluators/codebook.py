@@ -40,10 +40,9 @@ import ml_collections
 import numpy as np
 
 from bridle_jax import checkpoint as ckpt_lib
-from bridle_jax import paths, reporting
-from bridle_jax import workdir as workdir_lib
-from bridle_jax import optim, quantizer, schedule, sharding, steps
+from bridle_jax import optim, paths, quantizer, reporting, schedule, sharding, steps
 from bridle_jax import state as state_lib
+from bridle_jax import workdir as workdir_lib
 from bridle_jax.data import pipeline
 from bridle_jax.evaluators import base
 from bridle_jax.models import bridle
@@ -460,7 +459,8 @@ class CodebookEvaluator(base.Evaluator):
     """The codebook evaluator in the pretraining loop (`config.evals.codebook`): at the end of every phase that
     (re)fits codebooks (the cold start, tokenizer and joint phases), the health of the codebooks the next encoder
     phase trains against, over `split` (default: the labelled eval split) capped at `max_examples`. Writes
-    `<workdir>/codebook_health/<phase>/codebook_health.json` (with its PNGs when `plots`) and logs per level the utilisation and
+    `<workdir>/codebook_health/<phase>/codebook_health.json` (with its PNGs when `plots`) and logs per level the
+    utilisation and
     perplexity as `eval/codebook/{utilisation,perplexity}_level{m}`."""
 
     name = "codebook"

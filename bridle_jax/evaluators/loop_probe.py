@@ -145,8 +145,6 @@ def record_probe(workdir: str, key: str, result: dict) -> dict:
     return results
 
 
-
-
 class LinearProbeEvaluator(base.Evaluator):
     """The loop's linear probe: see the module docstring."""
 

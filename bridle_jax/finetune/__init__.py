@@ -21,7 +21,6 @@ numbers (A12: the authors report the best epoch). With
 the mean and std over folds. Runs checkpoint (Orbax: state + data iterator) and resume.
 """
 
-
 from bridle_jax.finetune.config import MODES, base_config, steps_for_epochs, validate
 from bridle_jax.finetune.model import (
     Classifier,

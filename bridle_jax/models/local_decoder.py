@@ -163,7 +163,8 @@ class WindowAttention(nn.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
 
         dots = jnp.einsum("bnhtd,bnhsd->bnhts", q, k, preferred_element_type=jnp.float32)
-        # each norm floored at 1e-12 inside the sqrt: same values as torch for any non-zero vector, and a finite gradient
+        # each norm floored at 1e-12 inside the sqrt: same values as torch for any non-zero vector, and a finite
+        # gradient
         # (not NaN) for an all-zero q or k
         q_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1), 1e-24))
         k_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(k.astype(jnp.float32)), axis=-1), 1e-24))

@@ -73,7 +73,8 @@ def sincos_2d(grid_hw: tuple[int, int], width: int) -> np.ndarray:
 
 
 def sinusoid_1d(num_positions: int, width: int) -> np.ndarray:
-    """VideoMAE's fixed 1-D sinusoid table `[n, width]` (`get_sinusoid_encoding_table`): angle pos / 10000^(2(i//2)/width),
+    """VideoMAE's fixed 1-D sinusoid table `[n, width]` (`get_sinusoid_encoding_table`): angle pos /
+    10000^(2(i//2)/width),
     sin on even channels, cos on odd ones."""
     pos = np.arange(num_positions, dtype=np.float64)[:, None]
     i = np.arange(width)[None, :]

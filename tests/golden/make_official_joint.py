@@ -57,21 +57,56 @@ def build(torch, nn):
     ln = partial(nn.LayerNorm, eps=1e-6)
     torch.manual_seed(0)
     encoder_decoder = MaskedAutoencoderViT(
-        img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4, decoder_embed_dim=48,
-        decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=ln, audio_exp=False, decoder_mode=0,
-        num_tokens=32, no_shift=False,
+        img_size=32,
+        patch_size=8,
+        in_chans=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        decoder_embed_dim=48,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        mlp_ratio=4,
+        norm_layer=ln,
+        audio_exp=False,
+        decoder_mode=0,
+        num_tokens=32,
+        no_shift=False,
     )
     tokenizer = BRIDLETokenizer(
-        img_size=32, patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=4, estimator_embed_dim=48,
-        estimator_depth=2, estimator_num_heads=4, mlp_ratio=4, norm_layer=ln, audio_exp=False, estimator_mode=0,
-        no_shift=False, codebook_type="rq", code_num=16, code_dim=24, codebook_set=2, commitment_loss_weight=0.25,
-        ema=True, restart_unused_codes=True, init_weight_multiplier=1.0, kmeans_init=True, soft_code=1,
+        img_size=32,
+        patch_size=8,
+        in_chans=3,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        estimator_embed_dim=48,
+        estimator_depth=2,
+        estimator_num_heads=4,
+        mlp_ratio=4,
+        norm_layer=ln,
+        audio_exp=False,
+        estimator_mode=0,
+        no_shift=False,
+        codebook_type="rq",
+        code_num=16,
+        code_dim=24,
+        codebook_set=2,
+        commitment_loss_weight=0.25,
+        ema=True,
+        restart_unused_codes=True,
+        init_weight_multiplier=1.0,
+        kmeans_init=True,
+        soft_code=1,
     )
     for module in list(encoder_decoder.modules()) + list(tokenizer.modules()):
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     return jointBRIDLE(
-        encoder_decoder=encoder_decoder, tokenizer=tokenizer, model_loss=nn.CrossEntropyLoss(), codebook_type="rq",
+        encoder_decoder=encoder_decoder,
+        tokenizer=tokenizer,
+        model_loss=nn.CrossEntropyLoss(),
+        codebook_type="rq",
         tokenizer_loss_ratio=0.2,
     )
 
@@ -133,7 +168,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official", required=True, help="a checkout of HoangNguyenM/bridle at c83d1ac")
     parser.add_argument("--golden", required=True, help="the project's official_bridle_tiny.npz (its image state)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_joint_tiny.npz"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_joint_tiny.npz")
+    )
     args = parser.parse_args(argv)
 
     np.float = float  # the official code uses the removed alias (environment shim, no change to the computation)
@@ -151,7 +188,9 @@ def main(argv=None) -> None:
     with np.load(args.golden, allow_pickle=False) as g:
         golden = {k: g[k] for k in g.files}
     start = {k.split("image/model0/", 1)[1]: v for k, v in golden.items() if k.startswith("image/model0/")}
-    start.update({k.split("img_tok/rq_state/", 1)[1]: v for k, v in golden.items() if k.startswith("img_tok/rq_state/")})
+    start.update(
+        {k.split("img_tok/rq_state/", 1)[1]: v for k, v in golden.items() if k.startswith("img_tok/rq_state/")}
+    )
     x = golden["image/x"]
 
     model = build(torch, nn)
