@@ -160,7 +160,7 @@ def setup(recipe: str, step: str, remat: bool, batch: int):
     phase = plan[2] if step == "encoder" else plan[1]  # warm encoder phase: targets from the tokenizer's ViT
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     models = build_models(config)
-    tx, lr = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+    tx, lr = optim.make_optimizer(config.optim, phase.kind, phase.steps)
     abstract = state_lib.abstract_for(models, config, tx, phase, config.seed, mesh)
     return config, models, phase, tx, lr, abstract, mesh
 

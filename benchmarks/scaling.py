@@ -74,7 +74,7 @@ def steps_worker(args) -> dict:
     out = {"devices": len(jax.devices())}
     state = None
     for phase in (plan[0], plan[1]):  # cold-start encoder, tokenizer
-        tx, lr = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+        tx, lr = optim.make_optimizer(config.optim, phase.kind, phase.steps)
         if state is None:
             state = state_lib.create_sharded(models, config, tx, phase, 0, mesh)
         else:

@@ -121,7 +121,7 @@ def plan_gflops(c) -> dict:
 
     def gflop(kind, cold_start):
         phase = schedule.Phase(index=0, kind=kind, cold_start=cold_start, steps=100, iteration=1, start_step=0)
-        tx, lr = optim.make_optimizer(c.optim, state_lib.trained_side(phase), phase.steps)
+        tx, lr = optim.make_optimizer(c.optim, phase.kind, phase.steps)
         abstract = state_lib.abstract_for(models, c, tx, phase, 0, mesh)
         fn = steps.jit_step(
             phase,

@@ -222,7 +222,7 @@ def run_worker(args) -> dict:
     phase = plan[0] if args.worker == "encoder" else plan[1]
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     models = build_models(config)
-    tx, lr_schedule = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+    tx, lr_schedule = optim.make_optimizer(config.optim, phase.kind, phase.steps)
 
     matmul_before = measure_matmul(args.matmul_size, args.matmul_reps)
 

@@ -442,7 +442,7 @@ def convert_checkpoint(
         state = data_iter = None
         if resumable:
             mesh = sharding.make_mesh(config.mesh)
-            tx = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)[0]
+            tx = optim.make_optimizer(config.optim, phase.kind, phase.steps)[0]
             template = jax.eval_shape(lambda: models.init_params(jax.random.key(0)))
             params = jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype), params, template)
             state = state_lib.imported_sharded(models, config, tx, phase, config.seed, mesh, params, codebooks)

@@ -27,11 +27,6 @@ class TrainState:
     nonfinite: jax.Array  # int32[2]: (refused steps in the run, refused steps in a row), across phases
 
 
-def trained_side(phase: Phase) -> str:
-    """The optimizer group of `phase` (`config.optim[side]`): "encoder", "tokenizer" or "joint"."""
-    return phase.kind
-
-
 JOINT_PARTS = ("encoder", "tokenizer")  # what a joint phase trains: E+D and T+TE, under one optimizer
 
 
@@ -61,7 +56,7 @@ def _create(models: BridleModels, config, tx, phase: Phase, seed: int, *, boxed:
         step=jnp.asarray(phase.start_step, jnp.int32),
         params=params,
         codebooks=_fresh_codebooks(config, k_codebooks),
-        opt_state=tx.init(trained_params(params, trained_side(phase))),  # boxed params -> boxed Adam moments
+        opt_state=tx.init(trained_params(params, phase.kind)),  # boxed params -> boxed Adam moments
         rng=k_run,
         nonfinite=jnp.zeros((2,), jnp.int32),
     )
@@ -111,7 +106,7 @@ def imported_sharded(models, config, tx, phase, seed, mesh, params, codebooks) -
             step=jnp.asarray(phase.end_step, jnp.int32),
             params=params,
             codebooks=codebooks.replace(initialized=jnp.asarray(True)),
-            opt_state=tx.init(trained_params(params, trained_side(phase))),
+            opt_state=tx.init(trained_params(params, phase.kind)),
         )
 
     return jax.jit(build, out_shardings=shardings_for(models, config, tx, phase, mesh))(params, codebooks)
@@ -151,7 +146,7 @@ def hand_over(
     return state.replace(
         params=params,
         codebooks=codebooks,
-        opt_state=tx.init(trained_params(params, trained_side(phase))),
+        opt_state=tx.init(trained_params(params, phase.kind)),
     )  # `nonfinite` carries over: refused steps in a row are counted across the hand-over too
 
 

@@ -85,7 +85,7 @@ def _run(config, run: run_lib.Run, stop_at_step: int | None) -> dict:
     )
     run.start(config, changes, total_steps=schedule.total_steps(plan), checkpoint=config.checkpoint)
     evaluators = evaluators_lib.from_config(config, models=models, mesh=mesh, workdir=workdir, plan=plan)
-    phase_tx = lambda phase: optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+    phase_tx = lambda phase: optim.make_optimizer(config.optim, phase.kind, phase.steps)
     batch_log = data_log.DataLog(workdir)  # off unless BRIDLE_JAX_DATA_LOG=1
 
     def meta(step):

@@ -63,7 +63,7 @@ def run(data, fsdp, batches):
     plan = schedule.parse_plan(config.schedule.phases)
     out = {"snaps": {}, "metrics": {}, "states": {}, "steps": {}, "mesh": mesh}
     for phase in plan:
-        tx, lr = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+        tx, lr = optim.make_optimizer(config.optim, phase.kind, phase.steps)
         if phase.index == 0:
             state = state_lib.create_sharded(models, config, tx, phase, SEED, mesh)
         else:

@@ -87,7 +87,7 @@ def random_images(seed, n=16, size=16):
 
 
 def txs(config, plan):
-    return [optim.make_optimizer(config.optim, state_lib.trained_side(p), p.steps) for p in plan]
+    return [optim.make_optimizer(config.optim, p.kind, p.steps) for p in plan]
 
 
 def fast_forward(state, step):

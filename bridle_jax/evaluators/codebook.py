@@ -121,7 +121,7 @@ def restore_run(workdir, *, iteration: int | None = None, step: int | None = Non
 
         def abstract_for_step(s):
             phase = schedule.phase_of_checkpoint(plan, s)
-            tx, _ = optim.make_optimizer(config.optim, state_lib.trained_side(phase), phase.steps)
+            tx, _ = optim.make_optimizer(config.optim, phase.kind, phase.steps)
             return state_lib.abstract_for(models, config, tx, phase, config.seed, mesh)
 
         restored = checkpointer.restore_latest(abstract_for_step, None, steps=candidates)
