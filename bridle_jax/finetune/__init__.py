@@ -21,6 +21,8 @@ numbers (A12: the authors report the best epoch). With
 the mean and std over folds. Runs checkpoint (Orbax: state + data iterator) and resume.
 """
 
+# The public API, re-exported (the modules: config, model, augment, results, runner).
+from bridle_jax.finetune import augment, config, model, results, runner
 from bridle_jax.finetune.config import MODES, base_config, steps_for_epochs, validate
 from bridle_jax.finetune.model import (
     Classifier,
@@ -45,34 +47,3 @@ from bridle_jax.finetune.results import (
     targets_from_labels,
 )
 from bridle_jax.finetune.runner import eval_logits, fold_config, run, run_single, schedule_record, train_iterator
-
-__all__ = [
-    "Classifier",
-    "FinetuneState",
-    "MODES",
-    "RESULT_FILE",
-    "Setup",
-    "base_config",
-    "eval_logits",
-    "fold_config",
-    "format_result",
-    "init_state",
-    "loss_fn",
-    "lr_schedule",
-    "make_optimizer",
-    "predict",
-    "primary_metric",
-    "read_result",
-    "run",
-    "run_single",
-    "schedule_record",
-    "score",
-    "setup",
-    "steps_for_epochs",
-    "summarize",
-    "targets_from_labels",
-    "train_iterator",
-    "train_step",
-    "validate",
-    "weight_decay_mask",
-]
