@@ -94,6 +94,7 @@ class Run:
         self.lock = workdir_lib.lock_for_run(self.workdir) if lock else None  # before anything in it is touched
         self.ckpt = self.writer = self.watch = self.progress = None
         self.preempted = False
+        self.resumed_at = None  # the step restored from (None: a new run)
 
     def __enter__(self) -> "Run":
         return self
@@ -131,7 +132,9 @@ class Run:
     def restore(self, abstract_for_step, data_iter):
         """(state, meta) of the newest readable checkpoint, restored onto `abstract_for_step(step)`'s shardings with
         the data iterator's position, or None for a new run."""
-        return self.ckpt.restore_latest(abstract_for_step, data_iter)
+        restored = self.ckpt.restore_latest(abstract_for_step, data_iter)
+        self.resumed_at = None if restored is None else int(restored[0].step)
+        return restored
 
     # ------------------------------------------------------------------------------------------ refusals and saves
 
@@ -274,12 +277,12 @@ class Run:
 
     # ------------------------------------------------------------------------------------------------------ the end
 
-    def finish(self, step: int, resumed_at: int | None) -> None:
+    def finish(self, step: int) -> None:
         """The whole plan is done: the final checkpoint is complete before the `DONE` marker says so."""
         self.wait(step)
         was_done = workdir_lib.read_done(self.workdir)
         marker = workdir_lib.write_done(self.workdir, step)
-        if was_done is not None and resumed_at == step:
+        if was_done is not None and self.resumed_at == step:
             reporting.log_line(f"The plan had already finished (DONE at step {step}, {marker['time']}).")
         else:
             reporting.log_line(f"Plan finished at step {step}; wrote {workdir_lib.DONE_FILE}.")

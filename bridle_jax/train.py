@@ -138,7 +138,7 @@ def _run(config, run: run_lib.Run, stop_at_step: int | None) -> dict:
         # ---------------------------------------------------------------- done
         done = stopped is None and step == schedule.total_steps(plan)
         if done:
-            run.finish(step, int(restored[1]["step"]) if restored is not None else None)
+            run.finish(step)
     finally:
         batch_log.close()
     return {

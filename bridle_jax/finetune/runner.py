@@ -208,7 +208,7 @@ def _run(c, s: model_lib.Setup, run: run_lib.Run, eval_split: str) -> dict:
     )
     done = stopped is None
     if done:
-        run.finish(step, int(restored[1]["step"]) if restored is not None else None)
+        run.finish(step)
     result = {**base, **results_lib.summarize(history, metric), "history": history, "done": done}
     results_lib.write_json(run.workdir, result)
     return {**result, "preempted": stopped == "preempted", "final_state": state}
