@@ -47,6 +47,7 @@ def image_data_config() -> ml_collections.ConfigDict:
             eval_crop_fraction=0.875,
             num_threads=8,
             prefetch_buffer_size=4,
+            worker_count=0,  # Grain worker processes for the train stream (0: threads only; data/pipeline.py)
             max_eval_examples=placeholder(int),
             # Splits: None = "train" / the dataset's eval split (sources.EVAL_SPLIT: "test" for image_folder and
             # tfds:*). image_folder: folder names under data_dir; tfds:*: TFDS split names, slicing allowed

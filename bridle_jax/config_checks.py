@@ -80,7 +80,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
     if pipeline.DATASETS[c.data.name] != c.modality:
         fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
-    pipeline.module_for(c.data).validate_data_config(c.data)
+    pipeline.validate_data_config(c.data)
     for field in ("variant", "tokenizer_variant"):
         value = c.model[field]
         if field == "tokenizer_variant" and not value:

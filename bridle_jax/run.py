@@ -95,6 +95,7 @@ class Run:
         self.ckpt = self.writer = self.watch = self.progress = None
         self.preempted = False
         self.resumed_at = None  # the step restored from (None: a new run)
+        self.data_iter = None
 
     def __enter__(self) -> "Run":
         return self
@@ -106,6 +107,8 @@ class Run:
                     self.ckpt.close()
             if self.writer is not None:
                 self.writer.close()
+            if hasattr(self.data_iter, "close"):
+                self.data_iter.close()
         finally:
             try:
                 if self.watch is not None:
@@ -132,6 +135,7 @@ class Run:
     def restore(self, abstract_for_step, data_iter):
         """(state, meta) of the newest readable checkpoint, restored onto `abstract_for_step(step)`'s shardings with
         the data iterator's position, or None for a new run."""
+        self.data_iter = data_iter  # closed with the run (Grain's worker processes, when config.data.worker_count)
         restored = self.ckpt.restore_latest(abstract_for_step, data_iter)
         self.resumed_at = None if restored is None else int(restored[0].step)
         return restored

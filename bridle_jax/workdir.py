@@ -53,6 +53,7 @@ FREE_FIELDS = (
     "data.data_dir",  # the data may move (a local copy, a bucket, a mount)
     "data.num_threads",
     "data.prefetch_buffer_size",
+    "data.worker_count",  # the same batches in the same order (data/pipeline.py)
     "data.max_eval_examples",
     "data.max_skipped",
 )

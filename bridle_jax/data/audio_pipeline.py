@@ -89,6 +89,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             "csv_files": ml_collections.ConfigDict({"train": "train.csv", "test": "test.csv"}),
             "num_threads": 8,
             "prefetch_buffer_size": 4,
+            "worker_count": 0,  # Grain worker processes for the train stream (0: threads only; pipeline.py)
             "max_eval_examples": ml_collections.config_dict.placeholder(int),
             "max_skipped": 1000,  # unreadable files tolerated per process before the pipeline stops the run
         }

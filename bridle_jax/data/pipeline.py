@@ -46,7 +46,7 @@ import typing
 import grain
 import numpy as np
 
-from bridle_jax.validation import is_int
+from bridle_jax.validation import fail, is_int
 
 _MODULES = {
     "image": "bridle_jax.data.image_pipeline",
@@ -167,7 +167,32 @@ def train_iterator(
     read_options = grain.ReadOptions(
         num_threads=data_config.num_threads, prefetch_buffer_size=data_config.prefetch_buffer_size
     )
-    return iter(ds.to_iter_dataset(read_options))
+    stream = ds.to_iter_dataset(read_options)
+    workers = worker_count(data_config)
+    if workers:  # decoding and augmentation in worker processes, in the same order (and state) as with threads
+        from absl import flags  # Grain's workers read absl flags: a library caller may not have parsed any
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(stream)
+
+
+def worker_count(data_config) -> int:
+    """`config.data.worker_count`: Grain worker processes that decode and augment the train stream (0: threads in
+    this process only, `num_threads` of them). Processes sidestep the GIL where the per-record Python work (JPEG
+    decoding and crops, resampling, PyAV) outgrows the threads; the batches and their order, and the iterator's
+    checkpointed state, are the same either way (tests/test_data.py)."""
+    value = data_config.get("worker_count", 0)
+    if not is_int(value) or value < 0:
+        fail("data.worker_count", "an int >= 0 (0: threads only)", value)
+    return int(value)
+
+
+def validate_data_config(data_config) -> None:
+    """The dataset's module's checks, plus the loader fields every modality shares."""
+    module_for(data_config).validate_data_config(data_config)
+    worker_count(data_config)
 
 
 class EvalSize(typing.NamedTuple):

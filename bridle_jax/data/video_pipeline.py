@@ -94,6 +94,7 @@ def default_data_config() -> ml_collections.ConfigDict:
             eval_short_side=placeholder(int),
             num_threads=8,
             prefetch_buffer_size=4,
+            worker_count=0,  # Grain worker processes for the train stream (0: threads only; pipeline.py)
             max_eval_examples=placeholder(int),
             max_skipped=100,
         )

@@ -97,7 +97,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
         fail("data.name", f"one of {sorted(pipeline.DATASETS)}", c.data.name)
     if pipeline.DATASETS[c.data.name] != c.modality:
         fail("data.name", f"a dataset of modality {c.modality!r} (config.modality)", c.data.name)
-    pipeline.module_for(c.data).validate_data_config(c.data)
+    pipeline.validate_data_config(c.data)
     if not is_int(c.num_classes) or c.num_classes < 2:
         fail("num_classes", "the dataset's number of classes (an int >= 2)", c.num_classes)
     for field in ("batch_size", "num_steps", "eval_every_steps", "eval_batch_size", "log_every_steps"):
