@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
             tubelet_size=2,  # video: frames per tubelet (SPEC 1.8)
             dtype="float32",  # compute dtype: "float32" | "bfloat16"; params and optimizer stay float32
             remat=False,  # rematerialise each transformer block (saves activation memory)
+            # attention kernel of E, T, D and TE (bridle_jax/models/attention.py): "auto" (xla on CPU, cudnn on GPU
+            # when it supports the dtype, else xla, pallas on TPU) | "xla" | "cudnn" (GPU, bf16) | "pallas" (TPU)
+            attention="auto",
             # Switches that reproduce the authors' released code where this project deliberately differs (README
             # "Parity with the authors' code"); the defaults are the project's behaviour.
             pos_layout="grid",  # "transposed": AudioMAE's (freq, time) sin-cos table for audio grids (SPEC A10)

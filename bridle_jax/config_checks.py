@@ -13,7 +13,7 @@ import ml_collections
 from bridle_jax import config as config_lib
 from bridle_jax import masking, schedule, sharding, workdir
 from bridle_jax.data import pipeline
-from bridle_jax.models import vit
+from bridle_jax.models import attention, vit
 from bridle_jax.validation import fail, is_int
 
 _DTYPES = ("float32", "bfloat16")
@@ -91,6 +91,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
             fail(f"model.{field}", f"a variant like 'B/16' ({e})", value)
     if c.model.dtype not in _DTYPES:
         fail("model.dtype", f"one of {_DTYPES}", c.model.dtype)
+    backend = c.model.get("attention", "auto")
+    if backend not in attention.BACKENDS:
+        fail("model.attention", f"one of {attention.BACKENDS}", backend)
+    reason = attention.unsupported_reason(backend, dtype=c.model.dtype)
+    if reason is not None:
+        fail("model.attention", f"a backend this platform runs ({reason}; 'auto' picks one)", backend)
     for field in ("decoder_width", "decoder_depth", "decoder_heads", "estimator_depth"):
         if int(c.model[field]) < 1:
             fail(f"model.{field}", "a positive integer", c.model[field])

@@ -101,7 +101,13 @@ def _vit_fields(config: ml_collections.ConfigDict, variant: str) -> dict:
         cls_token=config.model.cls_token,
         tubelet_size=config.model.tubelet_size,
         pos_layout=config.model.get("pos_layout", "grid"),
+        attention=attention_backend(config),
     )
+
+
+def attention_backend(config: ml_collections.ConfigDict) -> str:
+    """config.model.attention ("auto" for configs saved before it existed); see `bridle_jax.models.attention`."""
+    return config.model.get("attention", "auto")
 
 
 def _official_switches(config: ml_collections.ConfigDict) -> dict:
@@ -151,6 +157,8 @@ def _label_predictor(config: ml_collections.ConfigDict):
         cls_token=m.cls_token,
     )
     sw = _official_switches(config)
+    if m.decoder_kind != "local":  # the local decoder's windowed cosine attention is its own
+        common["attention"] = attention_backend(config)
     if m.decoder_kind == "local":
         from bridle_jax.models import local_decoder
 
@@ -189,6 +197,7 @@ def build_models(config: ml_collections.ConfigDict) -> BridleModels:
             remat=remat,
             pos_layout=_official_switches(config)["pos_layout"],
             embed_bias=_official_switches(config)["input_proj_bias"],
+            attention=attention_backend(config),
         ),
         cold_start=tokenizer_lib.ColdStartTokenizer(
             width=encoder.width,

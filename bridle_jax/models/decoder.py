@@ -55,6 +55,7 @@ class LabelPredictor(nn.Module):
     cls_token: bool = True  # whether `encoded` starts with E's cls token
     pos_layout: str = "grid"  # see vit.position_table
     embed_bias: bool = True  # False: VideoMAE's bias-free `encoder_to_decoder` (config.model.input_proj_bias)
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     @nn.compact
     def __call__(self, encoded: jax.Array, restore_idx: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
@@ -82,7 +83,14 @@ class LabelPredictor(nn.Module):
         patches = patches + jnp.asarray(position_table(patch_grid, self.width, self.pos_layout), self.dtype)
         x = jnp.concatenate([x[:, :c], patches], axis=1)
         x = Transformer(
-            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
+            self.depth,
+            self.width,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.remat,
+            attention=self.attention,
+            name="transformer",
         )(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
         logits = nn.Dense(

@@ -35,6 +35,7 @@ class Tokenizer(nn.Module):
     cls_token: bool = True
     tubelet_size: int = 2
     pos_layout: str = "grid"  # see vit.position_table
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     @nn.compact
     def __call__(self, x: jax.Array, keep_idx: jax.Array | None = None) -> jax.Array:
@@ -53,6 +54,7 @@ class Tokenizer(nn.Module):
             self.cls_token,
             self.tubelet_size,
             pos_layout=self.pos_layout,
+            attention=self.attention,
             name="vit",
         )(x, keep_idx)
         dense = dict(dtype=jnp.float32, param_dtype=jnp.float32)
@@ -110,6 +112,7 @@ class Estimator(nn.Module):
     remat: bool = False
     pos_layout: str = "grid"  # see vit.position_table
     embed_bias: bool = True  # False: VideoMAE's bias-free `encoder_to_decoder` (config.model.input_proj_bias)
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     @nn.compact
     def __call__(self, z_q: jax.Array, patch_grid: tuple[int, ...]) -> jax.Array:
@@ -129,7 +132,14 @@ class Estimator(nn.Module):
         )(z_q.astype(self.dtype))
         x = x + jnp.asarray(position_table(patch_grid, self.width, self.pos_layout), self.dtype)
         x = Transformer(
-            self.depth, self.width, self.num_heads, self.mlp_dim, self.dtype, self.remat, name="transformer"
+            self.depth,
+            self.width,
+            self.num_heads,
+            self.mlp_dim,
+            self.dtype,
+            self.remat,
+            attention=self.attention,
+            name="transformer",
         )(x)
         x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(x)
         head_init = logical(dense_init, ("embed", "features"))

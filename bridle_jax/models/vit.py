@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridle_jax.models.attention import attend
 from bridle_jax.models.patch_embed import Dtype, make_stem
 from bridle_jax.sharding import RESIDUAL, logical
 
@@ -101,57 +102,22 @@ def position_table(grid: tuple[int, ...], width: int, layout: str = "grid") -> n
     raise ValueError(f"position_table: expected a 2-D or 3-D patch grid, got {grid}")
 
 
-@jax.custom_vjp
-def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(q kᵀ) v over heads-major `[B, H, N, hd]` inputs, q already scaled; float32 logits and softmax.
-
-    Written out (not `jax.nn.dot_product_attention`) with a hand-written backward pass, because on CPU the N×N
-    probability tensors dominate the attention's cost: the backward saves only the probabilities (one `[B, H, N, N]`
-    per layer, where autodiff of the library version kept two and materialised broadcasts of the softmax
-    denominator and of the scale at that size), and gets the softmax's row term from the small tensors
-    (Σ_s dP∘P = Σ_d dO∘O), which spares one more N×N pass. Same math as the library version (float32: outputs and
-    gradients agree to ~1e-6 relative; scaling q instead of the logits is the only reordering).
-    """
-    return _attention_fwd(q, k, v)[0]
-
-
-def _attention_fwd(q, k, v):
-    logits = jnp.einsum("bhtd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_bwd(res, d_out):
-    q, k, v, probs, out = res
-    dtype = v.dtype
-    d_v = jnp.einsum("bhts,bhtd->bhsd", probs.astype(dtype), d_out)
-    d_probs = jnp.einsum("bhtd,bhsd->bhts", d_out, v, preferred_element_type=jnp.float32)
-    # softmax backward: dS = P ∘ (dP − Σ_s dP∘P), and Σ_s dP∘P = Σ_d dO∘O (O = P V), an [B, H, N, hd] reduction.
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_logits = (probs * (d_probs - row)).astype(dtype)
-    d_q = jnp.einsum("bhts,bhsd->bhtd", d_logits, k)
-    d_k = jnp.einsum("bhts,bhtd->bhsd", d_logits, q)
-    return d_q, d_k, d_v
-
-
-_attention_core.defvjp(_attention_fwd, _attention_bwd)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (bias on), as timm's `Attention`.
 
     The fused (width -> 3*width) kernel gets xavier-uniform over its full shape, matching MAE's init of `qkv`.
     As timm's explicit path: q is scaled by head_dim^-1/2 before q kᵀ; logits and softmax are float32 whatever the
-    compute dtype (see `_attention_core`).
+    compute dtype. `attention` picks the kernel (config.model.attention, see `bridle_jax.models.attention`);
+    `key_valid` `[B, N]` bool (None: all) masks keys out of every softmax.
     """
 
     width: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
         if self.width % self.num_heads:
             raise ValueError(f"Attention: width {self.width} is not divisible by num_heads {self.num_heads}")
         b, n, _ = x.shape
@@ -165,7 +131,7 @@ class Attention(nn.Module):
         )(x)
         # timm's layout [B, N, 3, H, hd], so torch weights map 1:1; heads-major [3, B, H, N, hd] for the batched dots
         qkv = jnp.transpose(qkv.reshape(b, n, 3, self.num_heads, head_dim), (2, 0, 3, 1, 4))
-        out = _attention_core(qkv[0] * head_dim**-0.5, qkv[1], qkv[2])
+        out = attend(qkv[0] * head_dim**-0.5, qkv[1], qkv[2], key_valid=key_valid, backend=self.attention)
         out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, n, self.width)
         proj_init = logical(dense_init, ("heads", "embed"))
         return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=proj_init, name="proj")(out)
@@ -185,6 +151,7 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     drop_path: float = 0.0
     deterministic: bool = True
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     def _drop_path(self, branch: jax.Array) -> jax.Array:
         if self.deterministic or self.drop_path == 0.0:
@@ -195,10 +162,11 @@ class Block(nn.Module):
         return branch * (mask.astype(branch.dtype) / jnp.asarray(keep, branch.dtype))
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
         ln = dict(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)
         dense = dict(dtype=self.dtype, param_dtype=jnp.float32)
-        y = Attention(self.width, self.num_heads, self.dtype, name="attn")(nn.LayerNorm(**ln, name="norm1")(x))
+        attn = Attention(self.width, self.num_heads, self.dtype, self.attention, name="attn")
+        y = attn(nn.LayerNorm(**ln, name="norm1")(x), key_valid)
         x = x + self._drop_path(y)
         y = nn.LayerNorm(**ln, name="norm2")(x)
         y = nn.Dense(self.mlp_dim, **dense, kernel_init=logical(dense_init, ("embed", "mlp")), name="fc1")(y)
@@ -221,9 +189,10 @@ class Transformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     drop_path: float = 0.0  # stochastic depth of the last block; block i gets drop_path * i / (depth - 1) (timm)
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, key_valid: jax.Array | None = None) -> jax.Array:
         block = nn.remat(Block) if self.remat else Block
         rates = np.linspace(0.0, self.drop_path, self.depth) if self.depth > 1 else [self.drop_path]
         x = nn.with_logical_constraint(x, RESIDUAL)
@@ -235,8 +204,9 @@ class Transformer(nn.Module):
                 self.dtype,
                 drop_path=float(rates[i]),
                 deterministic=deterministic,
+                attention=self.attention,
                 name=f"block_{i}",
-            )(x)
+            )(x, key_valid)
             x = nn.with_logical_constraint(x, RESIDUAL)
         return x
 
@@ -261,13 +231,22 @@ class ViTEncoder(nn.Module):
     tubelet_size: int = 2  # video only: frames per tubelet
     drop_path: float = 0.0  # stochastic depth (fine-tuning only; active when called with deterministic=False)
     pos_layout: str = "grid"  # see position_table
+    attention: str = "auto"  # the attention kernel (config.model.attention)
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, keep_idx: jax.Array | None = None, *, deterministic: bool = True
+        self,
+        x: jax.Array,
+        keep_idx: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        key_valid: jax.Array | None = None,
     ) -> tuple[jax.Array, dict]:
         """x: one batch of the stem's input (see patch_embed); keep_idx: optional `[B, n_keep]` int indices of the
-        visible patches; deterministic=False turns on drop-path (needs a "dropout" rng).
+        visible patches; deterministic=False turns on drop-path (needs a "dropout" rng); key_valid: optional
+        `[B, N]` bool patch validity in patch order (taken through keep_idx like the tokens; the cls token is
+        always valid): invalid patches are masked out as attention keys. The training steps do not pass it (the
+        encoder attends to padded audio patches, as the authors' code does).
 
         Returns `(tokens [B, c+n, width] in dtype (c = 1 with a cls token, else 0), intermediates)` with:
           "patch_grid": the static grid;  "embedded": `[B, n, width]` patch tokens + pos after the gather
@@ -281,6 +260,8 @@ class ViTEncoder(nn.Module):
             if keep_idx.ndim != 2 or keep_idx.shape[0] != tokens.shape[0]:
                 raise ValueError(f"keep_idx must be [B={tokens.shape[0]}, n_keep], got shape {keep_idx.shape}")
             tokens = jnp.take_along_axis(tokens, keep_idx[:, :, None].astype(jnp.int32), axis=1)
+            if key_valid is not None:
+                key_valid = jnp.take_along_axis(key_valid, keep_idx.astype(jnp.int32), axis=1)
         embedded = tokens
         prefix = 0
         if self.cls_token:
@@ -288,6 +269,8 @@ class ViTEncoder(nn.Module):
             cls = jnp.broadcast_to(cls.astype(self.dtype), (tokens.shape[0], 1, self.width))
             tokens = jnp.concatenate([cls, tokens], axis=1)
             prefix = 1
+            if key_valid is not None:
+                key_valid = jnp.concatenate([jnp.ones((tokens.shape[0], 1), bool), key_valid.astype(bool)], axis=1)
         tokens = Transformer(
             self.depth,
             self.width,
@@ -296,8 +279,9 @@ class ViTEncoder(nn.Module):
             self.dtype,
             self.remat,
             drop_path=self.drop_path,
+            attention=self.attention,
             name="transformer",
-        )(tokens, deterministic)
+        )(tokens, deterministic, key_valid)
         pre_norm = tokens[:, prefix:]
         tokens = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32, name="norm")(tokens)
         inter = {"patch_grid": tuple(grid), "embedded": embedded, "patches": tokens[:, prefix:], "pre_norm": pre_norm}
