@@ -5,7 +5,7 @@
   and without a key padding mask, in float32 and bfloat16, at a ViT-B size (197 tokens, 12 heads of 64, batch 1) and at
   Kinetics's 1,568 tokens; the Pallas kernel also with several 128-token blocks (its online softmax across blocks);
 - the cudnn call's arguments: [B, N, H, hd] layout, scale 1, a [B, 1, N, N] bool mask;
-- "auto" picks xla on CPU (identical encoder output to "xla"), pallas on TPU, xla on GPU for float32;
+- "auto" picks xla on CPU (identical encoder output to "xla"), pallas on one TPU chip, xla on GPU for float32;
 - the encoder's key mask follows keep_idx, keeps the cls token, and makes valid tokens blind to padded patches;
 - config_checks.validate refuses an unknown backend and cudnn / pallas on CPU, naming config.model.attention.
 """
@@ -122,9 +122,11 @@ def test_cudnn_arguments():
     assert out.shape == q.shape and out.dtype == jnp.bfloat16
 
 
-def test_auto_resolution():
+def test_auto_resolution(monkeypatch):
     assert attention.resolve("auto", jnp.float32, 64) == "xla"  # the tests' platform is CPU
     assert attention.resolve("auto", jnp.bfloat16, 64, platform="cpu") == "xla"
+    assert attention.resolve("auto", jnp.bfloat16, 64, platform="tpu") == "xla"  # 8 devices: not partitioned yet
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert attention.resolve("auto", jnp.bfloat16, 64, platform="tpu") == "pallas"
     assert attention.resolve("auto", jnp.float32, 64, platform="gpu") == "xla"  # cuDNN has no float32 kernel
     assert attention.resolve("xla", jnp.bfloat16, 64, platform="tpu") == "xla"

@@ -3,7 +3,8 @@
   xla     two einsums around a float32 softmax with a hand-written backward (`xla_attention`): the best on CPU
   cudnn   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN's fused flash attention (GPU, bf16/fp16)
   pallas  the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu.flash_attention`)
-  auto    xla on CPU, cudnn on GPU when it supports the dtype and head size (else xla), pallas on TPU; decided from
+  auto    xla on CPU, cudnn on GPU when it supports the dtype and head size (else xla), pallas on one TPU chip (xla on
+          a multi-chip mesh: the Pallas call is not partitioned for sharded batches yet); decided from
           `jax.default_backend()` when the model is traced
 
 Every backend takes heads-major `[B, H, N, hd]` inputs with q already scaled by hd^-1/2 and returns `[B, H, N, hd]`
@@ -74,7 +75,9 @@ def resolve(backend: str, dtype, head_dim: int, platform: str | None = None) -> 
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda") and _cudnn_supported(dtype, head_dim):
         return "cudnn"
-    if platform == "tpu":
+    if platform == "tpu" and jax.device_count() == 1:
+        # The Pallas call has no partitioning rule here (no shard_map wrapper yet, untested on a slice): on a
+        # multi-chip mesh XLA could gather the whole batch onto every chip, so "auto" keeps xla there.
         return "pallas"
     return "xla"
 
