@@ -29,7 +29,7 @@ endif
 # The venv, when PYTHON is it and it is not there yet.
 NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 
-.PHONY: install install-test demo test lint study bench-quantizer bench-train-step
+.PHONY: install install-test demo test lint study bench-quantizer bench-train-step bench-accelerator
 
 $(VENV)/bin/python:
 	@echo "$(BASE_PYTHON) does not let pip install into it (PEP 668 'externally managed', or no pip): using a virtual environment in $(VENV)"
@@ -65,3 +65,14 @@ bench-quantizer: install
 
 bench-train-step: install
 	$(PYTHON) benchmarks/train_step.py
+
+# The recipes' ViT-B steps in bf16 on one GPU or TPU chip (BENCHMARKS.md "Accelerator benchmark"), <= 8 min:
+# benchmarks/results/accelerator.json. ACCEL: the jax extra of the device (gpu: CUDA 12, tpu); unset, gpu where
+# nvidia-smi runs, tpu where /dev/accel0 or /dev/vfio/0 exists (a TPU VM), else none (a CPU run: add
+# BENCH_ACCELERATOR_ARGS=--toy, a smoke test and no measurement).
+ACCEL ?= $(shell if nvidia-smi >/dev/null 2>&1; then echo gpu; elif [ -e /dev/accel0 ] || [ -e /dev/vfio/0 ]; then echo tpu; fi)
+BENCH_ACCELERATOR_ARGS ?=
+bench-accelerator: $(NEEDS_VENV)
+	$(PYTHON) -m pip install -q -e ".$(if $(ACCEL),[$(ACCEL)])"
+	@mkdir -p benchmarks/results
+	$(PYTHON) benchmarks/accelerator.py --out benchmarks/results/accelerator.json $(BENCH_ACCELERATOR_ARGS)

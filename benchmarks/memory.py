@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -41,7 +40,9 @@ import platform
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+REPO = benchlib.REPO
 GB = 1e9
 
 # name: (devices, bytes per device); one JAX device per chip (v5p: megacore)
@@ -56,7 +57,9 @@ MEMORY_SCHEDULER = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", default=["kinetics400", "audioset"])
+    p.add_argument(
+        "--recipes", nargs="+", default=["kinetics400", "audioset"], help="names in configs/ (imagenet works too)"
+    )
     p.add_argument("--steps", nargs="+", default=["encoder", "tokenizer"], choices=["encoder", "tokenizer"])
     p.add_argument("--remat", nargs="+", default=["off", "on"], choices=["off", "on"])
     p.add_argument(
@@ -76,29 +79,13 @@ def parse_args(argv=None):
 
 
 def load_recipe(name):
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return benchlib.load_config(name)
 
 
 def abstract_batch(config, batch, sharding_):
-    """ShapeDtypeStructs of one pipeline batch ({"input", "length"}) of the recipe's modality."""
-    import jax
-    import numpy as np
-
-    from bridle_jax.models import bridle
-
-    if config.modality == "audio":
-        from bridle_jax.data import audio_pipeline
-
-        example = (audio_pipeline.num_samples(config.data),)  # waveforms: the log-mel runs inside the step
-    else:
-        example = bridle.input_shape(config)
-    out = {"input": jax.ShapeDtypeStruct((batch, *example), np.float32, sharding=sharding_)}
-    if config.modality != "image":
-        out["length"] = jax.ShapeDtypeStruct((batch,), np.int32, sharding=sharding_)
-    return out
+    """ShapeDtypeStructs of one pipeline batch ({"input", "length"}) of the recipe's modality (audio: waveforms, the
+    log-mel runs inside the step)."""
+    return benchlib.abstract_batch(config, batch, sharding_)
 
 
 def tree_bytes(tree) -> int:
@@ -150,13 +137,13 @@ def setup(recipe: str, step: str, remat: bool, batch: int):
     from bridle_jax.models.bridle import build_models
 
     config = load_recipe(recipe)
-    config.data.data_dir = "/unused"  # only the shapes are needed; no file is read
     config.model.remat = remat
     config.batch_size = batch
     config.mesh.data, config.mesh.fsdp = 1, 1
+    # only the shapes are needed (no file is read); the plan's lengths shape the lr schedule alone
+    config = benchlib.without_data(config)
     config_checks.validate(config)
-    # the recipes' plans are in epochs; only the phase kinds matter here (the lengths shape the lr schedule alone)
-    plan = schedule.parse_plan(schedule.resolve_epochs(config.schedule.phases, 1))
+    plan = schedule.parse_plan(config.schedule.phases)
     phase = plan[2] if step == "encoder" else plan[1]  # warm encoder phase: targets from the tokenizer's ViT
     mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
     models = build_models(config)

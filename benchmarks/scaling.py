@@ -3,10 +3,13 @@ restore time against state size with async saving.
 
     python benchmarks/scaling.py                       # both parts, prints markdown tables
     python benchmarks/scaling.py --part steps --devices 1 2 4 8 --json /tmp/scaling.json
+    python benchmarks/scaling.py --part steps --config configs/audioset.py --batch 8   # a recipe, no data needed
 
 Part 1 (steps): each device count runs in its own subprocess (XLA_FLAGS fixes the device count per process) with
-the same global batch, model and data (the digits demo recipe: micro ViT, 32x32, batch 64), a pure data-parallel
-mesh; it times encoder-phase and tokenizer-phase steps after compilation and warm-up. On one CPU the fake devices
+the same global batch and model (default: the digits demo recipe: micro ViT, 32x32, batch 64; --config: any
+recipe as configured, at --batch) and synthetic batches of the recipe's modality (benchmarks/benchlib.py: 4
+batches, cycled), a pure data-parallel mesh; it times encoder-phase and tokenizer-phase steps after compilation and
+warm-up. On one CPU the fake devices
 share the same cores, so the per-step time can only grow with the device count: what the table shows is the cost
 of splitting the batch (smaller per-device matmuls) plus the collectives (gradient all-reduce, codebook psums).
 
@@ -29,13 +32,16 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+REPO = benchlib.REPO
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="both", choices=("steps", "checkpoint", "both"))
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--config", default=None, help="config file of part 1 (default: the digits demo recipe)")
     p.add_argument("--batch", type=int, default=64, help="global batch (divisible by every device count)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
@@ -45,14 +51,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _config(batch: int):
-    sys.path.insert(0, os.path.join(REPO, "tests"))
-    import tiny
-
-    c = tiny.load_config("digits")
+def _config(batch: int, path: str | None = None):
+    c = benchlib.load_config(path or "digits")
     c.batch_size = batch
     c.evals.linear_probe.enabled = False
-    return c
+    return benchlib.without_data(c)
 
 
 def steps_worker(args) -> dict:
@@ -62,15 +65,13 @@ def steps_worker(args) -> dict:
 
     from bridle_jax import optim, schedule, sharding, steps
     from bridle_jax import state as state_lib
-    from bridle_jax.data import pipeline
     from bridle_jax.models.bridle import build_models
 
-    config = _config(args.batch)
+    config = _config(args.batch, args.config)
     mesh = sharding.make_mesh(config.mesh)
     models = build_models(config)
     plan = schedule.parse_plan(config.schedule.phases)
-    it = pipeline.train_iterator(config.data, local_batch_size=args.batch, seed=0)
-    batches = [next(it) for _ in range(4)]
+    glob = [benchlib.global_batch(config, mesh, args.batch, seed) for seed in range(4)]
     out = {"devices": len(jax.devices())}
     state = None
     for phase in (plan[0], plan[1]):  # cold-start encoder, tokenizer
@@ -83,7 +84,6 @@ def steps_worker(args) -> dict:
         kw = dict(models=models, config=config, state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
         step = steps.jit_step(phase, tx=tx, lr_schedule=lr, **kw)
         prepare = steps.jit_prepare_codebooks(phase, **kw)
-        glob = [sharding.global_batch(mesh, {k: b[k] for k in ("input", "length")}) for b in batches]
         state = prepare(state, glob[0])
         for i in range(args.warmup):
             state, m = step(state, glob[i % 4])
@@ -114,6 +114,7 @@ def run_steps(args) -> list[dict]:
             str(args.steps),
             "--warmup",
             str(args.warmup),
+            *(["--config", args.config] if args.config else []),
         ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -194,9 +195,8 @@ def main():
     if args.part in ("steps", "both"):
         report["steps"] = run_steps(args)
         base = report["steps"][0]
-        print(
-            f"\nGlobal batch {args.batch}, digits recipe (micro ViT, 32x32), data-parallel, {args.steps} timed steps\n"
-        )
+        recipe = os.path.relpath(args.config, REPO) if args.config else "digits recipe (micro ViT, 32x32)"
+        print(f"\nGlobal batch {args.batch}, {recipe}, synthetic batches, data-parallel, {args.steps} timed steps\n")
         print(
             "| devices | encoder step (ms) | encoder steps/s | vs 1 device "
             "| tokenizer step (ms) | tokenizer steps/s | vs 1 device |"
