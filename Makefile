@@ -29,7 +29,7 @@ endif
 # The venv, when PYTHON is it and it is not there yet.
 NEEDS_VENV := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/bin/python)
 
-.PHONY: install install-test demo test lint study bench-quantizer bench-train-step bench-accelerator
+.PHONY: install install-test demo test lint study bench-quantizer bench-train-step bench-accelerator bench-input
 
 $(VENV)/bin/python:
 	@echo "$(BASE_PYTHON) does not let pip install into it (PEP 668 'externally managed', or no pip): using a virtual environment in $(VENV)"
@@ -65,6 +65,12 @@ bench-quantizer: install
 
 bench-train-step: install
 	$(PYTHON) benchmarks/train_step.py
+
+# The train streams' samples/s per host core on generated JPEG/wav/mp4 files (BENCHMARKS.md "Input pipeline"), ~4 min
+# on 2 cores: benchmarks/results/input_pipeline.json. PEER_PYTHON: an interpreter with torch + torchvision (the peer).
+bench-input: install
+	@mkdir -p benchmarks/results
+	$(PYTHON) benchmarks/input_pipeline.py --out benchmarks/results/input_pipeline.json $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON))
 
 # The recipes' ViT-B steps in bf16 on one GPU or TPU chip (BENCHMARKS.md "Accelerator benchmark"), <= 8 min:
 # benchmarks/results/accelerator.json. ACCEL: the jax extra of the device (gpu: CUDA 12, tpu); unset, gpu where
