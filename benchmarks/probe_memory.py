@@ -100,7 +100,7 @@ def child(path: str, data_dir: str, threads: int) -> dict:
     _reset_peak()
     before = _status_bytes("VmRSS")
     start = time.perf_counter()
-    if path == "preload":  # the old _ProbeData: both splits decoded and held, then pooled
+    if path == "preload":  # what ProbeData did before streaming: both splits decoded and held, then pooled
         train_arrays = pipeline.eval_arrays(c.data, "train", None)
         test_arrays = pipeline.eval_arrays(c.data, "test", None)
         feats = lambda a: linear_probe.pooled_features(models, params, a, mesh=mesh, batch_size=BATCH)

@@ -1,6 +1,6 @@
 """ESC-50 fine-tuning with 5-fold cross-validation (SPEC 4, ESC-50 FT row), from a BRIDLE pretraining workdir.
 
-    python -m bridle_jax.finetune_main --config=configs/esc50.py --workdir=OUT \
+    python -m bridle_jax.finetune_main --config=configs/esc50_finetune.py --workdir=OUT \
         --config.init_from=PRETRAIN_WORKDIR --config.data.data_dir=ESC50_DIR
 
 One fine-tune per test fold (train on the other four, as `submit_ft_esc.sh` runs one job per fold), then the mean
@@ -38,5 +38,5 @@ def get_config(arg=None):
         c.mode = "linear_probe"
         c.model.drop_path = 0.0
     elif arg:
-        raise ValueError(f"configs/esc50.py: unknown argument {arg!r}; expected none or 'linear_probe'")
+        raise ValueError(f"configs/esc50_finetune.py: unknown argument {arg!r}; expected none or 'linear_probe'")
     return c

@@ -66,7 +66,7 @@ def test_eval_batches_are_eval_arrays_in_batches(name):
 
 
 def test_start_up_decodes_nothing(monkeypatch):
-    """_ProbeData and the summary's eval size come from the sources' lengths: no reader is called."""
+    """loop_probe.ProbeData and the summary's eval size come from the sources' lengths: no reader is called."""
 
     def refuse(*args, **kwargs):
         raise AssertionError("a split was decoded at start-up")
