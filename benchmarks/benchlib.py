@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import platform
 import re
 
 import numpy as np
@@ -28,6 +29,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Kinetics) want a folder, and nothing here ever reads one.
 NO_DATA_DIR = "/nonexistent/bridle_jax-synthetic-batches"
 STEPS_PER_EPOCH = 1000  # a plan in epochs is resolved at this many steps per epoch (it only shapes the lr schedule)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the machine line of a benchmark's report."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def load_config(path_or_name: str, arg=None):

@@ -16,21 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+import benchlib
 
 
 def numpy_fbank(x, window, banks, size=400, shift=160, padded=512, preemph=0.97):
@@ -121,7 +111,7 @@ def main(argv=None):
         ),
     ]
     device = jax.devices()[0]
-    print(f"machine: os.cpu_count()={cores}, CPU {cpu_model()!r}, load average at start {load:.2f}")
+    print(f"machine: os.cpu_count()={cores}, CPU {benchlib.cpu_model()!r}, load average at start {load:.2f}")
     print(
         f"jax {jax.__version__} on {device.platform} ({device.device_kind}); numpy {np.__version__}; "
         f"python {sys.version.split()[0]}"

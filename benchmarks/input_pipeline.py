@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+import benchlib
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,17 +82,6 @@ def wait_quiet(threshold: float = 0.15, max_wait: float = 60.0) -> float:
     while busy > threshold and time.time() - start < max_wait:
         busy = cpu_busy()
     return busy
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_batches(iterator, batch_size: int, warmup: int, batches: int, close=None, quiet=None) -> dict:
@@ -654,7 +645,7 @@ def main(argv=None) -> int:
     result = {
         "machine": {
             "nproc": os.cpu_count(),
-            "cpu": cpu_model(),
+            "cpu": benchlib.cpu_model(),
             "python": platform.python_version(),
             "jax": jax.__version__,
             "grain": getattr(grain, "__version__", None) or _dist_version("grain"),
