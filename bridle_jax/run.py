@@ -83,15 +83,15 @@ class Run:
     (async) checkpoint, closes the metric files, restores the signal handlers and releases the lock, also on an
     error.
 
-    `nonfinite_hint` ends the message of a run stopped by refused steps (which lr to lower). `lock=False` is for a
-    reader that changes nothing in the workdir."""
+    `nonfinite_hint` ends the message of a run stopped by refused steps (which lr to lower). Readers of a workdir
+    take no lock and open its checkpoints read-only (`checkpoint.Checkpointer(..., read_only=True)`)."""
 
-    def __init__(self, workdir, *, max_consecutive_nonfinite: int = 5, nonfinite_hint: str = "", lock: bool = True):
+    def __init__(self, workdir, *, max_consecutive_nonfinite: int = 5, nonfinite_hint: str = ""):
         self.workdir = paths.resolve_workdir(workdir)  # URLs are kept as they are
         workdir_lib.workdir_exists_or_make(self.workdir)  # writable, or an error naming it
         self.max_consecutive_nonfinite = int(max_consecutive_nonfinite)
         self.nonfinite_hint = nonfinite_hint
-        self.lock = workdir_lib.lock_for_run(self.workdir) if lock else None  # before anything in it is touched
+        self.lock = workdir_lib.lock_for_run(self.workdir)  # before anything in it is touched (None off process 0)
         self.ckpt = self.writer = self.watch = self.progress = None
         self.preempted = False
         self.resumed_at = None  # the step restored from (None: a new run)
@@ -173,8 +173,7 @@ class Run:
         After refused steps the save is left out (logged): the newest checkpoint stays the last one made by a good
         step, so a run stopped by an exploding or non-finite lr never rotates its good checkpoints out
         (`max_to_keep`); a resume from the older checkpoint re-runs the steps in between exactly."""
-        self.check_nonfinite(state, step)
-        in_a_row = int(np.asarray(state.nonfinite)[1])
+        in_a_row = self.check_nonfinite(state, step)["train/nonfinite_skipped_in_a_row"]
         if in_a_row:
             reporting.log_line(f"Step {step}: not saving a checkpoint: the last {in_a_row} step(s) were refused")
             return
