@@ -700,6 +700,26 @@ def test_nonfinite_params_are_skipped(single, images):
     np.testing.assert_array_equal(s1.nonfinite, [1, 1])
 
 
+def test_guarded_update_writes_the_new_state_in_place():
+    """The guards judge the update from its norms alone, then apply it over the donated params and moments. XLA:CPU
+    may still store each leaf's squared gradient and update for its reductions (temp 2x the params here), but never
+    the new params and moments beside the old ones, as judging a materialised update did (temp 4x the params)."""
+    params = {f"w{i}": jnp.full((512, 256), 0.5 + i, jnp.float32) for i in range(4)}  # 2 MiB of params
+    tx = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.05)
+    grads = jax.tree.map(lambda p: 1e-2 * jnp.sin(p), params)
+
+    def update(params, opt_state, grads):
+        ok, _, _, params, opt_state = steps.guarded_update(tx, grads, params, opt_state, jnp.float32(1.0), 10.0)
+        return ok, params, opt_state
+
+    fn = jax.jit(update, donate_argnums=(0, 1))
+    memory = fn.lower(params, tx.init(params), grads).compile().memory_analysis()
+    param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+    assert memory.temp_size_in_bytes < 3 * param_bytes, (memory.temp_size_in_bytes, param_bytes)
+    ok, new, _ = fn(params, tx.init(params), grads)
+    assert bool(ok) and not np.allclose(new["w0"], 0.5)
+
+
 # ---------------------------------------------------------------- last: nothing above wrote into the shared snapshots
 
 
