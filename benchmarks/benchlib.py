@@ -21,10 +21,13 @@ import math
 import os
 import platform
 import re
+import sys
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the checkout's package, installed or not (and before any other installed copy)
+    sys.path.insert(0, REPO)
 # Set as config.data.data_dir when a recipe leaves it unset: the data checks of the recipe datasets (AudioSet,
 # Kinetics) want a folder, and nothing here ever reads one.
 NO_DATA_DIR = "/nonexistent/bridle_jax-synthetic-batches"

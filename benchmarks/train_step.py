@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--matmul-reps", type=int, default=10)
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--dump-hlo", default=None, help="write each phase's optimised HLO to DIR/<phase>.hlo.txt")
+    p.add_argument("--peer-python", default=None, help="a Python with torch + timm: time the authors' step too")
+    p.add_argument("--official", default=None, help="with --peer-python: a checkout of github.com/HoangNguyenM/bridle")
     p.add_argument("--worker", default=None, choices=("encoder", "tokenizer"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.config is None:  # the reference point: its sizes wherever an option is not given
@@ -83,6 +85,8 @@ def parse_args(argv=None):
                 setattr(args, field, value)
     if args.tokenizer_variant is None:
         args.tokenizer_variant = args.variant
+    if bool(args.peer_python) != bool(args.official):
+        p.error("--peer-python and --official go together (the peer is the authors' code run by that interpreter)")
     return args
 
 
@@ -113,6 +117,53 @@ def make_config(args):
     c.mesh.data, c.mesh.fsdp = 1, 1
     c.schedule.phases = ("encoder_cold_start:1000", "tokenizer:1000")  # budgets only shape the lr schedules
     return benchlib.without_data(c)
+
+
+# The recipe points the peer (official_step.py) builds, as this script's config fields: the authors' `vit_s` image
+# model at the reference point, and their `vit_b` audio model on AudioSet's 1024 x 128 fbank (512 patches).
+PEER_POINTS = {
+    "image": {
+        "model.variant": "S/16",
+        "model.tokenizer_variant": "S/16",
+        "data.image_size": 224,
+        "model.decoder_kind": "global",
+        "model.decoder_depth": 16,
+        "model.decoder_width": 512,
+        "model.estimator_depth": 3,
+    },
+    "audio": {
+        "model.variant": "B/16",
+        "model.tokenizer_variant": "B/16",
+        "data.target_frames": 1024,
+        "data.num_mel_bins": 128,
+        "model.decoder_kind": "local",
+        "model.decoder_depth": 16,
+        "model.decoder_width": 512,
+        "model.estimator_depth": 3,
+    },
+}
+PEER_COMMON = {
+    "model.dtype": "float32",
+    "masking.ratio": 0.8,
+    "quantizer.num_levels": 4,
+    "quantizer.codebook_size": 256,
+    "quantizer.dim": 256,
+}
+
+
+def check_peer_point(config):
+    """Refuse a peer comparison at sizes the peer does not build (the two sides must do the same work)."""
+    point = PEER_POINTS.get(config.modality)
+    if point is None:
+        raise SystemExit(f"--peer-python: the authors' step is built for image and audio, not {config.modality!r}")
+    wrong = []
+    for field, want in {**point, **PEER_COMMON}.items():
+        group, name = field.split(".")
+        got = config[group][name] or (config.model.variant if name == "tokenizer_variant" else None)
+        if got != want:
+            wrong.append(f"{field}={got!r} (the peer's is {want!r})")
+    if wrong:
+        raise SystemExit("--peer-python: these sizes differ from the peer's recipe point: " + "; ".join(wrong))
 
 
 def is_reference_point(args) -> bool:
@@ -152,7 +203,7 @@ def measure_matmul(n: int, reps: int) -> list[float]:
 def run_worker(args) -> dict:
     import jax
 
-    from bridle_jax import config_checks, optim, schedule, sharding, steps
+    from bridle_jax import config_checks, host_memory, optim, schedule, sharding, steps
     from bridle_jax import state as state_lib
     from bridle_jax.models.bridle import build_models
 
@@ -176,6 +227,7 @@ def run_worker(args) -> dict:
         models=models, config=config, state_shardings=state_shardings, batch_sharding=sharding.batch_sharding(mesh)
     )
     t0 = time.perf_counter()
+    host_memory.release_freed()  # as train.py does before a phase's first step
     state = steps.jit_prepare_codebooks(phase, **kw)(state, batch)  # k-means on the first batch (+ restart)
     jax.block_until_ready(state)
     prepare_s = time.perf_counter() - t0
@@ -186,6 +238,7 @@ def run_worker(args) -> dict:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     peak_rss_compile = peak_rss_bytes()
+    host_memory.release_freed()  # as train.py does after a phase's first step (its compilation)
     xla_cost = benchlib.cost_flops(compiled)
     hlo_text = compiled.as_text()
     hlo_flops = benchlib.dot_conv_flops(hlo_text)
@@ -271,6 +324,31 @@ def spawn(args, phase: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def spawn_peer(args, config, phase: str) -> dict:
+    """The authors' step for `phase`, at this run's modality and batch, in its own process (official_step.py)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "official_step.py")
+    cmd = [args.peer_python, script, "--official", args.official, "--modality", config.modality, "--phase", phase]
+    cmd += ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd += ["--matmul-size", str(args.matmul_size), "--matmul-reps", str(args.matmul_reps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"official {phase} step failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarise_peer(r: dict, ours: dict) -> str:
+    g = 1e9
+    return (
+        f"[{r['phase']}, official] step {r['step_s']['median']:.3f} s median (min {r['step_s']['min']:.3f}, max "
+        f"{r['step_s']['max']:.3f}); dot+conv+attention {r['flops'] / g:.1f} GFLOP; torch matmul "
+        f"{r['matmul_flops_per_s']['median'] / g:.1f} GFLOP/s -> MFU {r['mfu']:.3f}; peak RSS "
+        f"{r['peak_rss_bytes'] / 1e9:.2f} GB\n"
+        f"  official / bridle_jax step time: {r['step_s']['median'] / ours['step_s']['median']:.2f}x; "
+        f"peak RSS official / ours {r['peak_rss_bytes'] / 1e9:.2f} / {ours['peak_rss_bytes'] / 1e9:.2f} GB"
+    )
+
+
 def summarise(r: dict) -> str:
     g = 1e9
     lines = [
@@ -309,13 +387,23 @@ def main():
         f"machine: {out['machine']['nproc']} CPUs, {out['machine']['cpu_model']}, "
         f"load avg {out['machine']['loadavg_start'][0]:.2f}"
     )
-    for rep in range(args.repeat):
+    config = make_config(args) if args.peer_python else None
+    if config is not None:
+        check_peer_point(config)
+        out["peer"] = []
+    for rep in range(args.repeat):  # the two sides alternate, phase by phase, in one run
         for phase in phases:
             r = spawn(args, phase)
             r["repeat"] = rep
             r["loadavg_end"] = os.getloadavg()
             out["runs"].append(r)
             print(summarise(r), flush=True)
+            if config is not None:
+                peer = spawn_peer(args, config, phase)
+                peer["repeat"] = rep
+                peer["official_over_ours"] = peer["step_s"]["median"] / r["step_s"]["median"]
+                out["peer"].append(peer)
+                print(summarise_peer(peer, r), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -13,7 +13,18 @@ access goes through etils.epath.
 import jax
 import ml_collections
 
-from bridle_jax import config_checks, data_log, encoder_store, optim, reporting, resolve, schedule, sharding, steps
+from bridle_jax import (
+    config_checks,
+    data_log,
+    encoder_store,
+    host_memory,
+    optim,
+    reporting,
+    resolve,
+    schedule,
+    sharding,
+    steps,
+)
 from bridle_jax import run as run_lib
 from bridle_jax import state as state_lib
 from bridle_jax import workdir as workdir_lib
@@ -168,6 +179,7 @@ def _run_phase(config, run, phase, state, models, mesh, data_iter, batch_log, me
     prepare = steps.jit_prepare_codebooks(phase, **kw)
     reporting.log_line(f"Phase {phase.index} {phase.name}: steps {phase.start_step}..{phase.end_step}")
     tokenizer_metrics = {}  # a joint phase: none yet since this start (a resume logs them once computed)
+    first_step = int(state.step)  # of this phase in this process
 
     def next_batch(step):
         local = next(data_iter)
@@ -176,9 +188,13 @@ def _run_phase(config, run, phase, state, models, mesh, data_iter, batch_log, me
 
     def train_step(state, batch, step):
         nonlocal tokenizer_metrics
+        if step == first_step:  # what the state's creation, restore or hand-over freed goes back to the OS
+            host_memory.release_freed()
         if step == phase.start_step and phase.fresh_codebooks:
             state = prepare(state, batch)  # k-means (+ restart) on the phase's first batch
         state, metrics = jitted_step(state, batch)
+        if step == first_step:  # compiled by now: so does what its compilation freed
+            host_memory.release_freed()
         if phase.kind == "joint" and steps.joint_trains_tokenizer(phase, step, config):
             tokenizer_metrics = {k: metrics[k] for k in steps.JOINT_TOKENIZER_METRICS}  # still on device
         return state, metrics
