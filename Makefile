@@ -63,8 +63,9 @@ study: install-test
 bench-quantizer: install
 	$(PYTHON) benchmarks/quantizer.py $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON)) --wait-quiet
 
+# PEER_PYTHON (torch + timm) and OFFICIAL (a checkout of github.com/HoangNguyenM/bridle): the authors' step beside ours.
 bench-train-step: install
-	$(PYTHON) benchmarks/train_step.py
+	$(PYTHON) benchmarks/train_step.py $(if $(PEER_PYTHON),--peer-python $(PEER_PYTHON) --official $(OFFICIAL))
 
 # The train streams' samples/s per host core on generated JPEG/wav/mp4 files (BENCHMARKS.md "Input pipeline"), ~4 min
 # on 2 cores: benchmarks/results/input_pipeline.json. PEER_PYTHON: an interpreter with torch + torchvision (the peer).

@@ -73,6 +73,22 @@ def test_train_step_benchmark_builds_each_recipe(bench, recipe):
     assert train_step.is_reference_point(train_step.parse_args([]))  # no --config: the issue's sizes
 
 
+def test_train_step_peer_runs_only_at_the_peers_sizes(bench):
+    """--peer-python times the authors' step: only at the sizes it builds, so both sides do the same work."""
+    train_step = bench["train_step"]
+    peer = ["--peer-python", sys.executable, "--official", "/nonexistent"]
+    train_step.check_peer_point(train_step.make_config(train_step.parse_args(peer)))  # the reference point
+    audio = ["--config", str(ROOT / "configs" / "audioset.py"), "--batch", "2"]
+    train_step.check_peer_point(train_step.make_config(train_step.parse_args(audio + peer)))
+    with pytest.raises(SystemExit, match="model.decoder_depth=8"):
+        train_step.check_peer_point(train_step.make_config(train_step.parse_args(["--decoder-depth", "8", *peer])))
+    with pytest.raises(SystemExit, match="not 'video'"):
+        video = ["--config", str(ROOT / "configs" / "kinetics400.py")]
+        train_step.check_peer_point(train_step.make_config(train_step.parse_args(video + peer)))
+    with pytest.raises(SystemExit):  # one without the other
+        train_step.parse_args(["--peer-python", sys.executable])
+
+
 def test_chip_peaks(bench):
     chip_peak = bench["accelerator"].chip_peak
     assert chip_peak("NVIDIA H100 80GB HBM3") == ("H100 SXM", 989.0)
