@@ -4,6 +4,7 @@ import grain
 import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
 from bridle_jax.data import image_pipeline, pipeline, sources, transforms
 
@@ -151,6 +152,22 @@ def test_random_resized_crop_area_ratio_and_content():
         np.testing.assert_allclose(g.mean(), 2 * (left + (w - 1) / 2) + 40, atol=1.5)
         assert r.min() >= 2 * top + 20 - 1 and r.max() <= 2 * (top + h - 1) + 20 + 1
         assert np.all(out["image"][..., 2] == 7)
+
+
+def test_random_resized_crop_is_torchvisions_crop_then_resize():
+    """torchvision's resized_crop on a PIL image is crop, then bicubic resize: the same pixels, bit for bit (PIL's
+    resize with a box reads beyond the box's edges and differs)."""
+    crop = transforms.RandomResizedCrop(24, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3))
+    box_differs = 0
+    for seed in range(8):
+        image = np.random.default_rng(seed).integers(0, 256, (45, 61, 3), dtype=np.uint8)
+        top, left, h, w = crop.get_params(45, 61, np.random.default_rng(seed))
+        out = crop.random_map({"image": image, "label": 0}, np.random.default_rng(seed))["image"]
+        box = (left, top, left + w, top + h)
+        pil = Image.fromarray(image)
+        np.testing.assert_array_equal(out, np.asarray(pil.crop(box).resize((24, 24), Image.Resampling.BICUBIC)))
+        box_differs += not np.array_equal(out, np.asarray(pil.resize((24, 24), Image.Resampling.BICUBIC, box=box)))
+    assert box_differs > 0
 
 
 def test_random_resized_crop_fallback_is_clamped_centre_crop():

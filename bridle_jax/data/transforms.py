@@ -45,9 +45,9 @@ def _as_image(element: dict, name: str) -> np.ndarray:
     return image
 
 
-def _resize(image: np.ndarray, width: int, height: int, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Bicubic resize of a uint8 [H, W, 3] image (optionally of the ``box`` (left, top, right, bottom) only)."""
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC, box=box))
+def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bicubic resize of a uint8 [H, W, 3] image (a strided view too: PIL copies only its pixels)."""
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BICUBIC))
 
 
 class RandomResizedCrop(grain.transforms.RandomMap):
@@ -55,7 +55,10 @@ class RandomResizedCrop(grain.transforms.RandomMap):
 
     Up to 10 tries draw an area fraction ``U(scale)`` and a log-uniform aspect ratio ``w/h`` in ``ratio``; the first
     crop that fits is taken at a uniform position. If none fits, the fallback is a centre crop of the whole image
-    clamped to ``ratio``. The crop is resized to ``size``x``size`` in a single PIL call (crop box + bicubic resize).
+    clamped to ``ratio``. The crop (a NumPy view) is then resized to ``size``x``size``, bicubic, which is exactly
+    torchvision's ``resized_crop`` on a PIL image (crop, then resize). PIL's ``resize(box=...)`` would differ: its
+    filter reads pixels beyond the box's edges (up to 16 levels apart on noise), and it is slower, as is converting
+    the whole image rather than the crop.
     """
 
     def __init__(self, size: int, scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)):
@@ -88,7 +91,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
         image = _as_image(element, "RandomResizedCrop")
         top, left, h, w = self.get_params(image.shape[0], image.shape[1], rng)
-        out = _resize(image, self.size, self.size, box=(left, top, left + w, top + h))
+        out = _resize(image[top : top + h, left : left + w], self.size, self.size)
         return {**element, "image": out}
 
     def __repr__(self) -> str:
