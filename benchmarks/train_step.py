@@ -159,7 +159,9 @@ def check_peer_point(config):
     wrong = []
     for field, want in {**point, **PEER_COMMON}.items():
         group, name = field.split(".")
-        got = config[group][name] or (config.model.variant if name == "tokenizer_variant" else None)
+        got = config[group][name]
+        if name == "tokenizer_variant" and not got:  # empty: the encoder's variant
+            got = config.model.variant
         if got != want:
             wrong.append(f"{field}={got!r} (the peer's is {want!r})")
     if wrong:
@@ -297,16 +299,16 @@ def run_worker(args) -> dict:
 
 # --------------------------------------------------------------------------------------------- the driver
 def machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu_model": model, "loadavg_start": os.getloadavg()}
+    return {"nproc": os.cpu_count(), "cpu_model": benchlib.cpu_model(), "loadavg_start": os.getloadavg()}
+
+
+def run_json_line(cmd: list[str], what: str, env=None) -> dict:
+    """Runs `cmd` (a worker that prints its result as a JSON last line) and returns that result."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"{what} failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def spawn(args, phase: str) -> dict:
@@ -317,11 +319,7 @@ def spawn(args, phase: str) -> dict:
     if "xla_force_host_platform_device_count" in flags:  # one real CPU device, never fake ones
         env["XLA_FLAGS"] = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"{phase} worker failed with exit status {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_line(cmd, f"{phase} worker", env)
 
 
 def spawn_peer(args, config, phase: str) -> dict:
@@ -330,11 +328,7 @@ def spawn_peer(args, config, phase: str) -> dict:
     cmd = [args.peer_python, script, "--official", args.official, "--modality", config.modality, "--phase", phase]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     cmd += ["--matmul-size", str(args.matmul_size), "--matmul-reps", str(args.matmul_reps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"official {phase} step failed with exit status {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_line(cmd, f"official {phase} step")
 
 
 def summarise_peer(r: dict, ours: dict) -> str:
@@ -344,7 +338,7 @@ def summarise_peer(r: dict, ours: dict) -> str:
         f"{r['step_s']['max']:.3f}); dot+conv+attention {r['flops'] / g:.1f} GFLOP; torch matmul "
         f"{r['matmul_flops_per_s']['median'] / g:.1f} GFLOP/s -> MFU {r['mfu']:.3f}; peak RSS "
         f"{r['peak_rss_bytes'] / 1e9:.2f} GB\n"
-        f"  official / bridle_jax step time: {r['step_s']['median'] / ours['step_s']['median']:.2f}x; "
+        f"  official / bridle_jax step time: {r['official_over_ours']:.2f}x; "
         f"peak RSS official / ours {r['peak_rss_bytes'] / 1e9:.2f} / {ours['peak_rss_bytes'] / 1e9:.2f} GB"
     )
 
